@@ -1,0 +1,1 @@
+"""The ``onnxmod`` command line (installed as ``onnxmod.cli``)."""

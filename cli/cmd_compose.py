@@ -1,0 +1,1 @@
+"""`onnxmod compose` (placeholder until its issue lands)."""

@@ -1,0 +1,1 @@
+"""`onnxmod decompose` (placeholder until its issue lands)."""

@@ -1,0 +1,1 @@
+"""`onnxmod eval` (placeholder until its issue lands)."""

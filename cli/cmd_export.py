@@ -1,0 +1,1 @@
+"""`onnxmod export` (placeholder until its issue lands)."""

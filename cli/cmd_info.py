@@ -1,0 +1,1 @@
+"""`onnxmod info` (placeholder until its issue lands)."""

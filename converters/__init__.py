@@ -1,0 +1,1 @@
+"""Framework -> ONNX converters (installed as ``onnxmod.converters``)."""

@@ -1,0 +1,127 @@
+"""Loading, validating and atomically writing ONNX models, and onnxmod metadata.
+
+All reads and writes of model files and of ``metadata_props`` go through here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from onnxmod.errors import OnnxmodError
+
+# metadata keys (DESIGN.md)
+KIND = "onnxmod.kind"
+CLASSES = "onnxmod.classes"
+PREPROCESS = "onnxmod.preprocess"
+CLASS_NAME = "onnxmod.class_name"
+CLASS_INDEX = "onnxmod.class_index"
+SOURCE = "onnxmod.source"
+KEPT = "onnxmod.kept"
+CALIBRATION = "onnxmod.calibration"
+FORMAT_VERSION = "onnxmod.format_version"
+FORMAT = "1"
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Read an ONNX file; raise OnnxmodError (not a traceback) when it is missing or not ONNX."""
+    p = Path(path)
+    if not p.exists():
+        raise OnnxmodError(f"{p}: no such file")
+    if p.is_dir():
+        raise OnnxmodError(f"{p}: is a directory, expected an .onnx file")
+    try:
+        model = onnx.load(str(p))
+    except Exception as e:  # protobuf DecodeError and friends
+        raise OnnxmodError(f"{p}: not an ONNX model ({type(e).__name__})") from None
+    if len(model.graph.node) == 0 or len(model.graph.output) == 0:
+        raise OnnxmodError(f"{p}: not an ONNX model (empty graph)")
+    return model
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def model_sha256(model: onnx.ModelProto) -> str:
+    return hashlib.sha256(model.SerializeToString()).hexdigest()
+
+
+def get_meta(model: onnx.ModelProto, key: str, default: Any = None, as_json: bool = True) -> Any:
+    """Value of ``metadata_props[key]`` (JSON-decoded unless ``as_json=False``)."""
+    for p in model.metadata_props:
+        if p.key == key:
+            if not as_json:
+                return p.value
+            try:
+                return json.loads(p.value)
+            except json.JSONDecodeError:
+                return p.value
+    return default
+
+
+def set_meta(model: onnx.ModelProto, values: dict[str, Any]) -> None:
+    """Set metadata keys in place; non-strings are JSON-encoded."""
+    existing = {p.key: p for p in model.metadata_props}
+    for k, v in values.items():
+        s = v if isinstance(v, str) else json.dumps(v)
+        if k in existing:
+            existing[k].value = s
+        else:
+            model.metadata_props.add(key=k, value=s)
+
+
+def model_kind(model: onnx.ModelProto) -> str:
+    """``source``/``module``/``composed`` from metadata; ``source`` for third-party models."""
+    return get_meta(model, KIND, "source", as_json=False)
+
+
+def check_model(model: onnx.ModelProto, what: str = "model") -> None:
+    """Full ONNX checker; an internal error if onnxmod itself produced an invalid graph."""
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as e:
+        raise RuntimeError(f"onnxmod produced an invalid {what}: {e}") from e
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, check: bool = True) -> Path:
+    """Check, then write atomically (temp file in the same dir + rename)."""
+    p = Path(path)
+    if check:
+        check_model(model, p.name)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=str(p.parent))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(model.SerializeToString())
+        os.replace(tmp, p)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return p
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=str(p.parent))
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, p)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return p

@@ -1,0 +1,14 @@
+"""Progress bars (tqdm, on stderr) that disappear with --quiet."""
+
+from __future__ import annotations
+
+from typing import Iterable, TypeVar
+
+from tqdm.auto import tqdm
+
+T = TypeVar("T")
+
+
+def progress(it: Iterable[T] | None = None, *, total: int | None = None, desc: str = "", quiet: bool = False, unit: str = "it"):
+    """A tqdm bar on stderr; ``quiet`` disables it. Use as iterator wrapper or context manager."""
+    return tqdm(it, total=total, desc=desc, disable=quiet, unit=unit, leave=False, dynamic_ncols=True)
