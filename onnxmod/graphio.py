@@ -1,0 +1,148 @@
+"""The one place that converts between ONNX protos and onnx-graphsurgeon graphs.
+
+Also: canonicalisation (constant folding, naming, Reshape->Flatten) and shape
+inference, so the channel analysis sees the same graph whatever exporter made it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import shape_inference
+
+from onnxmod.errors import OnnxmodError
+
+
+def to_gs(model: onnx.ModelProto) -> gs.Graph:
+    return gs.import_onnx(model)
+
+
+def from_gs(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
+    """Export ``graph`` keeping ``like``'s IR version, opsets and metadata; shapes re-inferred."""
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    out = gs.export_onnx(graph, do_type_check=False)
+    out.ir_version = like.ir_version
+    del out.opset_import[:]
+    out.opset_import.extend(like.opset_import)
+    del out.metadata_props[:]
+    out.metadata_props.extend(like.metadata_props)
+    out.producer_name = like.producer_name or "onnxmod"
+    out.producer_version = like.producer_version
+    return infer_shapes(out)
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy with stale value_info and output shapes dropped and every shape re-inferred."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    del m.graph.value_info[:]
+    for o in m.graph.output:
+        o.type.tensor_type.ClearField("shape")
+    try:
+        m = shape_inference.infer_shapes(m, strict_mode=False, data_prop=True)
+    except Exception as e:  # pragma: no cover - onnx internal
+        raise OnnxmodError(f"shape inference failed: {e}") from None
+    _keep_batch_names(model, m)
+    return m
+
+
+def _keep_batch_names(before: onnx.ModelProto, after: onnx.ModelProto) -> None:
+    """Inference invents names like 'unk__0' for dynamic dims; restore the input's batch name."""
+    name = None
+    for i in before.graph.input:
+        dims = i.type.tensor_type.shape.dim
+        if len(dims) and dims[0].HasField("dim_param"):
+            name = dims[0].dim_param
+            break
+    if name is None:
+        return
+    for o in after.graph.output:
+        dims = o.type.tensor_type.shape.dim
+        if len(dims) and not dims[0].HasField("dim_value"):
+            dims[0].dim_param = name
+
+
+def opset_version(model: onnx.ModelProto) -> int:
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            return o.version
+    return 0
+
+
+def canonicalize(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A numerically identical graph that the channel analysis can read.
+
+    - every node has a unique name (error messages and rewrites refer to them);
+    - Constant nodes and constant subgraphs (e.g. legacy-exporter pad/shape
+      computations) are folded into initializers;
+    - ``Reshape`` of ``[N, C, H, W]`` into ``[N, C*H*W]`` becomes ``Flatten(axis=1)``;
+    - shapes are inferred.
+    """
+    model = infer_shapes(model)
+    graph = to_gs(model)
+    seen: set[str] = set()
+    for i, node in enumerate(graph.nodes):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op}_{i}"
+        seen.add(node.name)
+    graph.fold_constants(error_ok=True)
+    graph.cleanup(remove_unused_graph_inputs=False)
+    static = static_shapes(from_gs(graph, model))
+    for node in graph.nodes:
+        if node.op == "Reshape" and _is_flatten_reshape(node, static):
+            node.op = "Flatten"
+            node.attrs = {"axis": 1}
+            node.inputs = node.inputs[:1]
+    graph.cleanup(remove_unused_graph_inputs=False)
+    return from_gs(graph, model)
+
+
+def static_shapes(model: onnx.ModelProto, batch: int = 1) -> dict[str, tuple]:
+    """Every tensor's inferred shape with the batch dim of the inputs fixed to ``batch``.
+
+    Fixing the batch lets data propagation resolve computed shapes (``x.view(x.size(0), -1)``).
+    """
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for i in m.graph.input:
+        dims = i.type.tensor_type.shape.dim
+        if len(dims) and not dims[0].HasField("dim_value"):
+            dims[0].Clear()
+            dims[0].dim_value = batch
+    m = infer_shapes(m)
+    out = {}
+    for vi in list(m.graph.input) + list(m.graph.value_info) + list(m.graph.output):
+        tt = vi.type.tensor_type
+        if tt.HasField("shape"):
+            out[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+    for init in m.graph.initializer:
+        out[init.name] = tuple(init.dims)
+    return out
+
+
+def _is_flatten_reshape(node: gs.Node, static: dict[str, tuple]) -> bool:
+    """Reshape ``[N, d1, d2, ...] -> [N, d1*d2*...]``, i.e. Flatten(axis=1)."""
+    xs, ys = static.get(node.inputs[0].name), static.get(node.outputs[0].name)
+    if xs is None or ys is None or len(ys) != 2 or len(xs) < 2 or None in xs or None in ys:
+        return False
+    return ys[0] == xs[0] and ys[1] == int(np.prod(xs[1:]))
+
+
+def constant_value(t: gs.Tensor) -> np.ndarray | None:
+    """The value of a constant tensor (initializer or folded Constant), else None."""
+    if isinstance(t, gs.Constant):
+        return np.asarray(t.values)
+    return None
+
+
+def add_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of ``model`` that also outputs the intermediate tensors ``names`` (float32)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    existing = {o.name for o in m.graph.output}
+    for n in names:
+        if n not in existing:
+            m.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
+            existing.add(n)
+    return m
