@@ -18,13 +18,22 @@ def cli() -> None:
 
 def _register() -> None:
     # Each command lives in its own module and registers itself on `cli`.
-    from onnxmod.cli import cmd_compose, cmd_decompose, cmd_eval, cmd_export, cmd_info  # noqa: F401
+    from onnxmod.cli import (  # noqa: F401
+        cmd_compose,
+        cmd_decompose,
+        cmd_eval,
+        cmd_export,
+        cmd_info,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     _register()
+    # the commands register on `onnxmod.cli.main.cli`; under `python -m` this file is __main__
+    from onnxmod.cli.main import cli as group
+
     try:
-        cli.main(args=argv, prog_name="onnxmod", standalone_mode=False)
+        group.main(args=argv, prog_name="onnxmod", standalone_mode=False)
     except OnnxmodError as e:
         click.echo(f"onnxmod: error: {e}", err=True)
         sys.exit(2)

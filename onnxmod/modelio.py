@@ -94,6 +94,12 @@ def check_model(model: onnx.ModelProto, what: str = "model") -> None:
         raise RuntimeError(f"onnxmod produced an invalid {what}: {e}") from e
 
 
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, check: bool = True) -> Path:
     """Check, then write atomically (temp file in the same dir + rename)."""
     p = Path(path)
@@ -104,6 +110,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, check: bool = Tr
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(model.SerializeToString())
+        os.chmod(tmp, _umask_mode())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, p)
     except BaseException:
         if os.path.exists(tmp):
@@ -119,6 +126,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, p)
     except BaseException:
         if os.path.exists(tmp):

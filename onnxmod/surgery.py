@@ -13,6 +13,8 @@ tensor keeps more channels than its consumer needs.
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
+from typing import Union
 
 import numpy as np
 import onnx
@@ -22,8 +24,35 @@ from onnxmod import graphio
 from onnxmod.channels import ChannelAnalysis, Derivation, pad_amounts, slice_spec
 
 
+@dataclass
+class LinearFill:
+    """Replace removed channels by their least-squares estimate from the kept ones
+    (x_R ~= A x_K + c, fitted on calibration statistics), folded into the consumer's weights.
+
+    ``mean``: [C] channel means; ``cov``: [C, C] channel covariance (per position);
+    ``ridge``: relative regularisation of the kept channels' covariance.
+    """
+
+    mean: np.ndarray
+    cov: np.ndarray
+    ridge: float = 1e-3
+
+    def coefficients(self, kept: np.ndarray, removed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        mu = np.asarray(self.mean, dtype=np.float64)
+        if removed.size == 0 or kept.size == 0:
+            return np.zeros((removed.size, kept.size)), mu[removed]
+        s_kk = self.cov[np.ix_(kept, kept)]
+        s_rk = self.cov[np.ix_(removed, kept)]
+        lam = self.ridge * (np.trace(s_kk) / kept.size + 1e-12)
+        a = np.linalg.solve(s_kk + lam * np.eye(kept.size), s_rk.T).T
+        return a, mu[removed] - a @ mu[kept]
+
+
+Fill = Union[np.ndarray, LinearFill]
+
+
 class _Surgeon:
-    def __init__(self, analysis: ChannelAnalysis, keep: dict[int, np.ndarray], fill: dict[str, np.ndarray]):
+    def __init__(self, analysis: ChannelAnalysis, keep: dict[int, np.ndarray], fill: dict[str, "Fill"]):
         self.a = analysis
         self.keep = keep
         self.fill = fill
@@ -43,17 +72,56 @@ class _Surgeon:
     def _kept(self, tensor: str) -> np.ndarray | None:
         return self.a.tensor_keep(self.keep, tensor)
 
-    def _removed_fill(self, tensor: str) -> tuple[np.ndarray, np.ndarray]:
-        """(removed element indices along axis 1, their fill values), channel blocks expanded."""
+    def _fill_for(self, tensor: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
+        """(kept channels, removed channels, A [R, K] or None, c [R]): x_R ~= A x_K + c."""
         tc = self.a.tensors[tensor]
         mask = self.keep[self.a.find(tc.group)]
-        values = self.fill.get(tensor)
-        values = np.zeros(mask.size) if values is None else np.asarray(values, dtype=np.float64)
-        removed = np.nonzero(~mask)[0]
-        if tc.block == 1:
-            return removed, values[removed]
-        idx = (removed[:, None] * tc.block + np.arange(tc.block)[None, :]).ravel()
-        return idx, np.repeat(values[removed], tc.block)
+        kept, removed = np.nonzero(mask)[0], np.nonzero(~mask)[0]
+        f = self.fill.get(tensor)
+        if f is None:
+            return kept, removed, None, np.zeros(removed.size)
+        if isinstance(f, LinearFill):
+            a, c = f.coefficients(kept, removed)
+            return kept, removed, a, c
+        return kept, removed, None, np.asarray(f, dtype=np.float64)[removed]
+
+    def _fold(self, node: gs.Node, wc: np.ndarray, out_axis: int, b: np.ndarray | None):
+        """Fold removed input channels of channel-major weights ``wc`` [C, ...] into the kept ones
+        and the bias; returns (wc restricted to kept inputs and outputs, bias or None)."""
+        x, y = node.inputs[0].name, node.outputs[0].name
+        kept, removed, a, c = self._fill_for(x)
+        out_k = self._kept(y)
+        block = self.a.tensors[x].block
+        if block > 1:  # features of a flattened map: [C*B, ...] -> [C, B, ...]
+            wc = wc.reshape(wc.shape[0] // block, block, *wc.shape[1:])
+            out_axis += 1
+        w64 = wc.astype(np.float64)
+        new = w64[kept]
+        if a is not None and removed.size:
+            new = new + np.tensordot(a.T, w64[removed], axes=1)  # W_K += A^T W_R
+        if removed.size and np.any(c != 0):
+            other = tuple(i for i in range(1, wc.ndim) if i != out_axis)
+            extra = np.tensordot(c, w64[removed].sum(axis=other), axes=1)
+            b = extra if b is None else b.astype(np.float64) + extra
+        new = np.take(new, out_k, axis=out_axis).astype(wc.dtype)
+        if block > 1:
+            new = new.reshape(new.shape[0] * block, *new.shape[2:])
+        if b is not None:
+            b = np.asarray(b)[out_k].astype(wc.dtype)
+        return new, b
+
+    def _unchanged(self, node: gs.Node, n_out: int) -> bool:
+        x, y = node.inputs[0].name, node.outputs[0].name
+        return bool(self.keep[self.a.find(self.a.tensors[x].group)].all()) and self._kept(y).size == n_out
+
+    def _set_bias(self, node: gs.Node, b: np.ndarray | None, index: int = 2) -> None:
+        if b is None:
+            return
+        c = self._const(f"{node.name}_B", b)
+        if len(node.inputs) > index and node.inputs[index].name:
+            node.inputs[index] = c
+        else:
+            node.inputs.append(c)
 
     def _gather_before(self, node: gs.Node, input_index: int, positions: np.ndarray) -> None:
         """Feed ``node`` a Gather of ``positions`` along axis 1 of its input."""
@@ -110,82 +178,50 @@ class _Surgeon:
         node.attrs["group"] = int(kept.size)
 
     def _conv(self, node: gs.Node) -> None:
-        x, y = node.inputs[0].name, node.outputs[0].name
-        w = np.asarray(node.inputs[1].values)
-        b = np.asarray(node.inputs[2].values) if len(node.inputs) > 2 else None
-        in_k, out_k = self._kept(x), self._kept(y)
-        removed, values = self._removed_fill(x)
-        if removed.size == 0 and out_k.size == w.shape[0]:
+        w = np.asarray(node.inputs[1].values)  # [M, C, k...]
+        if self._unchanged(node, w.shape[0]):
             return
-        if np.any(values != 0):
-            # a removed input channel with constant value v adds v * sum(kernel) to each output
-            extra = (w[:, removed].sum(axis=tuple(range(2, w.ndim))) @ values).astype(w.dtype)
-            b = extra if b is None else (b.astype(np.float64) + extra).astype(w.dtype)
-        node.inputs[1] = self._const(node.inputs[1].name, w[out_k][:, in_k])
-        if b is not None:
-            c = self._const(f"{node.name}_B", b[out_k])
-            if len(node.inputs) > 2:
-                node.inputs[2] = c
-            else:
-                node.inputs.append(c)
+        b = np.asarray(node.inputs[2].values) if len(node.inputs) > 2 else None
+        wc, b = self._fold(node, np.moveaxis(w, 1, 0), 1, b)
+        node.inputs[1] = self._const(node.inputs[1].name, np.moveaxis(wc, 0, 1))
+        self._set_bias(node, b)
 
     def _convtranspose(self, node: gs.Node) -> None:
-        x, y = node.inputs[0].name, node.outputs[0].name
-        w = np.asarray(node.inputs[1].values)  # [Cin, M, k...]
-        b = np.asarray(node.inputs[2].values) if len(node.inputs) > 2 else None
-        in_k, out_k = self._kept(x), self._kept(y)
-        removed, values = self._removed_fill(x)
-        if removed.size == 0 and out_k.size == w.shape[1]:
+        w = np.asarray(node.inputs[1].values)  # [C, M, k...]
+        if self._unchanged(node, w.shape[1]):
             return
-        if np.any(values != 0):
-            extra = (values @ w[removed].sum(axis=tuple(range(2, w.ndim)))).astype(w.dtype)
-            b = extra if b is None else (b.astype(np.float64) + extra).astype(w.dtype)
-        node.inputs[1] = self._const(node.inputs[1].name, w[in_k][:, out_k])
-        if b is not None:
-            c = self._const(f"{node.name}_B", b[out_k])
-            if len(node.inputs) > 2:
-                node.inputs[2] = c
-            else:
-                node.inputs.append(c)
+        b = np.asarray(node.inputs[2].values) if len(node.inputs) > 2 else None
+        wc, b = self._fold(node, w, 1, b)
+        node.inputs[1] = self._const(node.inputs[1].name, wc)
+        self._set_bias(node, b)
 
     def _gemm(self, node: gs.Node) -> None:
-        a, y = node.inputs[0].name, node.outputs[0].name
         bt = np.asarray(node.inputs[1].values)
         trans_b = int(node.attrs.get("transB", 0))
-        bmat = bt.T if trans_b else bt  # [K, M]
-        in_k, out_k = self._kept(a), self._kept(y)
-        removed, values = self._removed_fill(a)
-        if removed.size == 0 and out_k.size == bmat.shape[1]:
+        bmat = bt.T if trans_b else bt  # [F, M]
+        if self._unchanged(node, bmat.shape[1]):
             return
         alpha = float(node.attrs.get("alpha", 1.0))
         beta = float(node.attrs.get("beta", 1.0))
         m = bmat.shape[1]
         c = np.zeros(m, dtype=np.float64)
-        has_c = len(node.inputs) > 2 and node.inputs[2].name
-        if has_c:
+        if len(node.inputs) > 2 and node.inputs[2].name:
             c = c + beta * np.broadcast_to(np.asarray(node.inputs[2].values, dtype=np.float64).reshape(-1), (m,))
-        if np.any(values != 0):
-            c = c + alpha * (values @ bmat[removed].astype(np.float64))
-        new_b = bmat[in_k][:, out_k]
-        node.inputs[1] = self._const(node.inputs[1].name, new_b.T if trans_b else new_b)
-        if has_c or np.any(c != 0):
-            cc = self._const(f"{node.name}_C", c[out_k].astype(bt.dtype))
-            if has_c:
-                node.inputs[2] = cc
-            else:
-                node.inputs.append(cc)
-            node.attrs["beta"] = 1.0
+        # fold with alpha applied to the weights, then undo it: keeps C = beta*C + alpha*extra exact
+        new_b, c = self._fold(node, bmat * alpha if alpha != 1.0 else bmat, 1, c)
+        if alpha != 1.0:
+            new_b = (new_b / alpha).astype(bt.dtype)
+        node.inputs[1] = self._const(node.inputs[1].name, np.ascontiguousarray(new_b.T if trans_b else new_b))
+        node.attrs["beta"] = 1.0
+        self._set_bias(node, c)
 
     def _matmul(self, node: gs.Node) -> None:
-        x, y = node.inputs[0].name, node.outputs[0].name
-        w = np.asarray(node.inputs[1].values)  # [K, M]
-        in_k, out_k = self._kept(x), self._kept(y)
-        removed, values = self._removed_fill(x)
-        if removed.size == 0 and out_k.size == w.shape[1]:
+        w = np.asarray(node.inputs[1].values)  # [F, M]
+        if self._unchanged(node, w.shape[1]):
             return
-        node.inputs[1] = self._const(node.inputs[1].name, w[in_k][:, out_k])
-        if np.any(values != 0):
-            extra = (values @ w[removed].astype(np.float64))[out_k].astype(w.dtype)
+        new_w, extra = self._fold(node, w, 1, np.zeros(w.shape[1]))
+        node.inputs[1] = self._const(node.inputs[1].name, new_w)
+        if np.any(extra != 0):
             out = node.outputs[0]
             mid = gs.Variable(self._name(f"{out.name}_nobias"), dtype=out.dtype)
             node.outputs[0] = mid
@@ -260,7 +296,7 @@ class _Surgeon:
 def remove_channels(
     analysis: ChannelAnalysis,
     keep: dict[int, np.ndarray],
-    fill: dict[str, np.ndarray] | None = None,
+    fill: dict[str, Fill] | None = None,
 ) -> onnx.ModelProto:
     """A smaller copy of ``analysis.model`` keeping only the channels in ``keep``.
 
@@ -269,8 +305,9 @@ def remove_channels(
         keep: boolean mask per root group id (as from ``analysis.full_keep()``);
             closed over the dependencies first, pinned groups keep everything.
             The graph output's group selects output rows (e.g. one class).
-        fill: per consumed tensor name, the value (per original channel) that a
-            removed channel is replaced with in the Conv/Gemm/MatMul summing it;
+        fill: per consumed tensor name, what a removed channel is replaced with in
+            the Conv/Gemm/MatMul summing it: a constant per original channel (folded
+            into the bias) or a :class:`LinearFill` (folded into weights and bias);
             missing tensors use 0.
     Returns:
         A valid model with the same inputs/outputs, IR version and opsets.

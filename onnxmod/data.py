@@ -1,0 +1,436 @@
+"""Labelled image datasets for ``--calib`` / ``--data``.
+
+Formats (DESIGN.md "Data"):
+
+* CIFAR python batches: a dir with ``batches.meta`` + ``data_batch_*`` / ``test_batch``
+  (CIFAR-10), or ``meta`` + ``train`` / ``test`` (CIFAR-100, fine labels), or a parent
+  dir holding exactly one such dir.
+* Image folder: ``DIR/<class>/*.png|jpg|jpeg`` (classes sorted by name); when
+  ``DIR/<split>/`` exists it is used.
+* ``.npz``: ``x`` (``N,H,W,C`` uint8 or ``N,C,H,W`` float in [0, 1]), ``y`` (``N``),
+  optional ``classes``.
+
+Every dataset streams ``(x float32 NCHW in [0, 1], y int64)`` batches with
+:meth:`Dataset.iter_batches`; the whole set is never converted to float32 at once.
+Bad data raises :class:`OnnxmodError` with a one-line message naming the path.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from onnxmod.errors import OnnxmodError
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+SPLITS = ("train", "test")
+
+Batch = tuple[np.ndarray, np.ndarray]
+
+
+# --------------------------------------------------------------------------- base
+
+
+class Dataset:
+    """A labelled image set. Subclasses fill ``path``, ``classes``, ``labels``,
+    ``image_size`` (H, W), ``channels`` and implement :meth:`_load_uint8_or_float`."""
+
+    path: Path
+    classes: list[str]
+    labels: np.ndarray  # int64 [N]
+    image_size: tuple[int, int]
+    channels: int
+    format: str = "?"
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __repr__(self) -> str:
+        return (f"<{type(self).__name__} {self.path} n={len(self)} classes={self.num_classes} "
+                f"size={self.image_size} channels={self.channels}>")
+
+    # subclasses: images at sorted-or-not indices -> float32 NCHW in [0, 1] at native size
+    def _load(self, idx: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def select(self, limit: int | None = None, indices: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+        """The image indices :meth:`iter_batches` visits, in order."""
+        if indices is None:
+            idx = np.arange(len(self), dtype=np.int64)
+        else:
+            idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+            if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+                raise OnnxmodError(f"{self.path}: index out of range 0..{len(self) - 1}")
+        if limit is not None:
+            if limit < 0:
+                raise OnnxmodError(f"--limit must be >= 0, got {limit}")
+            idx = idx[:limit]
+        return idx
+
+    def num_batches(self, batch_size: int = 256, limit: int | None = None, indices=None) -> int:
+        return math.ceil(len(self.select(limit, indices)) / max(1, batch_size))
+
+    def iter_batches(
+        self,
+        batch_size: int = 256,
+        size: tuple[int, int] | None = None,
+        limit: int | None = None,
+        indices: Sequence[int] | np.ndarray | None = None,
+    ) -> Iterator[Batch]:
+        """Yield ``(x, y)``: x float32 ``[B, C, H, W]`` in [0, 1] (resized bilinearly to
+        ``size`` = (H, W) when given and different), y int64 ``[B]``.
+
+        ``indices``: visit only these images, in this order; ``limit``: at most this many.
+        """
+        if batch_size < 1:
+            raise OnnxmodError(f"batch size must be >= 1, got {batch_size}")
+        idx = self.select(limit, indices)
+        target = tuple(int(s) for s in size) if size is not None else None
+        for start in range(0, len(idx), batch_size):
+            chunk = idx[start:start + batch_size]
+            x = self._load(chunk)
+            if target is not None and tuple(x.shape[2:]) != target:
+                x = resize_batch(x, target)
+            yield np.ascontiguousarray(x, dtype=np.float32), self.labels[chunk]
+
+
+def resize_batch(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear (Pillow) resize of a float NCHW batch to ``size`` = (H, W)."""
+    n, c = x.shape[:2]
+    h, w = size
+    out = np.empty((n, c, h, w), np.float32)
+    for i in range(n):
+        for j in range(c):
+            img = Image.fromarray(np.ascontiguousarray(x[i, j], dtype=np.float32), mode="F")
+            out[i, j] = np.asarray(img.resize((w, h), Image.BILINEAR), dtype=np.float32)
+    np.clip(out, 0.0, 1.0, out=out)
+    return out
+
+
+def _check_labels(labels: np.ndarray, num_classes: int, where: Path | str) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise OnnxmodError(f"{where}: labels must be 1-D, got shape {list(labels.shape)}")
+    if labels.size and labels.dtype.kind == "f":
+        if not np.all(np.isfinite(labels)) or not np.all(labels == np.round(labels)):
+            raise OnnxmodError(f"{where}: labels must be integers")
+    elif labels.size and labels.dtype.kind not in "iub":
+        raise OnnxmodError(f"{where}: labels must be integers, got dtype {labels.dtype}")
+    labels = labels.astype(np.int64)
+    if labels.size:
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= num_classes:
+            bad = lo if lo < 0 else hi
+            raise OnnxmodError(f"{where}: label {bad} out of range 0..{num_classes - 1}")
+    return labels
+
+
+# --------------------------------------------------------------------------- CIFAR pickles
+
+
+def _get(d: dict, key: str):
+    if key in d:
+        return d[key]
+    return d.get(key.encode())
+
+
+def _unpickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            d = pickle.load(f, encoding="bytes")
+    except Exception as e:
+        raise OnnxmodError(f"{path}: cannot read CIFAR batch ({type(e).__name__})") from None
+    if not isinstance(d, dict):
+        raise OnnxmodError(f"{path}: not a CIFAR batch (pickle holds {type(d).__name__}, expected dict)")
+    return d
+
+
+def _names(v, path: Path) -> list[str]:
+    if v is None:
+        raise OnnxmodError(f"{path}: no label names")
+    return [x.decode() if isinstance(x, bytes) else str(x) for x in v]
+
+
+def _cifar_kind(d: Path) -> str | None:
+    """``cifar10`` / ``cifar100`` when ``d`` is a CIFAR python-batches dir."""
+    if (d / "batches.meta").is_file():
+        return "cifar10"
+    if (d / "meta").is_file() and ((d / "train").is_file() or (d / "test").is_file()):
+        return "cifar100"
+    return None
+
+
+class CifarDataset(Dataset):
+    format = "cifar"
+
+    def __init__(self, path: Path, kind: str, split: str = "test"):
+        self.path = path
+        self.kind = kind
+        if split not in SPLITS:
+            raise OnnxmodError(f"{path}: unknown split '{split}' (expected train or test)")
+        if kind == "cifar10":
+            meta = _unpickle(path / "batches.meta")
+            self.classes = _names(_get(meta, "label_names"), path / "batches.meta")
+            files = sorted(path.glob("data_batch_*")) if split == "train" else [path / "test_batch"]
+            files = [f for f in files if f.is_file()]
+            label_key = "labels"
+        else:
+            meta = _unpickle(path / "meta")
+            self.classes = _names(_get(meta, "fine_label_names"), path / "meta")
+            files = [path / split] if (path / split).is_file() else []
+            label_key = "fine_labels"
+        if not files:
+            raise OnnxmodError(f"{path}: no {split} split in this CIFAR directory")
+        parts, labels = [], []
+        side = None
+        for f in files:
+            d = _unpickle(f)
+            data = _get(d, "data")
+            lab = _get(d, label_key)
+            if lab is None and kind == "cifar10":
+                lab = _get(d, "fine_labels")
+            if data is None:
+                raise OnnxmodError(f"{f}: CIFAR batch without 'data'")
+            if lab is None:
+                raise OnnxmodError(f"{f}: CIFAR batch without labels ('{label_key}')")
+            data = np.asarray(data)
+            if data.dtype != np.uint8 or data.ndim not in (2, 4):
+                raise OnnxmodError(f"{f}: 'data' must be uint8 [N, 3*H*W], got {data.dtype} {list(data.shape)}")
+            if data.ndim == 2:
+                per = data.shape[1] // 3
+                s = math.isqrt(per)
+                if data.shape[1] % 3 or s * s != per:
+                    raise OnnxmodError(f"{f}: 'data' rows of {data.shape[1]} values are not 3 square planes")
+                data = data.reshape(-1, 3, s, s)
+            elif data.shape[1] != 3:
+                raise OnnxmodError(f"{f}: 'data' must be [N, 3, H, W], got {list(data.shape)}")
+            if side is not None and data.shape[2:] != side:
+                raise OnnxmodError(f"{f}: image size {data.shape[2:]} differs from the other batches {side}")
+            side = data.shape[2:]
+            lab = np.asarray(lab)
+            if lab.shape[0:1] != data.shape[0:1]:
+                raise OnnxmodError(f"{f}: {data.shape[0]} images but {lab.shape[0] if lab.ndim else 0} labels")
+            parts.append(data)
+            labels.append(_check_labels(lab, len(self.classes), f))
+        self._data = parts[0] if len(parts) == 1 else np.concatenate(parts)  # uint8 NCHW
+        self.labels = np.concatenate(labels).astype(np.int64)
+        self.image_size = (int(self._data.shape[2]), int(self._data.shape[3]))
+        self.channels = 3
+
+    def _load(self, idx: np.ndarray) -> np.ndarray:
+        return self._data[idx].astype(np.float32) / np.float32(255.0)
+
+
+# --------------------------------------------------------------------------- image folder
+
+
+def _list_images(d: Path) -> list[Path]:
+    return sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
+
+
+def _subdirs(d: Path) -> list[Path]:
+    return sorted((p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
+
+
+class FolderDataset(Dataset):
+    format = "folder"
+
+    def __init__(self, path: Path):
+        self.path = path
+        classes, files, labels = [], [], []
+        for sub in _subdirs(path):
+            imgs = _list_images(sub)
+            classes.append(sub.name)
+            files.extend(imgs)
+            labels.extend([len(classes) - 1] * len(imgs))
+        if not files:
+            raise OnnxmodError(f"{path}: no images found (expected {path}/<class>/*.png|jpg)")
+        self.classes = classes
+        self.files = files
+        self.labels = np.asarray(labels, dtype=np.int64)
+        first = self._open(files[0])
+        self.image_size = (first.height, first.width)
+        self.channels = 3
+
+    @staticmethod
+    def _open(f: Path) -> Image.Image:
+        try:
+            img = Image.open(f)
+            img.load()
+            return img.convert("RGB")
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+            raise OnnxmodError(f"{f}: cannot read image ({type(e).__name__})") from None
+
+    def _load(self, idx: np.ndarray) -> np.ndarray:
+        h, w = self.image_size
+        out = np.empty((len(idx), 3, h, w), np.float32)
+        for k, i in enumerate(idx):
+            img = self._open(self.files[int(i)])
+            a = np.asarray(img, dtype=np.float32) / np.float32(255.0)  # HWC
+            chw = a.transpose(2, 0, 1)
+            if chw.shape[1:] != (h, w):  # images of another size: bring to the set's size
+                chw = resize_batch(chw[None], (h, w))[0]
+            out[k] = chw
+        return out
+
+
+# --------------------------------------------------------------------------- npz
+
+
+class NpzDataset(Dataset):
+    format = "npz"
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            z = np.load(path, allow_pickle=False)
+        except Exception as e:
+            raise OnnxmodError(f"{path}: cannot read .npz ({type(e).__name__})") from None
+        if not hasattr(z, "files"):
+            raise OnnxmodError(f"{path}: not an .npz archive (a single array); expected keys x, y")
+        try:
+            if "x" not in z.files:
+                raise OnnxmodError(f"{path}: no 'x' array (keys: {', '.join(z.files) or 'none'})")
+            if "y" not in z.files:
+                raise OnnxmodError(f"{path}: no labels: 'y' array missing (keys: {', '.join(z.files)})")
+            x = z["x"]
+            y = z["y"]
+            classes = None
+            if "classes" in z.files:
+                c = z["classes"]
+                classes = [s.decode() if isinstance(s, bytes) else str(s) for s in np.asarray(c).reshape(-1)]
+        except OnnxmodError:
+            raise
+        except Exception as e:
+            raise OnnxmodError(f"{path}: cannot read .npz ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        finally:
+            z.close()
+        if x.ndim != 4:
+            raise OnnxmodError(f"{path}: 'x' must be 4-D (N,H,W,C uint8 or N,C,H,W float), got shape {list(x.shape)}")
+        if x.dtype == np.uint8:
+            if x.shape[3] not in (1, 3):
+                raise OnnxmodError(f"{path}: uint8 'x' must be N,H,W,C with C 1 or 3, got shape {list(x.shape)}")
+            self._nhwc = True
+            self.channels = int(x.shape[3])
+            self.image_size = (int(x.shape[1]), int(x.shape[2]))
+        elif x.dtype.kind == "f":
+            if x.shape[1] not in (1, 3):
+                raise OnnxmodError(f"{path}: float 'x' must be N,C,H,W with C 1 or 3, got shape {list(x.shape)}")
+            if x.size:
+                lo, hi = float(np.min(x)), float(np.max(x))
+                if not (np.isfinite(lo) and np.isfinite(hi)) or lo < -1e-3 or hi > 1 + 1e-3:
+                    raise OnnxmodError(f"{path}: float 'x' must be in [0, 1], got values in [{lo:.3g}, {hi:.3g}]")
+            self._nhwc = False
+            self.channels = int(x.shape[1])
+            self.image_size = (int(x.shape[2]), int(x.shape[3]))
+        else:
+            raise OnnxmodError(f"{path}: 'x' must be uint8 (N,H,W,C) or float (N,C,H,W), got dtype {x.dtype}")
+        y = np.asarray(y)
+        if y.ndim != 1:
+            raise OnnxmodError(f"{path}: 'y' must be 1-D [N], got shape {list(y.shape)}")
+        if y.shape[0] != x.shape[0]:
+            raise OnnxmodError(f"{path}: 'x' has {x.shape[0]} images but 'y' has {y.shape[0]} labels")
+        if classes is None:
+            k = int(y.max()) + 1 if y.size and y.dtype.kind in "iuf" else 0
+            labels = _check_labels(y, max(k, 1), path)
+            classes = [str(i) for i in range(int(labels.max()) + 1 if labels.size else 0)]
+        else:
+            labels = _check_labels(y, len(classes), path)
+        if not labels.size:
+            raise OnnxmodError(f"{path}: no images")
+        self._x = x
+        self.labels = labels
+        self.classes = classes
+
+    def _load(self, idx: np.ndarray) -> np.ndarray:
+        x = self._x[idx]
+        if self._nhwc:
+            return x.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
+        return np.clip(x.astype(np.float32), 0.0, 1.0)
+
+
+def write_npz(path: str | os.PathLike, x_uint8_nhwc: np.ndarray, y: np.ndarray, classes: Sequence[str] | None = None) -> Path:
+    """Write a dataset in the ``.npz`` format (atomically)."""
+    x = np.asarray(x_uint8_nhwc)
+    y = np.asarray(y, dtype=np.int64)
+    if x.dtype != np.uint8 or x.ndim != 4:
+        raise ValueError(f"x must be uint8 N,H,W,C, got {x.dtype} {list(x.shape)}")
+    if y.shape != (x.shape[0],):
+        raise ValueError(f"y must have shape [{x.shape[0]}], got {list(y.shape)}")
+    arrays = {"x": x, "y": y}
+    if classes is not None:
+        arrays["classes"] = np.asarray([str(c) for c in classes], dtype=str)
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=str(p.parent))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez_compressed(f, **arrays)
+        os.replace(tmp, p)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return p
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def open_dataset(path: str | os.PathLike, split: str = "test") -> Dataset:
+    """Open a dataset in any supported format; ``split`` is train|test (ignored for .npz)."""
+    p = Path(path)
+    if split not in SPLITS:
+        raise OnnxmodError(f"unknown split '{split}' (expected train or test)")
+    if not p.exists():
+        raise OnnxmodError(f"{p}: no such file or directory")
+    if p.is_file():
+        if p.suffix.lower() == ".npz":
+            return NpzDataset(p)
+        raise OnnxmodError(f"{p}: unknown data format (expected a .npz file, a CIFAR batches dir or an image folder)")
+    kind = _cifar_kind(p)
+    if kind:
+        return CifarDataset(p, kind, split)
+    try:
+        subs = _subdirs(p)
+        entries = [e for e in p.iterdir() if not e.name.startswith(".")]
+    except OSError as e:
+        raise OnnxmodError(f"{p}: cannot list directory ({type(e).__name__})") from None
+    if not entries:
+        raise OnnxmodError(f"{p}: empty folder")
+    cifar_subs = [(s, _cifar_kind(s)) for s in subs if _cifar_kind(s)]
+    if len(cifar_subs) == 1:
+        return CifarDataset(cifar_subs[0][0], cifar_subs[0][1], split)
+    if len(cifar_subs) > 1:
+        names = ", ".join(s.name for s, _ in cifar_subs)
+        raise OnnxmodError(f"{p}: holds several CIFAR directories ({names}); point at one of them")
+    split_dirs = {s.name: s for s in subs if s.name in SPLITS}
+    if split_dirs:
+        if split not in split_dirs:
+            raise OnnxmodError(f"{p}: no '{split}' split (found {', '.join(sorted(split_dirs))})")
+        return _open_folder(split_dirs[split])
+    return _open_folder(p)
+
+
+def _open_folder(p: Path) -> Dataset:
+    subs = _subdirs(p)
+    if not subs:
+        if any(e.is_file() and e.suffix.lower() in IMAGE_EXTS for e in p.iterdir()):
+            raise OnnxmodError(f"{p}: images without labels (expected {p}/<class>/*.png|jpg)")
+        if not any(not e.name.startswith(".") for e in p.iterdir()):
+            raise OnnxmodError(f"{p}: empty folder")
+        raise OnnxmodError(f"{p}: unknown data layout (expected CIFAR batches, {p}/<class>/*.png|jpg, or a .npz)")
+    if not any(_list_images(s) for s in subs):
+        raise OnnxmodError(f"{p}: no images found (expected {p}/<class>/*.png|jpg)")
+    return FolderDataset(p)

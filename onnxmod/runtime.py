@@ -1,0 +1,192 @@
+"""The one place ONNX Runtime sessions are created.
+
+``--device auto`` uses CUDA only when the CUDA execution provider really loads
+(``onnxruntime-gpu`` lists it as available even on machines without CUDA
+libraries, and then prints errors for every session that asks for it). We probe
+once per process with a tiny graph, with ORT logging silenced, and cache the
+answer. All sessions run with ORT log severity 3 (errors only) so warnings such
+as "some nodes were not assigned to the preferred provider" stay quiet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from onnxmod.errors import OnnxmodError
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+DEVICES = ("auto", "cpu", "cuda")
+LOG_SEVERITY = 3  # 0 verbose .. 3 error .. 4 fatal
+
+_cuda_loads_cache: bool | None = None
+
+
+def _quiet_logging() -> None:
+    ort.set_default_logger_severity(LOG_SEVERITY)
+
+
+@contextlib.contextmanager
+def _silenced_stderr_fd() -> Iterator[None]:
+    """Send OS-level fd 2 to /dev/null (native libraries print there directly)."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # pragma: no cover - no fd 2
+        yield
+        return
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, 2)
+        finally:
+            os.close(devnull)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _tiny_model() -> onnx.ModelProto:
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("Relu", ["x"], ["y"])
+    graph = helper.make_graph(
+        [node],
+        "onnxmod_cuda_probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+def probe_cuda(refresh: bool = False) -> bool:
+    """True when a session asking for CUDA really gets CUDAExecutionProvider (probed once, cached)."""
+    global _cuda_loads_cache
+    if _cuda_loads_cache is not None and not refresh:
+        return _cuda_loads_cache
+    ok = False
+    if CUDA in ort.get_available_providers():
+        so = ort.SessionOptions()
+        so.log_severity_level = 4
+        try:
+            ort.set_default_logger_severity(4)
+            with _silenced_stderr_fd():
+                sess = ort.InferenceSession(_tiny_model().SerializeToString(), so, providers=[CUDA, CPU])
+                ok = CUDA in sess.get_providers()
+                if ok:  # loading is not enough if the first run fails (no device, driver mismatch)
+                    sess.run(None, {"x": np.zeros(1, np.float32)})
+        except Exception:
+            ok = False
+        finally:
+            _quiet_logging()
+    _cuda_loads_cache = ok
+    return ok
+
+
+def choose_providers(device: str = "auto", available: Sequence[str] | None = None, cuda_loads: bool | None = None) -> list[str]:
+    """Execution providers for ``device`` (pure when ``available`` and ``cuda_loads`` are given).
+
+    ``auto``: CUDA then CPU when CUDA is available and loads, else CPU only.
+    ``cpu``: CPU only. ``cuda``: CUDA then CPU, or OnnxmodError when CUDA does not load.
+    """
+    if device not in DEVICES:
+        raise OnnxmodError(f"unknown device '{device}' (expected one of {', '.join(DEVICES)})")
+    if device == "cpu":
+        return [CPU]
+    if available is None:
+        available = ort.get_available_providers()
+    has_cuda = CUDA in available
+    if has_cuda and cuda_loads is None:
+        cuda_loads = probe_cuda()
+    usable = bool(has_cuda and cuda_loads)
+    if usable:
+        return [CUDA, CPU]
+    if device == "cuda":
+        why = ("this onnxruntime build has no CUDA execution provider" if not has_cuda
+               else "the CUDA execution provider does not load (CUDA/cuDNN libraries missing or no GPU)")
+        raise OnnxmodError(f"--device cuda: {why}; use --device cpu or auto")
+    return [CPU]
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    for line in text.splitlines():
+        line = line.strip()
+        if line:
+            return line
+    return type(e).__name__
+
+
+def make_session(
+    model: onnx.ModelProto | str | os.PathLike,
+    device: str = "auto",
+    threads: int | None = None,
+    name: str | None = None,
+) -> ort.InferenceSession:
+    """An ``InferenceSession`` on the chosen device; bad models become OnnxmodError.
+
+    ``model``: a ModelProto or a path to an ``.onnx`` file. ``threads``: intra-op threads
+    (None: ORT default). ``name``: what error messages call the model.
+    """
+    providers = choose_providers(device)
+    _quiet_logging()
+    so = ort.SessionOptions()
+    so.log_severity_level = LOG_SEVERITY
+    if threads is not None:
+        so.intra_op_num_threads = int(threads)
+    if isinstance(model, onnx.ModelProto):
+        label = name or (model.graph.name or "<model>")
+        payload: str | bytes = model.SerializeToString()
+    else:
+        p = Path(model)
+        label = name or str(p)
+        if not p.exists():
+            raise OnnxmodError(f"{p}: no such file")
+        if p.is_dir():
+            raise OnnxmodError(f"{p}: is a directory, expected an .onnx file")
+        payload = str(p)
+    try:
+        return ort.InferenceSession(payload, so, providers=providers)
+    except Exception as e:
+        raise OnnxmodError(f"{label}: onnxruntime cannot load it: {_first_line(e)}") from None
+
+
+def session_device(session: ort.InferenceSession) -> str:
+    """``cuda`` or ``cpu``: where the session actually runs."""
+    return "cuda" if CUDA in session.get_providers() else "cpu"
+
+
+def input_name(session: ort.InferenceSession) -> str:
+    inputs = session.get_inputs()
+    if len(inputs) != 1:
+        raise OnnxmodError(f"expected a model with exactly one input, got {len(inputs)}: {[i.name for i in inputs]}")
+    return inputs[0].name
+
+
+def run(session: ort.InferenceSession, x: np.ndarray, output_names: Sequence[str] | None = None) -> list[np.ndarray]:
+    """One run with the single input fed ``x``; ORT run errors (shape mismatch...) become OnnxmodError."""
+    try:
+        return session.run(list(output_names) if output_names else None, {input_name(session): x})
+    except OnnxmodError:
+        raise
+    except Exception as e:
+        raise OnnxmodError(f"onnxruntime failed on input of shape {list(x.shape)}: {_first_line(e)}") from None
+
+
+def run_batches(
+    session: ort.InferenceSession,
+    batches: Iterable[np.ndarray],
+    output_names: Sequence[str] | None = None,
+) -> Iterator[list[np.ndarray]]:
+    """Run each batch through the single-input ``session``; yields the output list per batch."""
+    for x in batches:
+        yield run(session, np.ascontiguousarray(x, dtype=np.float32), output_names)

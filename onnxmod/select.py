@@ -1,0 +1,226 @@
+"""Per-class channel selection: which channels a class-k module keeps.
+
+Importance of channel c (of a group) for class k = how much replacing it by its
+class-relevant mean can move logit k:
+
+    I(c) = sum over the Conv/Gemm/MatMul n summing c of  (|W_n|^T s_n)[c] * std_k(c)
+
+where ``std_k`` is the channel's spread on the images relevant to class k (see
+:mod:`onnxmod.calibrate`) and ``s_n`` the sensitivity of logit k to n's outputs,
+propagated backwards from row k of the classifier through |weights|, BatchNorm
+scales and the channel maps (a training-free, gradient-free bound).
+
+Budgets: ``global`` removes channels with the least importance per MAC saved
+across all layers until the module's MACs reach ``target``; ``uniform`` keeps the
+same fraction of every group. Both go through :meth:`ChannelAnalysis.close`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxmod.calibrate import ActivationStats
+from onnxmod.channels import ChannelAnalysis
+
+STRATEGIES = ("global", "uniform")
+
+
+def _abs_weight_per_channel(a: ChannelAnalysis, node: gs.Node) -> np.ndarray:
+    """[out channels, in channels] sum of |weights| linking them (Flatten blocks summed)."""
+    w = np.abs(np.asarray(node.inputs[1].values, dtype=np.float64))
+    rule = a.node_rule[node.name]
+    if rule == "conv":
+        m = w.reshape(w.shape[0], w.shape[1], -1).sum(axis=2)
+    elif rule == "convtranspose":
+        m = w.reshape(w.shape[0], w.shape[1], -1).sum(axis=2).T
+    elif rule == "gemm":
+        m = w if int(node.attrs.get("transB", 0)) else w.T
+    else:  # matmul [F, M]
+        m = w.T
+    block = a.tensors[node.inputs[0].name].block
+    if block > 1:
+        m = m.reshape(m.shape[0], -1, block).sum(axis=2)
+    return m
+
+
+def _same_factor(node: gs.Node, size: int) -> np.ndarray | float:
+    """How a per-channel shift scales through a channel-preserving op (BatchNorm, Mul/Div by const)."""
+    if node.op == "BatchNormalization":
+        scale, var = (np.asarray(node.inputs[i].values, dtype=np.float64) for i in (1, 4))
+        return np.abs(scale) / np.sqrt(var + float(node.attrs.get("epsilon", 1e-5)))
+    if node.op in ("Mul", "Div"):
+        for t in node.inputs:
+            if isinstance(t, gs.Constant):
+                v = np.abs(np.asarray(t.values, dtype=np.float64)).ravel()
+                if v.size in (1, size):
+                    v = v if node.op == "Mul" else 1.0 / np.maximum(v, 1e-12)
+                    return v if v.size == size else float(v[0])
+    return 1.0
+
+
+class Selector:
+    """Channel importance and MAC accounting for one analysed source model."""
+
+    def __init__(self, analysis: ChannelAnalysis, stats: ActivationStats):
+        self.a = analysis
+        self.stats = stats
+        self.groups = [g for g in analysis.groups if g.removable and not g.is_output]
+        self.out_group = analysis.output_group()
+        self.reducers = [n for n in analysis.graph.nodes if analysis.node_rule.get(n.name) in
+                         ("conv", "convtranspose", "gemm", "matmul", "depthwise")]
+        self.weights = {n.name: _abs_weight_per_channel(analysis, n) for n in self.reducers
+                        if analysis.node_rule[n.name] != "depthwise"}
+        self._mac_terms = [self._mac_term(n) for n in self.reducers]
+        self.total_macs = self.macs(analysis.full_keep())
+
+    # ------------------------------------------------------------------ MACs
+    def _mac_term(self, node: gs.Node) -> tuple[int, int | None, float]:
+        """(in group, out group or None, MACs per kept (in, out) channel pair)."""
+        a = self.a
+        x, y = node.inputs[0].name, node.outputs[0].name
+        gin, gout = a.find(a.tensors[x].group), a.find(a.tensors[y].group)
+        block = a.tensors[x].block
+        rule = a.node_rule[node.name]
+        w = np.asarray(node.inputs[1].values)
+        if rule in ("gemm", "matmul"):
+            return gin, gout, float(block)
+        out_shape = node.outputs[0].shape
+        spatial = float(np.prod([d for d in out_shape[2:]])) if out_shape is not None else 1.0
+        taps = float(np.prod(w.shape[2:]))
+        if rule == "depthwise":
+            return gin, None, taps * spatial
+        return gin, gout, taps * spatial
+
+    def macs(self, keep: dict[int, np.ndarray]) -> float:
+        total = 0.0
+        for gin, gout, f in self._mac_terms:
+            kin = float(keep[gin].sum())
+            total += kin * f if gout is None else kin * float(keep[gout].sum()) * f
+        return total
+
+    # ------------------------------------------------------------------ importance
+    def sensitivity(self, k: int) -> dict[str, np.ndarray]:
+        """Per tensor, per channel: |d logit_k / d (shift of the channel)|, bounded through |W|."""
+        a = self.a
+        s: dict[str, np.ndarray] = {}
+        out_t = a.graph.outputs[0].name
+        s[out_t] = np.zeros(self.out_group.size)
+        s[out_t][k] = 1.0
+        derivs: dict[str, list] = {}
+        for d in a.derivations:
+            derivs.setdefault(d.node, []).append(d)
+
+        def add(t: gs.Tensor, v: np.ndarray | float) -> None:
+            tc = a.tensors.get(t.name)
+            if tc is None or isinstance(t, gs.Constant):
+                return
+            size = a._groups[a.find(tc.group)].size
+            vec = np.broadcast_to(np.asarray(v, dtype=np.float64), (size,))
+            s[t.name] = s.get(t.name, 0.0) + vec
+
+        for node in reversed(a.graph.nodes):
+            outs = [s[o.name] for o in node.outputs if o.name in s]
+            if not outs:
+                continue
+            so = outs[0]
+            rule = a.node_rule.get(node.name)
+            if node.name in self.weights:
+                add(node.inputs[0], self.weights[node.name].T @ so)
+            elif rule == "depthwise":
+                w = np.abs(np.asarray(node.inputs[1].values, dtype=np.float64))
+                add(node.inputs[0], so * w.reshape(w.shape[0], -1).sum(axis=1))
+            elif rule in ("pad_channels", "slice_channels", "concat_channels"):
+                for i, d in enumerate(derivs[node.name]):
+                    t = node.inputs[i] if rule == "concat_channels" else node.inputs[0]
+                    if t.name not in a.tensors:
+                        continue
+                    size = a._groups[a.find(a.tensors[t.name].group)].size
+                    v = np.zeros(size)
+                    ok = d.index >= 0
+                    np.add.at(v, d.index[ok], so[ok])
+                    add(t, v)
+            elif rule == "same":
+                f = _same_factor(node, so.size)
+                for t in node.inputs:
+                    if not isinstance(t, gs.Constant):
+                        add(t, so * f)
+            else:  # barrier: spread the mean sensitivity
+                for t in node.inputs:
+                    add(t, float(np.mean(so)))
+        return s
+
+    def importance(self, k: int) -> dict[int, np.ndarray]:
+        """Per removable group: importance of each channel for class ``k``."""
+        a, st = self.a, self.stats
+        s = self.sensitivity(k)
+        imp = {g.id: np.zeros(g.size) for g in self.groups}
+        for g in self.groups:
+            for node_name, t in g.consumers:
+                node = a.nodes[node_name]
+                so = s.get(node.outputs[0].name)
+                if so is None or t not in st.var:
+                    continue
+                imp[g.id] += (self.weights[node_name].T @ so) * np.sqrt(st.var[t][k])
+        return imp
+
+    # ------------------------------------------------------------------ budgets
+    def keep_for(self, k: int, target: float, strategy: str = "global") -> dict[int, np.ndarray]:
+        """Closed keep-masks for a class-``k`` module with at most ``target`` x source MACs
+        (as close as the channel granularity allows; output keeps row k only)."""
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}")
+        a = self.a
+        imp = self.importance(k)
+        base = a.full_keep()
+        base[self.out_group.id][:] = False
+        base[self.out_group.id][k] = True
+
+        if strategy == "uniform":
+            order = {gid: np.argsort(-v, kind="stable") for gid, v in imp.items()}
+
+            def build(frac: float) -> dict[int, np.ndarray]:
+                keep = {g: m.copy() for g, m in base.items()}
+                for gid, o in order.items():
+                    n = max(1, int(round(frac * o.size)))
+                    keep[gid][:] = False
+                    keep[gid][o[:n]] = True
+                return a.close(keep)
+
+            lo, hi = 0.0, 1.0
+        else:
+            full = a.full_keep()
+            cands = []
+            for g in self.groups:
+                per = self._marginal_macs(g.id, full)
+                score = imp[g.id] / max(per, 1.0)
+                cands += [(score[c], g.id, c) for c in range(g.size)]
+            cands.sort(key=lambda t: t[0])
+
+            def build(frac: float) -> dict[int, np.ndarray]:
+                keep = {g: m.copy() for g, m in base.items()}
+                for _, gid, c in cands[: int(round((1 - frac) * len(cands)))]:
+                    keep[gid][c] = False
+                return a.close(keep)
+
+            lo, hi = 0.0, 1.0
+        if target >= 1.0:
+            return build(1.0)
+        goal = target * self.total_macs
+        for _ in range(20):  # bisection on the kept fraction of channels
+            mid = (lo + hi) / 2
+            if self.macs(build(mid)) > goal:
+                hi = mid
+            else:
+                lo = mid
+        return build(lo)
+
+    def _marginal_macs(self, gid: int, keep: dict[int, np.ndarray]) -> float:
+        total = 0.0
+        for gin, gout, f in self._mac_terms:
+            if gin == gid:
+                total += f if gout is None else float(keep[gout].sum()) * f
+            if gout == gid:
+                total += float(keep[gin].sum()) * f
+        return total
+
