@@ -1,1 +1,75 @@
-"""`onnxmod decompose` (placeholder until its issue lands)."""
+"""`onnxmod decompose`: one module per class + manifest.json."""
+
+from __future__ import annotations
+
+import click
+
+from onnxmod.cli.common import device_option, emit, fmt_count, json_option, quiet_option, say
+from onnxmod.cli.main import cli
+from onnxmod.errors import OnnxmodError
+
+
+def _floats(value: str | None, name: str) -> list[float] | None:
+    if value is None:
+        return None
+    try:
+        return [float(v) for v in value.replace(",", " ").split()]
+    except ValueError:
+        raise OnnxmodError(f"{name}: expected numbers like 0.485,0.456,0.406, got '{value}'") from None
+
+
+@cli.command("decompose")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--calib", required=True, type=click.Path(), help="Calibration data (CIFAR batches, image folder or .npz).")
+@click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Output dir [default: <model stem>.modules].")
+@click.option("--classes", default=None, help="Comma-separated class names or indices (default: all).")
+@click.option("--samples-per-class", default=500, show_default=True, type=int, help="Calibration images per class.")
+@click.option("--split", default="train", show_default=True, type=click.Choice(["train", "test"]))
+@click.option("--mean", default=None, help="Source input normalisation mean, e.g. 0.485,0.456,0.406.")
+@click.option("--std", default=None, help="Source input normalisation std.")
+@click.option("--scale", default=None, type=float, help="Multiply [0,1] pixels by this first (255 for 0..255 models).")
+@click.option("--target-macs", default=None, type=float,
+              help="Module MACs as a fraction of the source's (size/accuracy knob).")
+@click.option("--strategy", default=None, type=click.Choice(["uniform", "global"]),
+              help="Per-layer budget: same kept fraction per layer, or global importance per MAC.")
+@click.option("--fill", default=None, type=click.Choice(["linear", "mean", "zero"]),
+              help="What replaces removed channels in the layers that read them.")
+@click.option("--batch-size", default=256, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--force", is_flag=True, help="Replace an existing output dir.")
+@device_option
+@json_option
+@quiet_option
+def decompose_cmd(model, calib, out_dir, classes, samples_per_class, split, mean, std, scale, target_macs, strategy,
+                  fill, batch_size, seed, force, device, as_json, quiet):
+    """Cut MODEL into one physically smaller module per class."""
+    from onnxmod.decompose import DecomposeSettings, decompose
+
+    settings = DecomposeSettings(samples_per_class=samples_per_class, split=split, batch_size=batch_size, seed=seed)
+    for name, value in (("target_macs", target_macs), ("strategy", strategy), ("fill", fill)):
+        if value is not None:
+            setattr(settings, name, value)
+    manifest = decompose(
+        model, calib, out_dir,
+        classes=[c for c in classes.split(",") if c.strip()] if classes else None,
+        settings=settings, mean=_floats(mean, "--mean"), std=_floats(std, "--std"), scale=scale,
+        device=device, force=force, quiet=quiet,
+    )
+    for u in manifest["unsupported"]:
+        say(f"warning: {u['op']} node '{u['node']}' is not understood; channels through it are kept ({u['why']})",
+            quiet)
+
+    def human(m: dict) -> str:
+        src = m["source"]
+        lines = [f"wrote {len(m['modules'])} modules + manifest.json to {m['output']}",
+                 f"source {src['name']}: {fmt_count(src['params'])} params, {fmt_count(src['macs'])} MACs",
+                 f"{'class':<16}{'params':>10}{'MACs':>10}{'MAC frac':>10}"]
+        for mod in m["modules"]:
+            lines.append(f"{mod['class_name']:<16}{fmt_count(mod['params']):>10}{fmt_count(mod['macs']):>10}"
+                         f"{mod['mac_fraction']:>10.3f}")
+        t = m["timings"]
+        lines.append(f"calibration {t['calibration_s']:.1f}s, total {t['total_s']:.1f}s")
+        return "\n".join(lines)
+
+    emit(manifest, as_json, human)

@@ -1,1 +1,93 @@
-"""`onnxmod export` (placeholder until its issue lands)."""
+"""`onnxmod export ARCH --weights W -o OUT.onnx`: a PyTorch CIFAR ResNet checkpoint -> source model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from onnxmod.cli.common import emit, json_option, quiet_option, say
+from onnxmod.cli.main import cli
+from onnxmod.errors import OnnxmodError
+
+# SOURCES.md: the pretrained CIFAR ResNets take RGB in [0, 1] normalised like ImageNet
+DEFAULT_MEAN = (0.485, 0.456, 0.406)
+DEFAULT_STD = (0.229, 0.224, 0.225)
+ARCHS = {"resnet8": 8, "resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110}
+
+
+def _read_classes(path: str) -> list[str]:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise OnnxmodError(f"{p}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise OnnxmodError(f"{p}: cannot read class names ({type(e).__name__})") from None
+    names = [line.strip() for line in text.splitlines() if line.strip()]
+    if not names:
+        raise OnnxmodError(f"{p}: no class names (expected one name per line)")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise OnnxmodError(f"{p}: duplicate class names: {', '.join(dup[:5])}")
+    return names
+
+
+def _parse_floats(text: str | None, what: str, n: int) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        vals = tuple(float(v) for v in text.replace(",", " ").split())
+    except ValueError:
+        raise OnnxmodError(f"--{what}: expected {n} numbers, got {text!r}") from None
+    if len(vals) != n:
+        raise OnnxmodError(f"--{what}: expected {n} numbers, got {len(vals)}")
+    return vals
+
+
+@cli.command("export")
+@click.argument("arch", type=click.Choice(sorted(ARCHS, key=ARCHS.get)), metavar="ARCH")
+@click.option("--weights", "-w", required=True, type=click.Path(dir_okay=False), help="PyTorch checkpoint (.th/.pt).")
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="Where to write the .onnx file.")
+@click.option("--classes", "classes_file", type=click.Path(dir_okay=False), help="Class names, one per line (default: CIFAR-10).")
+@click.option("--exporter", type=click.Choice(["legacy", "dynamo"]), default="legacy", show_default=True)
+@click.option("--mean", default=None, help="Per-channel mean, e.g. '0.485,0.456,0.406' (default: ImageNet).")
+@click.option("--std", default=None, help="Per-channel std, e.g. '0.229,0.224,0.225' (default: ImageNet).")
+@json_option
+@quiet_option
+def export_cmd(arch, weights, output, classes_file, exporter, mean, std, as_json, quiet):
+    """Export a CIFAR ResNet checkpoint (ARCH: resnet20|32|44|56|110, or resnet8) to ONNX.
+
+    The written model takes `input` float32 [N,3,32,32] in [0,1] (normalisation
+    inside the graph) and outputs `logits` [N,K].
+    """
+    try:
+        import torch  # noqa: F401
+
+        from onnxmod.converters.export import count_params, export
+        from onnxmod.converters.resnet_cifar import CIFAR10_CLASSES, load_checkpoint, resnet_cifar
+    except ImportError as e:
+        raise OnnxmodError(f"export needs PyTorch ({e.name or e}): pip install onnxmod[torch]") from None
+
+    classes = _read_classes(classes_file) if classes_file else list(CIFAR10_CLASSES)
+    mean_v = _parse_floats(mean, "mean", 3) or DEFAULT_MEAN
+    std_v = _parse_floats(std, "std", 3) or DEFAULT_STD
+    if any(s == 0 for s in std_v):
+        raise OnnxmodError("--std: values must be non-zero")
+
+    model = resnet_cifar(ARCHS[arch], num_classes=len(classes))
+    load_checkpoint(model, weights)
+    say(f"exporting {arch} from {weights} ({exporter} exporter)", quiet)
+    out = export(model, output, classes=classes, mean=mean_v, std=std_v, exporter=exporter)
+    result = {
+        "output": str(out),
+        "arch": arch,
+        "exporter": exporter,
+        "params": count_params(model),
+        "classes": classes,
+    }
+    emit(
+        result,
+        as_json,
+        lambda r: f"wrote {r['output']} ({r['arch']}, {r['params']} params, {len(r['classes'])} classes, {r['exporter']} exporter)",
+    )

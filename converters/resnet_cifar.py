@@ -1,0 +1,203 @@
+"""CIFAR ResNets (He et al. 2016, CIFAR variant) with option-A shortcuts.
+
+The architecture and parameter names follow akamaster/pytorch_resnet_cifar10, so its
+checkpoints (and the fine-tuned ones in ``shared/data/pretrained``) load unchanged:
+
+    conv1 (3->w, 3x3) - bn1 - relu
+    layer1: n BasicBlocks, w planes
+    layer2: n BasicBlocks, 2w planes, stride 2 in the first block
+    layer3: n BasicBlocks, 4w planes, stride 2 in the first block
+    global average pool - flatten - linear (4w -> num_classes)
+
+with ``n = (depth - 2) / 6`` and ``w = 16`` for the published models. A block whose
+shape changes uses the parameter-free option-A shortcut: subsample ``x[:, :, ::2, ::2]``
+and zero-pad the channels on both sides.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from onnxmod.errors import OnnxmodError
+
+CIFAR10_CLASSES = [
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+]
+
+DEPTHS = (20, 32, 44, 56, 110)
+
+
+class ShortcutA(nn.Module):
+    """Option-A shortcut: stride-2 subsampling and zero channel padding (no parameters)."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int):
+        super().__init__()
+        self.stride = stride
+        self.pad_lo = (planes - in_planes) // 2
+        self.pad_hi = planes - in_planes - self.pad_lo
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride != 1:
+            x = x[:, :, :: self.stride, :: self.stride]
+        # for the published models pad_lo == pad_hi == planes // 4
+        return F.pad(x, (0, 0, 0, 0, self.pad_lo, self.pad_hi))
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        if stride != 1 or in_planes != planes:
+            self.shortcut: nn.Module = ShortcutA(in_planes, planes, stride)
+        else:
+            self.shortcut = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNetCifar(nn.Module):
+    def __init__(self, num_blocks: int, num_classes: int = 10, width: int = 16, in_channels: int = 3):
+        super().__init__()
+        if num_blocks < 1:
+            raise ValueError("num_blocks must be >= 1")
+        if width < 1:
+            raise ValueError("width must be >= 1")
+        self.depth = 6 * num_blocks + 2
+        self.width = width
+        self.num_classes = num_classes
+        self.in_planes = width
+        self.conv1 = nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.layer1 = self._make_layer(width, num_blocks, 1)
+        self.layer2 = self._make_layer(2 * width, num_blocks, 2)
+        self.layer3 = self._make_layer(4 * width, num_blocks, 2)
+        self.linear = nn.Linear(4 * width, num_classes)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)
+
+    def _make_layer(self, planes: int, num_blocks: int, stride: int) -> nn.Sequential:
+        layers = []
+        for s in [stride] + [1] * (num_blocks - 1):
+            layers.append(BasicBlock(self.in_planes, planes, s))
+            self.in_planes = planes
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        # global average pool over the whole map (akamaster: avg_pool2d(out, out.size(3)))
+        out = F.adaptive_avg_pool2d(out, 1)
+        out = torch.flatten(out, 1)
+        return self.linear(out)
+
+
+def resnet_cifar(depth: int, num_classes: int = 10, width: int = 16) -> ResNetCifar:
+    """A CIFAR ResNet of any depth ``6n + 2`` (8, 14, 20, ...)."""
+    if depth < 8 or (depth - 2) % 6 != 0:
+        raise OnnxmodError(f"CIFAR ResNet depth must be 6n+2 with n >= 1 (8, 20, 32, ...), got {depth}")
+    return ResNetCifar((depth - 2) // 6, num_classes=num_classes, width=width)
+
+
+def resnet20(num_classes: int = 10) -> ResNetCifar:
+    return resnet_cifar(20, num_classes)
+
+
+def resnet32(num_classes: int = 10) -> ResNetCifar:
+    return resnet_cifar(32, num_classes)
+
+
+def resnet44(num_classes: int = 10) -> ResNetCifar:
+    return resnet_cifar(44, num_classes)
+
+
+def resnet56(num_classes: int = 10) -> ResNetCifar:
+    return resnet_cifar(56, num_classes)
+
+
+def resnet110(num_classes: int = 10) -> ResNetCifar:
+    return resnet_cifar(110, num_classes)
+
+
+def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    p = Path(path)
+    if not p.exists():
+        raise OnnxmodError(f"{p}: no such file")
+    if p.is_dir():
+        raise OnnxmodError(f"{p}: is a directory, expected a checkpoint file")
+    try:
+        obj: Any = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as e:
+        if "weights only" in str(e).lower() and "load failed" in str(e).lower():
+            raise OnnxmodError(
+                f"{p}: checkpoint holds Python objects other than tensors and is not unpickled for safety; "
+                "re-save it as torch.save({'state_dict': model.state_dict()})"
+            ) from None
+        raise OnnxmodError(f"{p}: not a PyTorch checkpoint (cannot unpickle: {type(e).__name__})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
+        raise OnnxmodError(f"{p}: not a state_dict checkpoint (expected {{'state_dict': ...}} or a plain state_dict)")
+    return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in obj.items()}
+
+
+def _first(items: list[str], n: int = 5) -> str:
+    s = ", ".join(items[:n])
+    return s + (f", ... ({len(items)} in all)" if len(items) > n else "")
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a ``{'state_dict': ...}`` or plain state_dict checkpoint into ``model``.
+
+    ``module.`` prefixes (DataParallel) are stripped. ``num_batches_tracked`` buffers
+    missing from old checkpoints are tolerated. Any other mismatch raises
+    :class:`OnnxmodError` naming the first missing/unexpected keys and shape mismatches.
+    Returns ``model`` in eval mode.
+    """
+    sd = _read_state_dict(path)
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [
+        f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_first(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_first(unexpected)}")
+        if shapes:
+            parts.append(f"shape mismatch: {_first(shapes, 3)}")
+        raise OnnxmodError(f"{Path(path)}: checkpoint does not fit the model; " + "; ".join(parts))
+    sd = {k: v for k, v in sd.items() if k in own}
+    model.load_state_dict(sd, strict=False)
+    model.eval()
+    return model

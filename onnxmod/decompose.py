@@ -1,0 +1,340 @@
+"""Decomposition: one calibration pass, then one physically smaller module per class.
+
+Pipeline: prepare the source (canonical input with its preprocessing baked in) ->
+channel analysis -> calibration statistics (one streaming ORT pass) -> per-class
+selection (:mod:`onnxmod.select`) -> channel removal with least-squares fill
+(:mod:`onnxmod.surgery`) -> module graph (``logit``/``score`` outputs, metadata) ->
+files written into a temp dir that is renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from onnxmod import calibrate, channels, graphio, modelio, scoring, surgery
+from onnxmod.cost import count_macs, count_params
+from onnxmod.data import Dataset, open_dataset
+from onnxmod.errors import OnnxmodError, UnsupportedOpError
+from onnxmod.modulespec import LOGIT, SCORE, Calibration, ModuleSpec, SourceInfo
+from onnxmod.progress import progress
+from onnxmod.select import STRATEGIES, Selector
+
+FILLS = ("linear", "mean", "zero")
+
+
+@dataclass
+class DecomposeSettings:
+    """Algorithm knobs (recorded in the manifest). Defaults chosen by bench/ measurements."""
+
+    target_macs: float = 0.65  # module MACs as a fraction of the source's
+    strategy: str = "uniform"  # per-layer budget: "uniform" fraction per group, or "global"
+    fill: str = "linear"  # removed channels: least-squares estimate, class mean, or 0
+    samples_per_class: int = 500
+    split: str = "train"
+    batch_size: int = 256
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not 0.0 < self.target_macs <= 1.0:
+            raise OnnxmodError(f"--target-macs must be in (0, 1], got {self.target_macs}")
+        if self.strategy not in STRATEGIES:
+            raise OnnxmodError(f"--strategy must be one of {', '.join(STRATEGIES)}")
+        if self.fill not in FILLS:
+            raise OnnxmodError(f"--fill must be one of {', '.join(FILLS)}")
+        if self.samples_per_class < 1:
+            raise OnnxmodError(f"--samples-per-class must be >= 1, got {self.samples_per_class}")
+
+
+# --------------------------------------------------------------------------- source
+@dataclass
+class PreparedSource:
+    model: onnx.ModelProto  # canonical: input `input` in [0, 1], preprocessing inside
+    name: str
+    sha256: str
+    classes: list[str]
+    preprocess: dict[str, Any]
+    input_chw: tuple[int, int, int]
+    params: int
+    macs: int
+
+
+def _rename_tensor(graph: onnx.GraphProto, old: str, new: str) -> None:
+    for n in graph.node:
+        n.input[:] = [new if i == old else i for i in n.input]
+        n.output[:] = [new if o == old else o for o in n.output]
+    for v in list(graph.input) + list(graph.output) + list(graph.value_info):
+        if v.name == old:
+            v.name = new
+
+
+def _prologue(model: onnx.ModelProto, scale: float, mean: Sequence[float], std: Sequence[float]) -> None:
+    """Make input `input` in [0, 1] and compute the source's own input as (x * scale - mean) / std."""
+    g = model.graph
+    raw = g.input[0].name
+    inner = "__om_source_input"
+    _rename_tensor(g, raw, inner)
+    g.input[0].name = "input"
+    c = len(mean)
+    consts = [
+        helper.make_tensor("__om_pre_scale", TensorProto.FLOAT, [], [float(scale)]),
+        helper.make_tensor("__om_pre_mean", TensorProto.FLOAT, [1, c, 1, 1], [float(m) for m in mean]),
+        helper.make_tensor("__om_pre_std", TensorProto.FLOAT, [1, c, 1, 1], [float(s) for s in std]),
+    ]
+    g.initializer.extend(consts)
+    nodes = [
+        helper.make_node("Mul", ["input", "__om_pre_scale"], ["__om_pre_scaled"], name="__om_pre_mul"),
+        helper.make_node("Sub", ["__om_pre_scaled", "__om_pre_mean"], ["__om_pre_centred"], name="__om_pre_sub"),
+        helper.make_node("Div", ["__om_pre_centred", "__om_pre_std"], [inner], name="__om_pre_div"),
+    ]
+    for i, n in enumerate(nodes):
+        g.node.insert(i, n)
+
+
+def prepare_source(
+    path: str | os.PathLike,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    scale: float | None = None,
+    data_classes: Sequence[str] | None = None,
+) -> PreparedSource:
+    """Load a source classifier and give it the canonical input (DESIGN.md).
+
+    Preprocessing comes from ``--mean/--std/--scale`` when given, else from the
+    source's ``onnxmod.preprocess`` metadata (already in the graph), else none.
+    Class names from ``onnxmod.classes`` metadata, else from the data.
+    """
+    p = Path(path)
+    model = modelio.load_model(p)
+    kind = modelio.model_kind(model)
+    if kind != "source":
+        raise OnnxmodError(f"{p}: is a {kind} model; decompose takes a source classifier")
+    g = model.graph
+    inits = {i.name for i in g.initializer}
+    inputs = [i for i in g.input if i.name not in inits]
+    if len(inputs) != 1 or len(g.output) != 1:
+        raise OnnxmodError(f"{p}: expected one image input and one logits output, got "
+                           f"{len(inputs)} inputs and {len(g.output)} outputs")
+    dims = inputs[0].type.tensor_type.shape.dim
+    chw = tuple(d.dim_value for d in dims[1:])
+    if len(dims) != 4 or 0 in chw:
+        raise OnnxmodError(f"{p}: input '{inputs[0].name}' must be [N, C, H, W] with static C, H, W")
+    meta_pre = modelio.get_meta(model, modelio.PREPROCESS) or {}
+    flags = mean is not None or std is not None or scale is not None
+    c = chw[0]
+    if flags:
+        mean = list(mean) if mean is not None else [0.0] * c
+        std = list(std) if std is not None else [1.0] * c
+        if len(mean) != c or len(std) != c:
+            raise OnnxmodError(f"--mean/--std need {c} values (the input has {c} channels)")
+        if any(s == 0 for s in std):
+            raise OnnxmodError("--std values must be non-zero")
+        pre = {"mean": mean, "std": std, "scale": 1.0 if scale is None else float(scale), "in_graph": False}
+    elif meta_pre:
+        pre = dict(meta_pre)
+    else:
+        pre = {"mean": [0.0] * c, "std": [1.0] * c, "scale": 1.0, "in_graph": True, "assumed": True}
+    if not pre.get("in_graph", True):
+        _prologue(model, pre["scale"], pre["mean"], pre["std"])
+        pre["in_graph"] = True
+    elif inputs[0].name != "input":
+        _rename_tensor(g, inputs[0].name, "input")
+    pre.setdefault("input_size", list(chw[1:]))
+
+    classes = modelio.get_meta(model, modelio.CLASSES)
+    if classes:
+        classes = [c["name"] if isinstance(c, dict) else str(c) for c in classes]
+    canon = graphio.canonicalize(model)
+    k_dims = canon.graph.output[0].type.tensor_type.shape.dim
+    k = k_dims[1].dim_value if len(k_dims) == 2 else 0
+    if not k:
+        raise OnnxmodError(f"{p}: output '{g.output[0].name}' must be logits [N, K] with static K")
+    if not classes:
+        if data_classes is None or len(data_classes) != k:
+            raise OnnxmodError(f"{p}: has no onnxmod.classes metadata and the data's classes "
+                               f"({0 if data_classes is None else len(data_classes)}) don't match its {k} outputs")
+        classes = list(data_classes)
+    if len(classes) != k:
+        raise OnnxmodError(f"{p}: onnxmod.classes lists {len(classes)} names but the model has {k} outputs")
+    return PreparedSource(canon, p.stem, modelio.file_sha256(p), classes, pre, chw,
+                          count_params(canon), count_macs(canon))
+
+
+# --------------------------------------------------------------------------- classes
+def resolve_classes(requested: Sequence[str] | None, classes: list[str]) -> list[int]:
+    """Class indices from names or indices (``--classes cat,dog`` or ``--classes 3,5``)."""
+    if not requested:
+        return list(range(len(classes)))
+    out = []
+    for r in requested:
+        r = str(r).strip()
+        if r in classes:
+            out.append(classes.index(r))
+        elif re.fullmatch(r"\d+", r) and int(r) < len(classes):
+            out.append(int(r))
+        else:
+            raise OnnxmodError(f"class '{r}' is not one of the model's classes: {', '.join(classes)}")
+    return sorted(set(out))
+
+
+def calibration_indices(dataset: Dataset, label_map: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    """Up to ``per_class`` images of each class the model knows, drawn with a fixed seed."""
+    rng = np.random.default_rng(seed)
+    mapped = label_map[dataset.labels]
+    idx = [rng.permutation(np.nonzero(mapped == k)[0])[:per_class] for k in range(int(label_map.max()) + 1)]
+    idx = np.sort(np.concatenate(idx)) if idx else np.zeros(0, dtype=np.int64)
+    return idx
+
+
+# --------------------------------------------------------------------------- modules
+def module_graph(small: onnx.ModelProto, a: float, b: float) -> onnx.ModelProto:
+    """Rename the single-row logits output to `logit` and add `score` = sigmoid(a*logit+b)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(small)
+    g = m.graph
+    old = g.output[0].name
+    _rename_tensor(g, old, LOGIT)
+    g.initializer.extend([helper.make_tensor("__om_platt_a", TensorProto.FLOAT, [], [a]),
+                          helper.make_tensor("__om_platt_b", TensorProto.FLOAT, [], [b])])
+    g.node.extend([
+        helper.make_node("Mul", [LOGIT, "__om_platt_a"], ["__om_platt_ax"], name="__om_platt_mul"),
+        helper.make_node("Add", ["__om_platt_ax", "__om_platt_b"], ["__om_platt_z"], name="__om_platt_add"),
+        helper.make_node("Sigmoid", ["__om_platt_z"], [SCORE], name="__om_platt_sigmoid"),
+    ])
+    g.output.insert(0, helper.make_tensor_value_info(SCORE, TensorProto.FLOAT, None))
+    return graphio.infer_shapes(m)
+
+
+def module_filename(index: int, name: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "class"
+    return f"module_{index:03d}_{safe}.onnx"
+
+
+def _fills(stats: calibrate.ActivationStats, k: int, how: str) -> dict[str, Any]:
+    if how == "zero":
+        return {}
+    if how == "mean":
+        return {t: stats.mean[t][k] for t in stats.mean}
+    return {t: surgery.LinearFill(stats.mean_all[t], stats.cov[t]) for t in stats.cov}
+
+
+def decompose(
+    model_path: str | os.PathLike,
+    calib: str | os.PathLike,
+    out_dir: str | os.PathLike | None = None,
+    classes: Sequence[str] | None = None,
+    settings: DecomposeSettings | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    scale: float | None = None,
+    device: str = "auto",
+    force: bool = False,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Write one module per (selected) class and ``manifest.json`` into ``out_dir``.
+
+    Returns the manifest. Nothing is left behind on error: files are written in a
+    temporary sibling directory renamed into place at the end.
+    """
+    t_start = time.perf_counter()
+    settings = settings or DecomposeSettings()
+    settings.validate()
+    model_path = Path(model_path)
+    out = Path(out_dir) if out_dir is not None else Path.cwd() / f"{model_path.stem}.modules"
+    if out.exists() and not force:
+        raise OnnxmodError(f"{out}: already exists (use --force to replace it)")
+    modelio.load_model(model_path)  # clear error for missing / not-ONNX before reading data
+    dataset = open_dataset(calib, split=settings.split)
+    src = prepare_source(model_path, mean, std, scale, data_classes=dataset.classes)
+    wanted = resolve_classes(classes, src.classes)
+
+    label_map = np.array([src.classes.index(c) if c in src.classes else -1 for c in dataset.classes], dtype=np.int64)
+    if (label_map < 0).all():
+        raise OnnxmodError(f"{calib}: none of the data's classes ({', '.join(dataset.classes[:5])}...) "
+                           f"are classes of {model_path.name}")
+    missing = [src.classes[k] for k in wanted if k not in label_map]
+    if missing:
+        raise OnnxmodError(f"{calib}: has no images of class(es) {', '.join(missing)}")
+    idx = calibration_indices(dataset, label_map, settings.samples_per_class, settings.seed)
+
+    analysis = channels.analyze(src.model, canonical=True)
+    out_group = analysis.output_group()
+    if not out_group.removable:
+        node, op, why = next(((n, o, w) for n, o, w in analysis.unsupported), (src.model.graph.output[0].name, "?", ""))
+        raise UnsupportedOpError(node, op, f"output rows cannot be selected through it ({why})")
+    stats = calibrate.collect_stats(analysis, dataset, label_map, idx, src.input_chw[1:], device,
+                                    settings.batch_size, quiet)
+    temperature = scoring.fit_temperature(stats.logits, stats.labels)
+    selector = Selector(analysis, stats)
+    all_channels = sum(g.size for g in selector.groups)
+
+    parent = out.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=str(parent)))
+    try:
+        modules = []
+        for k in progress(wanted, desc="writing modules", quiet=quiet, unit="module"):
+            keep = selector.keep_for(k, settings.target_macs, settings.strategy)
+            small = surgery.remove_channels(analysis, keep, _fills(stats, k, settings.fill))
+            a, b, nll0, nll1 = scoring.fit_platt(stats.logits[:, k], stats.labels == k)
+            kept_channels = int(sum(keep[g.id].sum() for g in selector.groups))
+            module = module_graph(small, a, b)
+            params, macs = count_params(module), count_macs(module)
+            spec = ModuleSpec(
+                class_name=src.classes[k],
+                class_index=k,
+                source=SourceInfo(src.name, src.sha256, len(src.classes), src.params, src.macs),
+                kept={"param_fraction": params / max(src.params, 1), "flop_fraction": macs / max(src.macs, 1),
+                      "channels": {"kept": kept_channels, "total": all_channels},
+                      "target_macs": settings.target_macs, "strategy": settings.strategy, "fill": settings.fill},
+                calibration=Calibration("platt", a, b, temperature, int(len(stats.labels)), nll0, nll1),
+                preprocess=src.preprocess,
+            )
+            modelio.set_meta(module, spec.to_metadata())
+            module.graph.name = f"{src.name}_{src.classes[k]}"
+            fname = module_filename(k, src.classes[k])
+            modelio.save_model(module, tmp / fname)
+            modules.append({"file": fname, "class_index": k, "class_name": src.classes[k], "params": params,
+                            "macs": macs, "param_fraction": params / max(src.params, 1),
+                            "mac_fraction": macs / max(src.macs, 1),
+                            "calibration": {"platt_a": a, "platt_b": b, "nll_before": nll0, "nll_after": nll1}})
+        manifest = {
+            "format_version": modelio.FORMAT,
+            "source": {"name": src.name, "file": str(model_path), "sha256": src.sha256, "params": src.params,
+                       "macs": src.macs, "classes": src.classes, "preprocess": src.preprocess,
+                       "temperature": temperature},
+            "modules": modules,
+            "settings": {**asdict(settings), "calib": str(calib), "calibration_images": int(len(idx))},
+            "unsupported": [{"node": n, "op": o, "why": w} for n, o, w in analysis.unsupported],
+            "timings": {"calibration_s": stats.seconds, "total_s": time.perf_counter() - t_start},
+        }
+        modelio.write_text_atomic(tmp / "manifest.json", json.dumps(manifest, indent=2))
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    manifest["output"] = str(out)
+    return manifest
+
+
+def _replace_dir(new: Path, dest: Path) -> None:
+    """Move ``new`` to ``dest``; an existing ``dest`` (--force) is swapped out then deleted."""
+    new.chmod(0o755)
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        os.replace(dest, old)
+        os.replace(new, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, dest)
