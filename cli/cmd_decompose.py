@@ -24,17 +24,22 @@ def _floats(value: str | None, name: str) -> list[float] | None:
 @click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Output dir [default: <model stem>.modules].")
 @click.option("--classes", default=None, help="Comma-separated class names or indices (default: all).")
-@click.option("--samples-per-class", default=500, show_default=True, type=int, help="Calibration images per class.")
+@click.option("--samples-per-class", default=1000, show_default=True, type=int, help="Calibration images per class.")
 @click.option("--split", default="train", show_default=True, type=click.Choice(["train", "test"]))
 @click.option("--mean", default=None, help="Source input normalisation mean, e.g. 0.485,0.456,0.406.")
 @click.option("--std", default=None, help="Source input normalisation std.")
 @click.option("--scale", default=None, type=float, help="Multiply [0,1] pixels by this first (255 for 0..255 models).")
 @click.option("--target-macs", default=None, type=float,
-              help="Module MACs as a fraction of the source's (size/accuracy knob).")
+              help="Module MACs as a fraction of the source's: the size/accuracy knob [default: 0.65].")
 @click.option("--strategy", default=None, type=click.Choice(["uniform", "global"]),
               help="Per-layer budget: same kept fraction per layer, or global importance per MAC.")
 @click.option("--fill", default=None, type=click.Choice(["linear", "mean", "zero"]),
               help="What replaces removed channels in the layers that read them.")
+@click.option("--depth-slope", default=None, type=float,
+              help="Uniform budget: how much more late layers keep than early ones (0 = same fraction).")
+@click.option("--channel-multiple", default=None, type=int, help="Round kept channel counts to this multiple.")
+@click.option("--refit-images", default=None, type=int,
+              help="Re-fit each module's class row by least squares on this many calibration images (0: off).")
 @click.option("--batch-size", default=256, show_default=True, type=int)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--force", is_flag=True, help="Replace an existing output dir.")
@@ -42,12 +47,14 @@ def _floats(value: str | None, name: str) -> list[float] | None:
 @json_option
 @quiet_option
 def decompose_cmd(model, calib, out_dir, classes, samples_per_class, split, mean, std, scale, target_macs, strategy,
-                  fill, batch_size, seed, force, device, as_json, quiet):
+                  fill, depth_slope, channel_multiple, refit_images, batch_size, seed, force, device, as_json, quiet):
     """Cut MODEL into one physically smaller module per class."""
     from onnxmod.decompose import DecomposeSettings, decompose
 
     settings = DecomposeSettings(samples_per_class=samples_per_class, split=split, batch_size=batch_size, seed=seed)
-    for name, value in (("target_macs", target_macs), ("strategy", strategy), ("fill", fill)):
+    knobs = {"target_macs": target_macs, "strategy": strategy, "fill": fill, "depth_slope": depth_slope,
+             "channel_multiple": channel_multiple, "refit_images": refit_images}
+    for name, value in knobs.items():
         if value is not None:
             setattr(settings, name, value)
     manifest = decompose(

@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from onnxmod import calibrate, channels, graphio, modelio, scoring, surgery
+from onnxmod import calibrate, channels, graphio, modelio, runtime, scoring, surgery
 from onnxmod.cost import count_macs, count_params
 from onnxmod.data import Dataset, open_dataset
 from onnxmod.errors import OnnxmodError, UnsupportedOpError
@@ -41,7 +41,10 @@ class DecomposeSettings:
     target_macs: float = 0.65  # module MACs as a fraction of the source's
     strategy: str = "uniform"  # per-layer budget: "uniform" fraction per group, or "global"
     fill: str = "linear"  # removed channels: least-squares estimate, class mean, or 0
-    samples_per_class: int = 500
+    depth_slope: float = 0.4  # uniform budget: late layers keep (1 + slope/2)x, early (1 - slope/2)x
+    channel_multiple: int = 8  # kept channel counts rounded to this (ORT's fast conv kernels want 8)
+    refit_images: int = 500  # re-fit the class row by least squares on this many calibration images (0: off)
+    samples_per_class: int = 1000
     split: str = "train"
     batch_size: int = 256
     seed: int = 0
@@ -53,6 +56,8 @@ class DecomposeSettings:
             raise OnnxmodError(f"--strategy must be one of {', '.join(STRATEGIES)}")
         if self.fill not in FILLS:
             raise OnnxmodError(f"--fill must be one of {', '.join(FILLS)}")
+        if self.refit_images < 0:
+            raise OnnxmodError(f"--refit-images must be >= 0, got {self.refit_images}")
         if self.samples_per_class < 1:
             raise OnnxmodError(f"--samples-per-class must be >= 1, got {self.samples_per_class}")
 
@@ -216,6 +221,58 @@ def module_graph(small: onnx.ModelProto, a: float, b: float) -> onnx.ModelProto:
     return graphio.infer_shapes(m)
 
 
+def refit_output_row(
+    small: onnx.ModelProto, x: np.ndarray, target: np.ndarray, weight: np.ndarray, device: str = "auto",
+    ridge: float = 1e-2,
+) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """Least-squares re-fit of the single output row of a module's final Gemm.
+
+    The channels removed upstream shift the features the classifier row sees;
+    re-fitting ``w, b`` so that ``w . f + b`` matches the source's logit (weighted
+    towards the images where the class is contested) undoes most of that drift
+    without training. Returns the model (unchanged when the last op is not a
+    Gemm over ``[N, F]``) and a report.
+    """
+    g = small.graph
+    out = g.output[0].name
+    node = next((n for n in g.node if out in n.output), None)
+    inits = {i.name: i for i in g.initializer}
+    if node is None or node.op_type != "Gemm" or node.input[1] not in inits:
+        return small, {"refit": False, "why": "output is not produced by a Gemm"}
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if attrs.get("transA", 0):
+        return small, {"refit": False, "why": "Gemm with transA"}
+    feat = node.input[0]
+    sess = runtime.make_session(graphio.add_outputs(small, [feat]), device=device, name="module")
+    f, before = runtime.run(sess, x, [feat, out])
+    a = np.c_[f.astype(np.float64), np.ones(len(f))] * np.sqrt(weight)[:, None]
+    t = target.astype(np.float64) * np.sqrt(weight)
+    lam = ridge * np.trace(a.T @ a) / a.shape[1]
+    coef = np.linalg.solve(a.T @ a + lam * np.eye(a.shape[1]), a.T @ t)
+    w, b = coef[:-1].astype(np.float32), np.float32(coef[-1])
+    m = onnx.ModelProto()
+    m.CopyFrom(small)
+    mg = m.graph
+    mnode = next(n for n in mg.node if out in n.output)
+    bshape = [1, w.size] if attrs.get("transB", 0) else [w.size, 1]
+    for name in (f"{mnode.name}__refit_B", f"{mnode.name}__refit_C"):
+        assert name not in inits
+    mg.initializer.extend([onnx.numpy_helper.from_array(w.reshape(bshape), f"{mnode.name}__refit_B"),
+                           onnx.numpy_helper.from_array(np.array([b], np.float32), f"{mnode.name}__refit_C")])
+    del mnode.input[1:]
+    mnode.input.extend([f"{mnode.name}__refit_B", f"{mnode.name}__refit_C"])
+    for att in mnode.attribute:
+        if att.name in ("alpha", "beta"):
+            att.f = 1.0
+    unused = {i.name for i in mg.initializer} - {i for n in mg.node for i in n.input}
+    kept_inits = [i for i in mg.initializer if i.name not in unused]
+    del mg.initializer[:]
+    mg.initializer.extend(kept_inits)
+    err = lambda pred: float(np.sqrt(np.average((pred - target) ** 2, weights=weight)))  # noqa: E731
+    after = np.c_[f, np.ones(len(f))] @ coef
+    return m, {"refit": True, "images": int(len(x)), "rmse_before": err(before[:, 0]), "rmse_after": err(after)}
+
+
 def module_filename(index: int, name: str) -> str:
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "class"
     return f"module_{index:03d}_{safe}.onnx"
@@ -277,6 +334,11 @@ def decompose(
                                     settings.batch_size, quiet)
     temperature = scoring.fit_temperature(stats.logits, stats.labels)
     selector = Selector(analysis, stats)
+    refit_pos = _refit_positions(stats.labels, settings.refit_images, settings.seed)
+    refit_x = (np.concatenate([x for x, _ in dataset.iter_batches(settings.batch_size, size=src.input_chw[1:],
+                                                                   indices=idx[refit_pos])])
+               if refit_pos.size else None)
+    refit_relevant = calibrate.relevance(stats.logits[refit_pos], stats.labels[refit_pos])
     all_channels = sum(g.size for g in selector.groups)
 
     parent = out.resolve().parent
@@ -285,8 +347,13 @@ def decompose(
     try:
         modules = []
         for k in progress(wanted, desc="writing modules", quiet=quiet, unit="module"):
-            keep = selector.keep_for(k, settings.target_macs, settings.strategy)
+            keep = selector.keep_for(k, settings.target_macs, settings.strategy, settings.depth_slope,
+                                     multiple=settings.channel_multiple)
             small = surgery.remove_channels(analysis, keep, _fills(stats, k, settings.fill))
+            refit = {"refit": False, "why": "disabled"}
+            if refit_x is not None and settings.target_macs < 1.0:
+                small, refit = refit_output_row(small, refit_x, stats.logits[refit_pos, k],
+                                                1.0 + 4.0 * refit_relevant[:, k], device)
             a, b, nll0, nll1 = scoring.fit_platt(stats.logits[:, k], stats.labels == k)
             kept_channels = int(sum(keep[g.id].sum() for g in selector.groups))
             module = module_graph(small, a, b)
@@ -308,7 +375,8 @@ def decompose(
             modules.append({"file": fname, "class_index": k, "class_name": src.classes[k], "params": params,
                             "macs": macs, "param_fraction": params / max(src.params, 1),
                             "mac_fraction": macs / max(src.macs, 1),
-                            "calibration": {"platt_a": a, "platt_b": b, "nll_before": nll0, "nll_after": nll1}})
+                            "calibration": {"platt_a": a, "platt_b": b, "nll_before": nll0, "nll_after": nll1},
+                            "refit": refit})
         manifest = {
             "format_version": modelio.FORMAT,
             "source": {"name": src.name, "file": str(model_path), "sha256": src.sha256, "params": src.params,
@@ -326,6 +394,17 @@ def decompose(
         raise
     manifest["output"] = str(out)
     return manifest
+
+
+def _refit_positions(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Positions (into the calibration order) of ``n`` images, balanced over classes."""
+    if n <= 0 or labels.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    rng = np.random.default_rng(seed + 1)
+    classes = np.unique(labels)
+    per = max(1, n // len(classes))
+    pos = [rng.permutation(np.nonzero(labels == c)[0])[:per] for c in classes]
+    return np.sort(np.concatenate(pos))
 
 
 def _replace_dir(new: Path, dest: Path) -> None:

@@ -1,7 +1,8 @@
 """Accuracy of models on labelled data (``onnxmod eval``).
 
-:func:`evaluate` dispatches on the model kind (``onnxmod.kind`` metadata); only source
-models are supported here so far. Classes are matched to the data's classes by name.
+:func:`evaluate` dispatches on the model kind (``onnxmod.kind`` metadata): source and
+composed models get top-1/top-5/per-class recall (classes matched to the data's classes
+by name), modules binary accuracy and AUC of their ``score`` for their class.
 """
 
 from __future__ import annotations
@@ -86,8 +87,13 @@ def evaluate_source(
     quiet: bool = False,
     split: str = "test",
     name: str | None = None,
+    kind: str = "source",
+    output: str | None = None,
 ) -> dict[str, Any]:
     """Top-1 / top-5 / per-class recall of a source classifier (logits ``[N, K]``).
+
+    Also used for composed models (``kind="composed"``, ``output="probs"``): any
+    ``[N, K]`` output whose argmax is the predicted class.
 
     Result keys (DESIGN.md): model, kind, n, top1, top5 (None when K < 5), per_class
     {name: recall}; plus skipped (images of data classes the model lacks), skipped_classes,
@@ -132,7 +138,10 @@ def evaluate_source(
     if fixed_batch is not None:  # graphs exported with a fixed batch size only take that many
         batch_size = fixed_batch
     sess = runtime.make_session(model, device=device, name=label)
-    out_name = sess.get_outputs()[0].name
+    out_names = [o.name for o in sess.get_outputs()]
+    if output is not None and output not in out_names:
+        raise OnnxmodError(f"{label}: no output '{output}' (outputs: {', '.join(out_names)})")
+    out_name = output or out_names[0]
     n_cls = len(ds.classes)
     correct1 = np.zeros(n_cls, np.int64)
     correct5 = np.zeros(n_cls, np.int64)
@@ -168,7 +177,7 @@ def evaluate_source(
     per_class_n = {ds.classes[d]: int(support[d]) for d in range(n_cls) if support[d] > 0}
     return {
         "model": label,
-        "kind": "source",
+        "kind": kind,
         "n": n,
         "top1": float(correct1.sum() / n),
         "top5": float(correct5.sum() / n) if (k_seen or 0) >= 5 else None,
@@ -183,7 +192,86 @@ def evaluate_source(
     }
 
 
-EVALUATORS = {"source": evaluate_source}
+def evaluate_composed(model_path_or_proto: ModelArg, dataset: Dataset | str | os.PathLike, **kw: Any) -> dict[str, Any]:
+    """Top-1 / top-5 / per-class recall of a composed model (its ``probs`` output).
+
+    Classes are matched to the data's by name; images of data classes the model lacks
+    are skipped and counted (``skipped``, ``skipped_classes``).
+    """
+    return evaluate_source(model_path_or_proto, dataset, kind="composed", output="probs", **kw)
+
+
+def evaluate_module(
+    model_path_or_proto: ModelArg,
+    dataset: Dataset | str | os.PathLike,
+    device: str = "auto",
+    batch_size: int = 256,
+    limit: int | None = None,
+    quiet: bool = False,
+    split: str = "test",
+    name: str | None = None,
+    threshold: float = 0.5,
+) -> dict[str, Any]:
+    """One-vs-rest quality of a module: ``score >= threshold`` against ``label == class``.
+
+    The module's class is found in the data's classes by name (OnnxmodError when the
+    data lacks it). Result: model, kind ("module"), n, binary_accuracy, auc (None when
+    the data has only one of positives/negatives), class_name, positives, negatives,
+    true_positive_rate, true_negative_rate, threshold, data, device.
+    """
+    from onnxmod.modulespec import SCORE, ModuleSpec
+    from onnxmod.scoring import binary_auc
+
+    model, label = _load(model_path_or_proto)
+    label = name or label
+    spec = ModuleSpec.from_model(model, label)
+    ds = dataset if isinstance(dataset, Dataset) else open_dataset(dataset, split)
+    if spec.class_name not in ds.classes:
+        raise OnnxmodError(f"{ds.path}: has no class '{spec.class_name}' (the module's class); "
+                           f"data classes: {', '.join(ds.classes[:10])}{'...' if len(ds.classes) > 10 else ''}")
+    target = ds.classes.index(spec.class_name)
+    c, h, w = input_chw(model)
+    size = (h, w) if h is not None and w is not None else None
+    idx = ds.select(limit)
+    if len(idx) == 0:
+        raise OnnxmodError(f"{ds.path}: no images to evaluate")
+    fixed_batch = _fixed_batch(model)
+    if fixed_batch is not None:
+        batch_size = fixed_batch
+    sess = runtime.make_session(model, device=device, name=label)
+    scores, positives = [], []
+    bar = progress(total=len(idx), desc="eval", quiet=quiet, unit="img")
+    try:
+        for x, y in ds.iter_batches(batch_size=batch_size, size=size, indices=idx):
+            x = _adapt_channels(x, c, ds.path)
+            (s,) = runtime.run(sess, x, [SCORE])
+            scores.append(np.asarray(s, dtype=np.float64).reshape(len(y), -1)[:, 0])
+            positives.append(y == target)
+            bar.update(len(y))
+    finally:
+        bar.close()
+    s = np.concatenate(scores)
+    pos = np.concatenate(positives)
+    pred = s >= threshold
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    return {
+        "model": label,
+        "kind": "module",
+        "n": int(len(s)),
+        "binary_accuracy": float((pred == pos).mean()),
+        "auc": binary_auc(s, pos),
+        "class_name": spec.class_name,
+        "positives": n_pos,
+        "negatives": n_neg,
+        "true_positive_rate": float(pred[pos].mean()) if n_pos else None,
+        "true_negative_rate": float((~pred[~pos]).mean()) if n_neg else None,
+        "threshold": threshold,
+        "data": str(ds.path),
+        "device": runtime.session_device(sess),
+    }
+
+
+EVALUATORS = {"source": evaluate_source, "composed": evaluate_composed, "module": evaluate_module}
 
 
 def evaluate(

@@ -1,0 +1,673 @@
+"""Composition: several modules (any mix of sources) -> one classifier graph.
+
+:func:`compose` builds ONE ONNX graph with input ``input`` ``[N, C, H, W]`` and outputs
+``probs`` ``[N, K]`` and ``label`` ``[N]`` (int64). Class order = argument order.
+
+How the graph is built:
+
+1. every module is checked (:meth:`ModuleSpec.from_model`), converted to the highest
+   default-domain opset among them (``onnx.version_converter``), and every node,
+   tensor and initializer name is prefixed with ``m{i}__`` (the shared graph input
+   ``input`` is not);
+2. identical computation is merged: initializers with equal dtype, shape and bytes
+   are one tensor, and, walking the nodes in topological order, a node whose op,
+   domain, attributes and (already merged) inputs equal an earlier node's is dropped
+   and its outputs alias the earlier node's. One topological pass reaches the
+   fixpoint, so shared prefixes (the baked preprocessing, early layers a module kept
+   whole) are computed once;
+3. the head. Score scale rule (see :mod:`onnxmod.modulespec`):
+
+   * all modules from one source (same source sha256): ``probs = softmax(concat(logit_i))``
+     — exactly how the source compares its classes;
+   * several sources: ``probs = softmax(logit_i / T_i)``, ``T_i`` the temperature of module
+     i's source (``calibration.temperature``) — calibrated, comparable scales.
+
+   ``label = ArgMax`` of the (scaled) concatenated logits.
+
+Class names must be unique. The same class name from two different sources is an
+error unless ``rename=True``, which renames each colliding class to
+``name@source_name`` (``name@source_name-<sha8>`` when two sources share a name).
+Two modules of the same class name from the same source are always an error, and
+so is the same module given twice.
+
+Modules with different input sizes: the composed input takes the size of the
+modules whose ``preprocess`` does not say ``"resizable": true`` (they must all agree;
+if all are resizable, the largest); a resizable module of another size gets a
+``Resize`` (linear) of the composed input. Otherwise it is an error naming both
+modules and their shapes; different channel counts are always an error.
+
+Metadata of the composed model: ``onnxmod.kind`` = ``composed``, ``onnxmod.classes``
+(list of {name, class_name, source_sha256, source_name, class_index, module_sha256}),
+``onnxmod.compose`` (rule, temperatures, MACs/params/nodes of the composed graph and
+the sums over the modules), ``onnxmod.members`` (per class: the module's own
+metadata, its logit tensor in the composed graph, its input tensor and shape), and
+``onnxmod.preprocess`` ({in_graph: true, input_size}). :func:`extract_modules` uses
+``onnxmod.members`` to rebuild every member module from a composed model, which is
+how :func:`replace` works on composed models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxmod import graphio, modelio
+from onnxmod.cost import count_macs, count_params
+from onnxmod.errors import OnnxmodError
+from onnxmod.modulespec import LOGIT, SCORE, ModuleSpec
+
+COMPOSE = "onnxmod.compose"
+MEMBERS = "onnxmod.members"
+INPUT = "input"
+PROBS = "probs"
+LABEL = "label"
+RULE_SAME = "softmax(logits)"
+RULE_TEMPERATURE = "softmax(logit_i / T_i)"
+DEFAULT_DOMAINS = ("", "ai.onnx")
+_NO_DEDUP_PREFIXES = ("Random", "Multinomial", "Bernoulli", "Dropout")
+
+ModuleArg = onnx.ModelProto | str | os.PathLike
+
+
+@dataclass
+class Member:
+    model: onnx.ModelProto
+    spec: ModuleSpec
+    where: str  # how errors call it (path or "module #i")
+    sha256: str  # of the serialized module
+    path: Path | None
+    chw: tuple[int, int, int]
+    batch_param: str | None
+
+
+# --------------------------------------------------------------------------- loading
+def _input_info(model: onnx.ModelProto, where: str) -> tuple[tuple[int, int, int], str | None]:
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    if len(inputs) != 1 or inputs[0].name != INPUT:
+        raise OnnxmodError(f"{where}: a module must have exactly one input named '{INPUT}', "
+                           f"got {[i.name for i in inputs]}")
+    dims = inputs[0].type.tensor_type.shape.dim
+    vals = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    if len(vals) != 4:
+        raise OnnxmodError(f"{where}: input '{INPUT}' must be [N, C, H, W], got rank {len(vals)}")
+    chw = vals[1:]
+    pre = modelio.get_meta(model, modelio.PREPROCESS) or {}
+    size = pre.get("input_size") if isinstance(pre, dict) else None
+    if (chw[1] is None or chw[2] is None) and isinstance(size, list) and len(size) == 2:
+        chw[1], chw[2] = int(size[0]), int(size[1])
+    if None in chw:
+        raise OnnxmodError(f"{where}: input '{INPUT}' needs static C, H, W, got {vals}")
+    batch = dims[0].dim_param if dims[0].HasField("dim_param") else None
+    return (int(chw[0]), int(chw[1]), int(chw[2])), batch
+
+
+def load_member(module: ModuleArg, where: str | None = None) -> Member:
+    """Load and check one module (path or ModelProto)."""
+    if isinstance(module, onnx.ModelProto):
+        model, path = module, None
+        where = where or (module.graph.name or "<module>")
+    else:
+        path = Path(module)
+        where = where or str(path)
+        model = modelio.load_model(path)
+    spec = ModuleSpec.from_model(model, where)
+    outs = [o.name for o in model.graph.output]
+    if LOGIT not in outs:
+        raise OnnxmodError(f"{where}: module has no '{LOGIT}' output (outputs: {outs})")
+    chw, batch = _input_info(model, where)
+    return Member(model, spec, where, modelio.model_sha256(model), path, chw, batch)
+
+
+def module_files(directory: str | os.PathLike) -> list[Path]:
+    """The module files of a ``decompose`` output dir, in manifest order (else sorted)."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise OnnxmodError(f"{d}: no such directory")
+    manifest = d / "manifest.json"
+    if manifest.is_file():
+        try:
+            entries = json.loads(manifest.read_text())["modules"]
+            files = [d / e["file"] for e in entries]
+        except (ValueError, KeyError, TypeError) as e:
+            raise OnnxmodError(f"{manifest}: broken manifest ({type(e).__name__}: {e})") from None
+        for f in files:
+            if not f.is_file():
+                raise OnnxmodError(f"{f}: listed in {manifest.name} but missing")
+    else:
+        files = sorted(d.glob("module_*.onnx"))
+    if not files:
+        raise OnnxmodError(f"{d}: holds no module_*.onnx files")
+    return files
+
+
+def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Module files and module dirs (all their modules, manifest order) -> module files."""
+    out: list[Path] = []
+    for i in inputs:
+        p = Path(i)
+        if p.is_dir():
+            out.extend(module_files(p))
+        elif not p.exists():
+            raise OnnxmodError(f"{p}: no such file")
+        else:
+            out.append(p)
+    return out
+
+
+# --------------------------------------------------------------------------- naming
+def _class_names(members: list[Member], rename: bool, names: Sequence[str] | None) -> list[str]:
+    if names is not None:
+        names = [str(n) for n in names]
+        if len(names) != len(members):
+            raise OnnxmodError(f"{len(names)} names given for {len(members)} modules")
+        dup = next((n for n in names if names.count(n) > 1), None)
+        if dup is not None:
+            raise OnnxmodError(f"class name '{dup}' given twice")
+        return names
+    by_name: dict[str, list[int]] = {}
+    for i, m in enumerate(members):
+        by_name.setdefault(m.spec.class_name, []).append(i)
+    out = [m.spec.class_name for m in members]
+    for name, idx in by_name.items():
+        if len(idx) < 2:
+            continue
+        shas = [members[i].spec.source.sha256 for i in idx]
+        for a in range(len(idx)):
+            for b in range(a + 1, len(idx)):
+                if shas[a] == shas[b]:
+                    raise OnnxmodError(
+                        f"class '{name}' twice from the same source {members[idx[a]].spec.source.name}: "
+                        f"{members[idx[a]].where} and {members[idx[b]].where}")
+        if not rename:
+            raise OnnxmodError(
+                f"class '{name}' comes from two sources: {members[idx[0]].where} "
+                f"({members[idx[0]].spec.source.name}) and {members[idx[1]].where} "
+                f"({members[idx[1]].spec.source.name}); use --rename to call them name@source")
+        src_names = [members[i].spec.source.name for i in idx]
+        for i in idx:
+            s = members[i].spec.source
+            out[i] = f"{name}@{s.name}" if src_names.count(s.name) == 1 else f"{name}@{s.name}-{s.sha256[:8]}"
+    dup = next((n for n in out if out.count(n) > 1), None)
+    if dup is not None:
+        raise OnnxmodError(f"class name '{dup}' would appear twice after renaming")
+    return out
+
+
+# --------------------------------------------------------------------------- graph helpers
+def _default_opset(model: onnx.ModelProto) -> int:
+    return graphio.opset_version(model)
+
+
+def _convert(model: onnx.ModelProto, target: int, where: str) -> onnx.ModelProto:
+    if _default_opset(model) == target:
+        return model
+    from onnx import version_converter
+
+    try:
+        out = version_converter.convert_version(model, target)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise OnnxmodError(f"{where}: cannot convert from opset {_default_opset(model)} to {target}: {first}") from None
+    return out
+
+
+def _rename_graph(graph: onnx.GraphProto, fn) -> None:
+    """Apply ``fn`` to every tensor name (and node name) in ``graph`` and its subgraphs."""
+    for n in graph.node:
+        n.input[:] = [fn(x) if x else x for x in n.input]
+        n.output[:] = [fn(x) if x else x for x in n.output]
+        if n.name:
+            n.name = fn(n.name)
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                _rename_graph(a.g, fn)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    _rename_graph(g, fn)
+    for t in graph.initializer:
+        t.name = fn(t.name)
+    for v in list(graph.input) + list(graph.output) + list(graph.value_info):
+        v.name = fn(v.name)
+
+
+def _tensor_key(t: onnx.TensorProto) -> tuple:
+    arr = numpy_helper.to_array(t)
+    return ("T", int(t.data_type), tuple(int(d) for d in t.dims), hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest())
+
+
+def _attr_key(a: onnx.AttributeProto) -> tuple:
+    if a.type == onnx.AttributeProto.TENSOR:
+        return (a.name, _tensor_key(a.t))
+    c = onnx.AttributeProto()
+    c.CopyFrom(a)
+    c.ClearField("doc_string")
+    return (a.name, c.SerializeToString(deterministic=True))
+
+
+def _dedup(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], keep: set[str]) -> tuple[
+        list[onnx.NodeProto], list[onnx.TensorProto], dict[str, str]]:
+    """Merge identical initializers and nodes (``nodes`` in topological order).
+
+    Returns (nodes, initializers, alias) where ``alias`` maps every dropped tensor name
+    to the tensor that now carries its value.
+    """
+    alias: dict[str, str] = {}
+    seen_init: dict[tuple, str] = {}
+    out_inits = []
+    for t in inits:
+        k = _tensor_key(t)
+        if k in seen_init:
+            alias[t.name] = seen_init[k]
+        else:
+            seen_init[k] = t.name
+            out_inits.append(t)
+    seen_node: dict[tuple, list[str]] = {}
+    out_nodes = []
+    for n in nodes:
+        n.input[:] = [alias.get(x, x) for x in n.input]
+        if n.op_type.startswith(_NO_DEDUP_PREFIXES) or any(o in keep for o in n.output):
+            out_nodes.append(n)
+            continue
+        key = (n.domain or "", n.op_type, tuple(n.input), tuple(bool(o) for o in n.output),
+               tuple(sorted(_attr_key(a) for a in n.attribute)))
+        if key in seen_node:
+            for o, prev in zip(n.output, seen_node[key]):
+                if o:
+                    alias[o] = prev
+            continue
+        seen_node[key] = list(n.output)
+        out_nodes.append(n)
+    return out_nodes, out_inits, alias
+
+
+def _prune(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], outputs: Sequence[str]) -> tuple[
+        list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Drop nodes and initializers the outputs don't need."""
+    need = set(outputs)
+    kept = []
+    for n in reversed(nodes):
+        if any(o in need for o in n.output):
+            kept.append(n)
+            need.update(x for x in n.input if x)
+            need.update(_subgraph_refs(n))
+    kept.reverse()
+    return kept, [t for t in inits if t.name in need]
+
+
+def _subgraph_refs(n: onnx.NodeProto) -> set[str]:
+    refs: set[str] = set()
+    for a in n.attribute:
+        gs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []
+        for g in gs:
+            for sn in g.node:
+                refs.update(x for x in sn.input if x)
+                refs.update(_subgraph_refs(sn))
+    return refs
+
+
+def _choose_size(members: list[Member]) -> tuple[int, int]:
+    def resizable(m: Member) -> bool:
+        return bool(isinstance(m.spec.preprocess, dict) and m.spec.preprocess.get("resizable"))
+
+    c0 = members[0]
+    for m in members[1:]:
+        if m.chw[0] != c0.chw[0]:
+            raise OnnxmodError(f"input channels differ: {c0.where} takes {list(c0.chw)} but {m.where} takes "
+                               f"{list(m.chw)}")
+    fixed = [m for m in members if not resizable(m)]
+    for m in fixed[1:]:
+        if m.chw[1:] != fixed[0].chw[1:]:
+            raise OnnxmodError(f"input sizes differ: {fixed[0].where} takes {list(fixed[0].chw)} but {m.where} "
+                               f"takes {list(m.chw)} (neither module's preprocess says resizable)")
+    if fixed:
+        return fixed[0].chw[1], fixed[0].chw[2]
+    big = max(members, key=lambda m: m.chw[1] * m.chw[2])
+    return big.chw[1], big.chw[2]
+
+
+def _resize_nodes(i: int, hw: tuple[int, int]) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], str]:
+    """Resize (linear) of the composed input to ``hw``; returns nodes, initializers, output name."""
+    p = f"m{i}__resize_"
+    inits = [
+        helper.make_tensor(p + "starts", TensorProto.INT64, [1], [0]),
+        helper.make_tensor(p + "ends", TensorProto.INT64, [1], [2]),
+        helper.make_tensor(p + "hw", TensorProto.INT64, [2], [int(hw[0]), int(hw[1])]),
+    ]
+    out = p + "out"
+    nodes = [
+        helper.make_node("Shape", [INPUT], [p + "shape"], name=p + "shape"),
+        helper.make_node("Slice", [p + "shape", p + "starts", p + "ends"], [p + "nc"], name=p + "slice"),
+        helper.make_node("Concat", [p + "nc", p + "hw"], [p + "sizes"], name=p + "concat", axis=0),
+        helper.make_node("Resize", [INPUT, "", "", p + "sizes"], [out], name=p + "resize", mode="linear"),
+    ]
+    return nodes, inits, out
+
+
+# --------------------------------------------------------------------------- compose
+def compose(
+    modules: Sequence[ModuleArg],
+    rename: bool = False,
+    names: Sequence[str] | None = None,
+    wheres: Sequence[str] | None = None,
+) -> onnx.ModelProto:
+    """One classifier over the union of the modules' classes (class order = argument order).
+
+    ``modules``: module ModelProtos and/or paths. ``rename``: call classes whose name
+    comes from several sources ``name@source_name``. ``names``: explicit output class
+    names (overrides both). ``wheres``: how error messages call each module.
+    Raises OnnxmodError for non-modules, the same module twice, duplicate class names,
+    input channel/size mismatches. The result passes the full ONNX checker.
+    """
+    if not modules:
+        raise OnnxmodError("compose needs at least one module")
+    members = [load_member(m, wheres[i] if wheres else None) for i, m in enumerate(modules)]
+    return _compose_members(members, rename, names)
+
+
+def _compose_members(members: list[Member], rename: bool, names: Sequence[str] | None) -> onnx.ModelProto:
+    seen: dict[str, Member] = {}
+    for m in members:
+        if m.sha256 in seen:
+            raise OnnxmodError(f"the same module is given twice: {seen[m.sha256].where} and {m.where}")
+        seen[m.sha256] = m
+    out_names = _class_names(members, rename, names)
+    c = members[0].chw[0]
+    h, w = _choose_size(members)
+    target = max(_default_opset(m.model) for m in members)
+    ir = max(int(m.model.ir_version) for m in members)
+    other_opsets: dict[str, int] = {}
+
+    nodes: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+    logits: list[str] = []
+    member_inputs: list[str] = []
+    module_macs, module_params, module_nodes = [], [], []
+    for i, m in enumerate(members):
+        module_macs.append(count_macs(m.model, strict=False))
+        module_params.append(count_params(m.model))
+        module_nodes.append(len(m.model.graph.node))
+        g = _convert(m.model, target, m.where).graph
+        for o in m.model.opset_import:
+            if o.domain not in DEFAULT_DOMAINS:
+                other_opsets[o.domain] = max(other_opsets.get(o.domain, 0), int(o.version))
+        gc = onnx.GraphProto()
+        gc.CopyFrom(g)
+        src_input = INPUT
+        if m.chw[1:] != (h, w):
+            r_nodes, r_inits, src_input = _resize_nodes(i, m.chw[1:])
+            nodes.extend(r_nodes)
+            inits.extend(r_inits)
+        prefix = f"m{i}__"
+        _rename_graph(gc, lambda s, p=prefix, si=src_input: si if s == INPUT else p + s)
+        inits.extend(gc.initializer)
+        nodes.extend(gc.node)
+        logits.append(prefix + LOGIT)
+        member_inputs.append(src_input)
+
+    nodes, inits, alias = _dedup(nodes, inits, keep=set())
+    logits = [alias.get(t, t) for t in logits]
+
+    same_source = len({m.spec.source.sha256 for m in members}) == 1
+    temps = [1.0 if same_source else float(m.spec.calibration.temperature) for m in members]
+    if not same_source and any(not (t > 0 and np.isfinite(t)) for t in temps):
+        bad = next(m for m, t in zip(members, temps) if not (t > 0 and np.isfinite(t)))
+        raise OnnxmodError(f"{bad.where}: calibration temperature must be > 0, got {bad.spec.calibration.temperature}")
+    k = len(members)
+    head_inits = []
+    head = [helper.make_node("Concat", logits, ["compose__logits"], name="compose__concat", axis=1)]
+    scaled = "compose__logits"
+    if not same_source:
+        head_inits.append(helper.make_tensor("compose__temperature", TensorProto.FLOAT, [1, k], temps))
+        head.append(helper.make_node("Div", ["compose__logits", "compose__temperature"], ["compose__scaled"],
+                                     name="compose__scale"))
+        scaled = "compose__scaled"
+    head.append(helper.make_node("Softmax", [scaled], [PROBS], name="compose__softmax", axis=1))
+    head.append(helper.make_node("ArgMax", [scaled], [LABEL], name="compose__argmax", axis=1, keepdims=0))
+    nodes = nodes + head
+    inits = inits + head_inits
+    nodes, inits = _prune(nodes, inits, [PROBS, LABEL])
+
+    batch = members[0].batch_param or "N"
+    graph = helper.make_graph(
+        nodes, "composed",
+        [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, [batch, c, h, w])],
+        [helper.make_tensor_value_info(PROBS, TensorProto.FLOAT, [batch, k]),
+         helper.make_tensor_value_info(LABEL, TensorProto.INT64, [batch])],
+        initializer=inits,
+    )
+    opsets = [helper.make_opsetid("", target)] + [helper.make_opsetid(d, v) for d, v in sorted(other_opsets.items())]
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="onnxmod")
+    model.ir_version = ir
+    model = graphio.infer_shapes(model)
+
+    macs = count_macs(model, strict=False)
+    classes = [{"name": n, "class_name": m.spec.class_name, "source_sha256": m.spec.source.sha256,
+                "source_name": m.spec.source.name, "class_index": m.spec.class_index, "module_sha256": m.sha256}
+               for n, m in zip(out_names, members)]
+    members_meta = [{"metadata": {p.key: p.value for p in m.model.metadata_props},
+                     "graph_name": m.model.graph.name,
+                     "logit": lg, "input": mi, "input_shape": list(m.chw), "batch": m.batch_param or "N",
+                     "opset": _default_opset(m.model)}
+                    for m, lg, mi in zip(members, logits, member_inputs)]
+    info = {
+        "rule": RULE_SAME if same_source else RULE_TEMPERATURE,
+        "temperatures": temps,
+        "rename": bool(rename),
+        "opset": target,
+        "macs": macs,
+        "module_macs": module_macs,
+        "module_macs_sum": int(sum(module_macs)),
+        "params": count_params(model),
+        "module_params_sum": int(sum(module_params)),
+        "nodes": len(model.graph.node),
+        "module_nodes_sum": int(sum(module_nodes)),
+        "resized": [m.where for m, mi in zip(members, member_inputs) if mi != INPUT],
+    }
+    modelio.set_meta(model, {
+        modelio.KIND: "composed",
+        modelio.CLASSES: classes,
+        modelio.PREPROCESS: {"in_graph": True, "input_size": [h, w]},
+        COMPOSE: info,
+        MEMBERS: members_meta,
+        modelio.FORMAT_VERSION: modelio.FORMAT,
+    })
+    modelio.check_model(model, "composed model")
+    return model
+
+
+def compose_info(model: onnx.ModelProto) -> dict[str, Any]:
+    """The ``onnxmod.compose`` record of a composed model (rule, MACs vs module MACs...), plus sources."""
+    info = dict(modelio.get_meta(model, COMPOSE) or {})
+    classes = modelio.get_meta(model, modelio.CLASSES) or []
+    sources: dict[str, dict[str, Any]] = {}
+    for c in classes:
+        if isinstance(c, dict):
+            s = sources.setdefault(c.get("source_sha256", "?"), {"name": c.get("source_name"),
+                                                                   "sha256": c.get("source_sha256"), "classes": []})
+            s["classes"].append(c.get("name"))
+    info["sources"] = list(sources.values())
+    return info
+
+
+# --------------------------------------------------------------------------- extract / replace
+def _platt_tail(a: float, b: float) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    inits = [helper.make_tensor("__om_platt_a", TensorProto.FLOAT, [], [a]),
+             helper.make_tensor("__om_platt_b", TensorProto.FLOAT, [], [b])]
+    nodes = [
+        helper.make_node("Mul", [LOGIT, "__om_platt_a"], ["__om_platt_ax"], name="__om_platt_mul"),
+        helper.make_node("Add", ["__om_platt_ax", "__om_platt_b"], ["__om_platt_z"], name="__om_platt_add"),
+        helper.make_node("Sigmoid", ["__om_platt_z"], [SCORE], name="__om_platt_sigmoid"),
+    ]
+    return nodes, inits
+
+
+def extract_modules(composed: onnx.ModelProto | str | os.PathLike) -> list[onnx.ModelProto]:
+    """Rebuild every member module of a composed model (output order), metadata included.
+
+    Each module is the part of the composed graph its ``logit`` depends on, from the
+    member's own input (the composed ``input`` or its Resize) on; ``score`` is rebuilt
+    from the recorded Platt calibration, as decompose builds it.
+    """
+    model = composed if isinstance(composed, onnx.ModelProto) else modelio.load_model(composed)
+    where = model.graph.name if isinstance(composed, onnx.ModelProto) else str(composed)
+    if modelio.model_kind(model) != "composed":
+        raise OnnxmodError(f"{where}: is a {modelio.model_kind(model)} model, not a composed model")
+    members = modelio.get_meta(model, MEMBERS)
+    if not isinstance(members, list) or not members:
+        raise OnnxmodError(f"{where}: composed model without onnxmod.members metadata; cannot extract its modules")
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output if o}
+    init_by_name = {t.name: t for t in g.initializer}
+    order = {id(n): i for i, n in enumerate(g.node)}
+    out = []
+    for j, mm in enumerate(members):
+        try:
+            logit, src, chw, batch, meta = mm["logit"], mm["input"], mm["input_shape"], mm["batch"], mm["metadata"]
+        except (KeyError, TypeError):
+            raise OnnxmodError(f"{where}: broken onnxmod.members entry #{j}") from None
+        need_nodes: dict[int, onnx.NodeProto] = {}
+        need_inits: set[str] = set()
+        stack = [logit]
+        visited = set()
+        while stack:
+            t = stack.pop()
+            if t in visited or t == src or not t:
+                continue
+            visited.add(t)
+            if t in init_by_name:
+                need_inits.add(t)
+                continue
+            n = producer.get(t)
+            if n is None:
+                raise OnnxmodError(f"{where}: member #{j}: tensor '{t}' has no producer; cannot extract")
+            if id(n) not in need_nodes:
+                need_nodes[id(n)] = n
+                stack.extend(n.input)
+                stack.extend(_subgraph_refs(n))
+        nodes = [onnx.NodeProto() for _ in need_nodes]
+        for dst, n in zip(nodes, sorted(need_nodes.values(), key=lambda n: order[id(n)])):
+            dst.CopyFrom(n)
+        inits = [onnx.TensorProto() for _ in need_inits]
+        for dst, name in zip(inits, sorted(need_inits)):
+            dst.CopyFrom(init_by_name[name])
+        sub = helper.make_graph(nodes, mm.get("graph_name") or f"member_{j}",
+                                [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, [batch] + list(chw))],
+                                [helper.make_tensor_value_info(LOGIT, TensorProto.FLOAT, [batch, 1])],
+                                initializer=inits)
+        _rename_graph(sub, _strip_map(sub, {src: INPUT, logit: LOGIT}))
+        sub.input[0].name = INPUT
+        sub.output[0].name = LOGIT
+        spec_model = onnx.ModelProto()
+        for k, v in meta.items():
+            spec_model.metadata_props.add(key=k, value=v)
+        spec = ModuleSpec.from_model(spec_model, f"{where}: member #{j}")
+        t_nodes, t_inits = _platt_tail(float(spec.calibration.a), float(spec.calibration.b))
+        sub.node.extend(t_nodes)
+        sub.initializer.extend(t_inits)
+        sub.output.insert(0, helper.make_tensor_value_info(SCORE, TensorProto.FLOAT, [batch, 1]))
+        m = helper.make_model(sub, opset_imports=list(model.opset_import), producer_name="onnxmod")
+        m.ir_version = model.ir_version
+        m = graphio.infer_shapes(m)
+        for k, v in meta.items():
+            m.metadata_props.add(key=k, value=v)
+        modelio.check_model(m, f"module extracted from {where}")
+        out.append(m)
+    return out
+
+
+_PREFIX = re.compile(r"^m\d+__")
+
+
+def _strip_map(graph: onnx.GraphProto, fixed: dict[str, str]):
+    """Renamer dropping the ``m{i}__`` prefixes where that keeps names unique."""
+    names: set[str] = set()
+
+    def collect(g: onnx.GraphProto) -> None:
+        for n in g.node:
+            names.update(x for x in list(n.input) + list(n.output) + [n.name] if x)
+            for a in n.attribute:
+                for sg in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                    collect(sg)
+        names.update(t.name for t in g.initializer)
+
+    collect(graph)
+    reserved = {INPUT, LOGIT, SCORE} | set(fixed.values())
+    stripped: dict[str, list[str]] = {}
+    for n in names:
+        if n not in fixed:
+            stripped.setdefault(_PREFIX.sub("", n), []).append(n)
+    mapping = dict(fixed)
+    for short, longs in stripped.items():
+        if len(longs) == 1 and short not in reserved and short.strip() and not short.startswith("__om_platt"):
+            mapping[longs[0]] = short
+    return lambda s: mapping.get(s, s)
+
+
+def _base_members(base: Any) -> tuple[list[Member], bool]:
+    """Members of a replace base: a module dir or a composed model (path or proto)."""
+    if isinstance(base, onnx.ModelProto):
+        composed, where = base, base.graph.name or "<composed>"
+    else:
+        p = Path(base)
+        if p.is_dir():
+            files = module_files(p)
+            return [load_member(f) for f in files], False
+        composed, where = modelio.load_model(p), str(p)
+        kind = modelio.model_kind(composed)
+        if kind != "composed":
+            raise OnnxmodError(f"{p}: is a {kind} model; replace takes a module dir or a composed model")
+    rename = bool((modelio.get_meta(composed, COMPOSE) or {}).get("rename", False))
+    mods = extract_modules(composed)
+    classes = modelio.get_meta(composed, modelio.CLASSES) or []
+    return [load_member(m, f"{where}[{classes[i]['name'] if i < len(classes) else i}]")
+            for i, m in enumerate(mods)], rename
+
+
+def _find_class(members: list[Member], display: list[str], which: str | int) -> int:
+    if isinstance(which, int):
+        idx = which
+    else:
+        s = str(which).strip()
+        if s in display:
+            return display.index(s)
+        hits = [i for i, m in enumerate(members) if m.spec.class_name == s]
+        if len(hits) == 1:
+            return hits[0]
+        if len(hits) > 1:
+            raise OnnxmodError(f"class '{s}' is ambiguous: {', '.join(display[i] for i in hits)}")
+        if not re.fullmatch(r"-?\d+", s):
+            raise OnnxmodError(f"class '{s}' is not one of: {', '.join(display)}")
+        idx = int(s)
+    if not 0 <= idx < len(members):
+        raise OnnxmodError(f"class index {idx} out of range 0..{len(members) - 1}")
+    return idx
+
+
+def replace(
+    base: Any,
+    which: str | int,
+    module: ModuleArg,
+    rename: bool = False,
+) -> onnx.ModelProto:
+    """A composed model equal to ``base`` with class ``which`` (name or output index) served by ``module``.
+
+    ``base``: a module dir (manifest.json + module files) or a composed model (path or
+    ModelProto; its members are rebuilt with :func:`extract_modules`). The new module
+    takes the replaced class's position. The score rule follows the new set of sources.
+    """
+    members, base_rename = _base_members(base)
+    display = _class_names(members, True, None)
+    idx = _find_class(members, display, which)
+    new = load_member(module)
+    members[idx] = new
+    return _compose_members(members, rename or base_rename, None)
