@@ -1,1 +1,182 @@
-"""`onnxmod compose` (placeholder until its issue lands)."""
+"""`onnxmod compose`, `onnxmod replace` and `onnxmod predict`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import click
+import numpy as np
+
+from onnxmod import modelio
+from onnxmod.cli.common import device_option, emit, fmt_count, json_option, quiet_option
+from onnxmod.cli.main import cli
+from onnxmod.errors import OnnxmodError
+
+
+def _check_output(out: Path, inputs: Sequence[Path]) -> None:
+    if out.is_dir():
+        raise OnnxmodError(f"{out}: is a directory, expected an .onnx file path")
+    r = out.resolve()
+    for i in inputs:
+        if Path(i).resolve() == r:
+            raise OnnxmodError(f"{out}: is also an input; inputs are never overwritten")
+
+
+def _summary(model, out: Path) -> dict[str, Any]:
+    from onnxmod.compose import compose_info
+
+    info = compose_info(model)
+    classes = modelio.get_meta(model, modelio.CLASSES) or []
+    return {"output": str(out), "classes": classes, **info}
+
+
+def _human(r: dict[str, Any]) -> str:
+    lines = [f"wrote {r['output']}: {len(r['classes'])} classes from {len(r['sources'])} source(s)",
+             f"  scores  {r['rule']}"]
+    macs, total = r.get("macs"), r.get("module_macs_sum")
+    if macs is not None and total:
+        lines.append(f"  MACs    {fmt_count(macs)} composed vs {fmt_count(total)} summed over modules "
+                     f"({1 - macs / total:.1%} shared)")
+    lines.append(f"  nodes   {r.get('nodes')} composed vs {r.get('module_nodes_sum')} summed over modules")
+    lines.append("  classes " + ", ".join(c["name"] for c in r["classes"]))
+    return "\n".join(lines)
+
+
+@cli.command("compose")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Composed model (.onnx).")
+@click.option("--rename", is_flag=True,
+              help="Call a class that several sources have NAME@SOURCE instead of failing.")
+@json_option
+@quiet_option
+def compose_cmd(inputs: tuple[Path, ...], out: Path, rename: bool, as_json: bool, quiet: bool) -> None:
+    """Compose one classifier from modules (files, or dirs = all their modules). Class order = argument order."""
+    from onnxmod.compose import compose, expand_inputs
+
+    files = expand_inputs(inputs)
+    _check_output(out, files)
+    model = compose(files, rename=rename)
+    modelio.save_model(model, out)
+    emit(_summary(model, out), as_json, _human)
+
+
+@cli.command("replace")
+@click.argument("base", type=click.Path(path_type=Path))
+@click.option("--class", "which", required=True, help="Class to replace: name or output index.")
+@click.option("--with", "module", required=True, type=click.Path(path_type=Path), help="The module serving it now.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Composed model (.onnx).")
+@click.option("--rename", is_flag=True, help="As for compose.")
+@json_option
+@quiet_option
+def replace_cmd(base: Path, which: str, module: Path, out: Path, rename: bool, as_json: bool, quiet: bool) -> None:
+    """BASE (module dir or composed model) with one class served by MODULE, as a composed model."""
+    from onnxmod.compose import replace
+
+    if not base.exists():
+        raise OnnxmodError(f"{base}: no such file or directory")
+    if not module.exists():
+        raise OnnxmodError(f"{module}: no such file")
+    _check_output(out, [base, module])
+    model = replace(base, which, module, rename=rename)
+    modelio.save_model(model, out)
+    emit(_summary(model, out), as_json, _human)
+
+
+# --------------------------------------------------------------------------- predict
+def load_images(paths: Sequence[Path], channels: int, size: tuple[int, int]) -> np.ndarray:
+    """Images -> float32 ``[N, C, H, W]`` in [0, 1], RGB (or L for 1 channel), resized bilinearly."""
+    from PIL import Image, UnidentifiedImageError
+
+    h, w = size
+    out = np.empty((len(paths), channels, h, w), np.float32)
+    for i, p in enumerate(paths):
+        if not p.exists():
+            raise OnnxmodError(f"{p}: no such file")
+        try:
+            with Image.open(p) as img:
+                img.load()
+                img = img.convert("L" if channels == 1 else "RGB")
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+            raise OnnxmodError(f"{p}: cannot read image ({type(e).__name__})") from None
+        if img.size != (w, h):
+            img = img.resize((w, h), Image.BILINEAR)
+        a = np.asarray(img, dtype=np.float32) / np.float32(255.0)
+        if a.ndim == 2:
+            a = a[:, :, None]
+        if a.shape[2] != channels:
+            raise OnnxmodError(f"{p}: {a.shape[2]} channels but the model takes {channels}")
+        out[i] = a.transpose(2, 0, 1)
+    return out
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z.astype(np.float64) - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def predict(model_path: Path, images: Sequence[Path], top: int = 3, device: str = "auto") -> dict[str, Any]:
+    """Label and top probabilities per image for a source, module or composed model."""
+    from onnxmod import runtime
+    from onnxmod.evaluate import input_chw, model_class_names
+
+    model = modelio.load_model(model_path)
+    kind = modelio.model_kind(model)
+    c, h, w = input_chw(model)
+    if c is None or h is None or w is None:
+        pre = modelio.get_meta(model, modelio.PREPROCESS) or {}
+        size = pre.get("input_size") if isinstance(pre, dict) else None
+        if c is None or not size:
+            raise OnnxmodError(f"{model_path}: input size is not fixed; cannot size the images")
+        h, w = int(size[0]), int(size[1])
+    x = load_images(list(images), int(c), (int(h), int(w)))
+    sess = runtime.make_session(model, device=device, name=str(model_path))
+    outs = [o.name for o in sess.get_outputs()]
+    preds = []
+    if kind == "module":
+        from onnxmod.modulespec import SCORE, ModuleSpec
+
+        spec = ModuleSpec.from_model(model, str(model_path))
+        (score,) = runtime.run(sess, x, [SCORE])
+        for p, s in zip(images, np.asarray(score).reshape(len(images), -1)[:, 0]):
+            s = float(s)
+            preds.append({"image": str(p), "label": spec.class_name if s >= 0.5 else f"not {spec.class_name}",
+                          "top": [{"class": spec.class_name, "prob": s}, {"class": f"not {spec.class_name}", "prob": 1 - s}]})
+    else:
+        if kind == "composed":
+            (probs,) = runtime.run(sess, x, ["probs"])
+        else:
+            (logits,) = runtime.run(sess, x, [outs[0]])
+            if logits.ndim != 2:
+                raise OnnxmodError(f"{model_path}: output '{outs[0]}' must be [N, K], got {list(logits.shape)}")
+            probs = _softmax(logits)
+        names = model_class_names(model) or [str(i) for i in range(probs.shape[1])]
+        if len(names) != probs.shape[1]:
+            names = [str(i) for i in range(probs.shape[1])]
+        k = max(1, min(int(top), probs.shape[1]))
+        for p, row in zip(images, probs):
+            order = np.argsort(-row, kind="stable")[:k]
+            preds.append({"image": str(p), "label": names[int(order[0])],
+                          "top": [{"class": names[int(j)], "prob": float(row[j])} for j in order]})
+    return {"model": str(model_path), "kind": kind, "predictions": preds, "device": runtime.session_device(sess)}
+
+
+def _predict_human(r: dict[str, Any]) -> str:
+    lines = []
+    for p in r["predictions"]:
+        tops = ", ".join(f"{t['class']} {t['prob']:.3f}" for t in p["top"])
+        lines.append(f"{p['image']}: {p['label']}  ({tops})")
+    return "\n".join(lines)
+
+
+@cli.command("predict")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--top", type=click.IntRange(min=1), default=3, show_default=True, help="Probabilities shown per image.")
+@device_option
+@json_option
+@quiet_option
+def predict_cmd(model: Path, images: tuple[Path, ...], top: int, device: str, as_json: bool, quiet: bool) -> None:
+    """Label and top probabilities of each IMAGE (source, module or composed MODEL)."""
+    emit(predict(model, images, top=top, device=device), as_json, _predict_human)

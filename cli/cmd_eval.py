@@ -18,6 +18,8 @@ def render(r: dict[str, Any]) -> str:
         lines.append(f"  top-1  {r['top1']:.2%}")
         lines.append(f"  top-5  {r['top5']:.2%}" if r.get("top5") is not None else "  top-5  n/a (fewer than 5 classes)")
     if "binary_accuracy" in r:
+        if r.get("class_name") is not None:
+            lines.append(f"  class  {r['class_name']}: {r.get('positives')} positives, {r.get('negatives')} negatives")
         lines.append(f"  binary accuracy  {r['binary_accuracy']:.2%}")
         if r.get("auc") is not None:
             lines.append(f"  AUC              {r['auc']:.4f}")

@@ -70,7 +70,14 @@ def model_info(path: str | Path) -> dict[str, Any]:
                               ("source", modelio.SOURCE), ("class_index", modelio.CLASS_INDEX)):
             info[key] = modelio.get_meta(model, meta_key)
     if kind == "composed":
+        from onnxmod.compose import compose_info
+
         info["class_sources"] = modelio.get_meta(model, modelio.CLASSES)
+        comp = compose_info(model)
+        info["sources"] = comp.pop("sources")
+        info["module_macs_sum"] = comp.get("module_macs_sum")
+        info["module_params_sum"] = comp.get("module_params_sum")
+        info["compose"] = comp
     pre = modelio.get_meta(model, modelio.PREPROCESS)
     if pre is not None:
         info["preprocess"] = pre
@@ -102,6 +109,16 @@ def render(info: dict[str, Any]) -> str:
             pf, ff = kept.get("param_fraction"), kept.get("flop_fraction")
             lines.append(f"  kept      params {pf:.1%}, FLOPs {ff:.1%}" if isinstance(pf, (int, float)) and isinstance(ff, (int, float))
                          else f"  kept      {kept}")
+    if info.get("kind") == "composed":
+        comp = info.get("compose") or {}
+        if info.get("module_macs_sum"):
+            lines.append(f"  modules   MACs sum {fmt_count(info['module_macs_sum'])} "
+                         f"(composed graph computes {info['macs'] / info['module_macs_sum']:.1%} of it: shared layers once)"
+                         if info.get("macs") is not None else f"  modules   MACs sum {fmt_count(info['module_macs_sum'])}")
+        if comp.get("rule"):
+            lines.append(f"  scores    {comp['rule']}")
+        for s in info.get("sources") or []:
+            lines.append(f"  source    {s.get('name')} ({str(s.get('sha256'))[:12]}): {len(s.get('classes', []))} classes")
     if info.get("calibration") is not None:
         lines.append(f"  calibration {info['calibration']}")
     lines.append(f"  opset     {info['opset']}  (IR {info['ir_version']}{', ' + info['producer'] if info['producer'] else ''})")

@@ -362,7 +362,7 @@ def compose(
 ) -> onnx.ModelProto:
     """One classifier over the union of the modules' classes (class order = argument order).
 
-    ``modules``: module ModelProtos and/or paths. ``rename``: call classes whose name
+    ``modules``: module ModelProtos and/or paths (a dir = all its modules, manifest order). ``rename``: call classes whose name
     comes from several sources ``name@source_name``. ``names``: explicit output class
     names (overrides both). ``wheres``: how error messages call each module.
     Raises OnnxmodError for non-modules, the same module twice, duplicate class names,
@@ -370,6 +370,8 @@ def compose(
     """
     if not modules:
         raise OnnxmodError("compose needs at least one module")
+    if wheres is None and any(not isinstance(m, onnx.ModelProto) and Path(m).is_dir() for m in modules):
+        modules = [f for m in modules for f in ([m] if isinstance(m, onnx.ModelProto) else expand_inputs([m]))]
     members = [load_member(m, wheres[i] if wheres else None) for i, m in enumerate(modules)]
     return _compose_members(members, rename, names)
 

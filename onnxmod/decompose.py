@@ -369,6 +369,7 @@ def decompose(
                 preprocess=src.preprocess,
             )
             modelio.set_meta(module, spec.to_metadata())
+            modelio.drop_meta(module, modelio.CLASSES)  # a module is about one class: class_name
             module.graph.name = f"{src.name}_{src.classes[k]}"
             fname = module_filename(k, src.classes[k])
             modelio.save_model(module, tmp / fname)

@@ -81,6 +81,13 @@ def set_meta(model: onnx.ModelProto, values: dict[str, Any]) -> None:
             model.metadata_props.add(key=k, value=s)
 
 
+def drop_meta(model: onnx.ModelProto, key: str) -> None:
+    """Remove ``key`` from ``metadata_props`` (in place) if present."""
+    kept = [p for p in model.metadata_props if p.key != key]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+
+
 def model_kind(model: onnx.ModelProto) -> str:
     """``source``/``module``/``composed`` from metadata; ``source`` for third-party models."""
     return get_meta(model, KIND, "source", as_json=False)

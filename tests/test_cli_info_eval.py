@@ -211,11 +211,15 @@ def test_eval_top5_null_when_few_classes(tmp_path):
     assert r["top5"] is None and 0 <= r["top1"] <= 1
 
 
-def test_eval_other_kinds_not_supported_yet(tmp_path):
-    model = build_model(tmp_path / "m.onnx", kind="composed")
+def test_eval_unknown_kind_and_broken_composed(tmp_path):
+    # module and composed models are evaluated (tests/test_compose.py); unknown kinds are not
+    model = build_model(tmp_path / "m.onnx", kind="weird")
     make_data(tmp_path / "d.npz")
-    with pytest.raises(OnnxmodError, match="not supported yet"):
+    with pytest.raises(OnnxmodError, match="not supported"):
         evaluate(model, tmp_path / "d.npz", device="cpu", quiet=True)
+    fake = build_model(tmp_path / "c.onnx", kind="composed")  # says composed but has no `probs` output
+    with pytest.raises(OnnxmodError, match="no output 'probs'"):
+        evaluate(fake, tmp_path / "d.npz", device="cpu", quiet=True)
 
 
 # ----------------------------------------------------------------- bad input

@@ -1,0 +1,226 @@
+"""`onnxmod decompose`: modules, manifest, exactness at full keep, errors without partial output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from engine_oracles import run
+from onnxmod import modelio
+from onnxmod.cli.main import main
+from onnxmod.data import open_dataset
+from onnxmod.decompose import DecomposeSettings, decompose
+from onnxmod.modulespec import ModuleSpec
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE = REPO / "sample_graphs" / "resnet8_cifar10.onnx"
+CALIB = REPO / "sample_graphs" / "cifar10_calib.npz"
+TEST = REPO / "sample_graphs" / "cifar10_test.npz"
+
+
+def _cli(args: list[str], capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    out, err = capsys.readouterr()
+    return e.value.code, out, err
+
+
+def _test_images(n: int = 200) -> tuple[np.ndarray, np.ndarray]:
+    return next(open_dataset(TEST).iter_batches(n))
+
+
+@pytest.fixture(scope="module")
+def default_modules(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("dec") / "r8.modules"
+    manifest = decompose(SAMPLE, CALIB, out, settings=DecomposeSettings(samples_per_class=40, refit_images=200),
+                         quiet=True)
+    return out, manifest
+
+
+def test_manifest_and_module_contract(default_modules):
+    out, manifest = default_modules
+    on_disk = json.loads((out / "manifest.json").read_text())
+    assert set(on_disk) >= {"source", "modules", "settings", "timings"}
+    assert set(on_disk["source"]) >= {"name", "sha256", "params", "macs", "classes"}
+    assert set(on_disk["timings"]) >= {"calibration_s", "total_s"}
+    assert on_disk["source"]["sha256"] == modelio.file_sha256(SAMPLE)
+    assert len(on_disk["modules"]) == 10
+    x, _ = _test_images(8)
+    for entry in on_disk["modules"]:
+        assert set(entry) >= {"file", "class_index", "class_name", "params", "macs", "param_fraction", "mac_fraction"}
+        model = onnx.load(out / entry["file"])
+        onnx.checker.check_model(model, full_check=True)
+        assert [i.name for i in model.graph.input] == ["input"]
+        assert [o.name for o in model.graph.output] == ["score", "logit"]
+        spec = ModuleSpec.from_model(model)
+        assert spec.class_index == entry["class_index"] and spec.class_name == entry["class_name"]
+        assert spec.source.sha256 == on_disk["source"]["sha256"]
+        assert 0 < spec.kept["flop_fraction"] < 1 and spec.calibration.temperature > 0
+        score, logit = run(model, x)
+        assert score.shape == logit.shape == (8, 1)
+        a, b = spec.calibration.a, spec.calibration.b
+        np.testing.assert_allclose(score, 1 / (1 + np.exp(-(a * logit + b))), atol=1e-6)
+    # default size target holds (granularity of channel rounding allows a little slack)
+    assert np.mean([m["mac_fraction"] for m in on_disk["modules"]]) <= DecomposeSettings().target_macs + 0.02
+
+
+def test_modules_are_physically_smaller(default_modules):
+    out, manifest = default_modules
+    src_bytes = SAMPLE.stat().st_size
+    for entry in manifest["modules"]:
+        assert entry["params"] < manifest["source"]["params"]
+        assert (out / entry["file"]).stat().st_size < src_bytes
+
+
+def test_keep_everything_reproduces_source_logit(tmp_path):
+    out = tmp_path / "full"
+    decompose(SAMPLE, CALIB, out, classes=["cat", "7"], quiet=True,
+              settings=DecomposeSettings(target_macs=1.0, samples_per_class=10))
+    files = sorted(p.name for p in out.glob("*.onnx"))
+    assert files == ["module_003_cat.onnx", "module_007_horse.onnx"]
+    x, _ = _test_images(64)
+    ref = run(onnx.load(SAMPLE), x)[0]
+    for f, k in zip(files, (3, 7)):
+        logit = run(onnx.load(out / f), x)[1]
+        np.testing.assert_allclose(logit[:, 0], ref[:, k], atol=1e-5, rtol=0)
+
+
+def test_third_party_source_with_mean_std(tmp_path):
+    """A source without metadata and without in-graph normalisation: --mean/--std bake it in."""
+    m = onnx.load(SAMPLE)
+    sub, div = m.graph.node[0], m.graph.node[1]
+    assert (sub.op_type, div.op_type) == ("Sub", "Div")
+    for n in m.graph.node[2:]:
+        n.input[:] = ["raw" if i == div.output[0] else i for i in n.input]
+    del m.graph.node[:2]
+    m.graph.input[0].name = "raw"
+    del m.metadata_props[:]
+    third = tmp_path / "third_party.onnx"
+    onnx.save(m, third)
+    out = tmp_path / "tp.modules"
+    code, stdout, _ = _cli(["decompose", str(third), "--calib", str(CALIB), "-o", str(out), "--classes", "ship",
+                            "--samples-per-class", "10", "--target-macs", "1", "--json", "-q",
+                            "--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225"], capsys=_Capsys.get())
+    assert code == 0, stdout
+    x, _ = _test_images(32)
+    module = onnx.load(out / "module_008_ship.onnx")
+    np.testing.assert_allclose(run(module, x)[1][:, 0], run(onnx.load(SAMPLE), x)[0][:, 8], atol=1e-4)
+    assert json.loads(stdout)["source"]["classes"][8] == "ship"  # class names taken from the data
+
+
+class _Capsys:
+    """capsys for helpers called outside a test's signature (set by the autouse fixture)."""
+
+    current = None
+
+    @classmethod
+    def get(cls):
+        return cls.current
+
+
+@pytest.fixture(autouse=True)
+def _remember_capsys(capsys):
+    _Capsys.current = capsys
+    yield
+    _Capsys.current = None
+
+
+def _assert_clean_failure(code: int, err: str, out_dir: Path, *needles: str) -> None:
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("onnxmod: error:"), err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    assert not out_dir.exists()
+    assert not any(p.name.startswith(f".{out_dir.name}.") for p in out_dir.parent.iterdir()), "partial output left"
+
+
+def test_not_onnx(tmp_path, capsys):
+    bad = tmp_path / "junk.onnx"
+    bad.write_bytes(b"this is not a protobuf at all")
+    out = tmp_path / "o"
+    code, _, err = _cli(["decompose", str(bad), "--calib", str(CALIB), "-o", str(out)], capsys)
+    _assert_clean_failure(code, err, out, "junk.onnx", "not an ONNX model")
+
+
+def test_data_without_labels(tmp_path, capsys):
+    npz = tmp_path / "nolabels.npz"
+    np.savez(npz, x=np.zeros((4, 32, 32, 3), np.uint8))
+    out = tmp_path / "o"
+    code, _, err = _cli(["decompose", str(SAMPLE), "--calib", str(npz), "-o", str(out)], capsys)
+    _assert_clean_failure(code, err, out, "nolabels.npz")
+
+
+def test_class_not_in_model(tmp_path, capsys):
+    out = tmp_path / "o"
+    code, _, err = _cli(["decompose", str(SAMPLE), "--calib", str(CALIB), "-o", str(out), "--classes", "unicorn"],
+                        capsys)
+    _assert_clean_failure(code, err, out, "unicorn")
+
+
+def test_class_missing_from_data(tmp_path, capsys):
+    ds = open_dataset(CALIB)
+    x = np.stack([np.zeros((32, 32, 3), np.uint8)] * 4)
+    npz = tmp_path / "two_classes.npz"
+    np.savez(npz, x=x, y=np.array([0, 0, 1, 1]), classes=np.array(ds.classes[:2]))
+    out = tmp_path / "o"
+    code, _, err = _cli(["decompose", str(SAMPLE), "--calib", str(npz), "-o", str(out), "--classes", "ship"], capsys)
+    _assert_clean_failure(code, err, out, "ship")
+
+
+def test_unsupported_op_before_output(tmp_path, capsys):
+    """An op the engine does not know between the classifier and the output: reported by name."""
+    m = onnx.load(SAMPLE)
+    last = m.graph.node[-1]
+    out_name = last.output[0]
+    last.output[0] = "pre_lrn"
+    m.graph.node.append(onnx.helper.make_node("Hardmax", ["pre_lrn"], [out_name], name="weird_head", axis=1))
+    src = tmp_path / "weird.onnx"
+    onnx.save(m, src)
+    out = tmp_path / "o"
+    code, _, err = _cli(["decompose", str(src), "--calib", str(CALIB), "-o", str(out)], capsys)
+    _assert_clean_failure(code, err, out, "Hardmax", "weird_head")
+
+
+def test_existing_output_needs_force(tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, _, err = _cli(["decompose", str(SAMPLE), "--calib", str(CALIB), "-o", str(out)], capsys)
+    assert code == 2 and "--force" in err
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_input_file_is_not_modified(tmp_path, capsys):
+    before = modelio.file_sha256(SAMPLE)
+    code, _, _ = _cli(["decompose", str(SAMPLE), "--calib", str(CALIB), "-o", str(tmp_path / "m"), "-q",
+                       "--classes", "0", "--samples-per-class", "5", "--refit-images", "0"], capsys)
+    assert code == 0
+    assert modelio.file_sha256(SAMPLE) == before
+
+
+@pytest.mark.shared
+def test_resnet56_default_decomposition(shared_data, tmp_path):
+    """The issue's acceptance run, at reduced calibration size: 10 modules, mean MACs <= 65%."""
+    from onnxmod.converters import export, load_checkpoint, resnet_cifar
+
+    net = resnet_cifar(56)
+    load_checkpoint(net, shared_data / "pretrained" / "resnet56-cifar10jpeg.th")
+    src = tmp_path / "r56.onnx"
+    export(net, src, classes=open_dataset(shared_data / "cifar10").classes,
+           mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    out = tmp_path / "r56.modules"
+    manifest = decompose(src, shared_data / "cifar10", out, quiet=True,
+                         settings=DecomposeSettings(samples_per_class=50, refit_images=100))
+    assert len(manifest["modules"]) == 10
+    assert np.mean([m["mac_fraction"] for m in manifest["modules"]]) <= 0.65
+    x = next(open_dataset(shared_data / "cifar10").iter_batches(16))[0]
+    for entry in manifest["modules"]:
+        model = onnx.load(out / entry["file"])
+        onnx.checker.check_model(model, full_check=True)
+        assert run(model, x)[0].shape == (16, 1)
