@@ -63,7 +63,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxmod import graphio, modelio
 from onnxmod.cost import count_macs, count_params
 from onnxmod.errors import OnnxmodError
-from onnxmod.modulespec import LOGIT, SCORE, ModuleSpec
+from onnxmod.modulespec import LOGIT, SCORE, ModuleSpec, add_score
 
 COMPOSE = "onnxmod.compose"
 MEMBERS = "onnxmod.members"
@@ -502,17 +502,6 @@ def compose_info(model: onnx.ModelProto) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- extract / replace
-def _platt_tail(a: float, b: float) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    inits = [helper.make_tensor("__om_platt_a", TensorProto.FLOAT, [], [a]),
-             helper.make_tensor("__om_platt_b", TensorProto.FLOAT, [], [b])]
-    nodes = [
-        helper.make_node("Mul", [LOGIT, "__om_platt_a"], ["__om_platt_ax"], name="__om_platt_mul"),
-        helper.make_node("Add", ["__om_platt_ax", "__om_platt_b"], ["__om_platt_z"], name="__om_platt_add"),
-        helper.make_node("Sigmoid", ["__om_platt_z"], [SCORE], name="__om_platt_sigmoid"),
-    ]
-    return nodes, inits
-
-
 def extract_modules(composed: onnx.ModelProto | str | os.PathLike) -> list[onnx.ModelProto]:
     """Rebuild every member module of a composed model (output order), metadata included.
 
@@ -573,10 +562,7 @@ def extract_modules(composed: onnx.ModelProto | str | os.PathLike) -> list[onnx.
         for k, v in meta.items():
             spec_model.metadata_props.add(key=k, value=v)
         spec = ModuleSpec.from_model(spec_model, f"{where}: member #{j}")
-        t_nodes, t_inits = _platt_tail(float(spec.calibration.a), float(spec.calibration.b))
-        sub.node.extend(t_nodes)
-        sub.initializer.extend(t_inits)
-        sub.output.insert(0, helper.make_tensor_value_info(SCORE, TensorProto.FLOAT, [batch, 1]))
+        add_score(sub, spec.calibration.a, spec.calibration.b, batch)
         m = helper.make_model(sub, opset_imports=list(model.opset_import), producer_name="onnxmod")
         m.ir_version = model.ir_version
         m = graphio.infer_shapes(m)

@@ -27,7 +27,7 @@ from onnxmod import calibrate, channels, graphio, modelio, runtime, scoring, sur
 from onnxmod.cost import count_macs, count_params
 from onnxmod.data import Dataset, open_dataset
 from onnxmod.errors import OnnxmodError, UnsupportedOpError
-from onnxmod.modulespec import LOGIT, SCORE, Calibration, ModuleSpec, SourceInfo
+from onnxmod.modulespec import LOGIT, Calibration, ModuleSpec, SourceInfo, add_score
 from onnxmod.progress import progress
 from onnxmod.select import STRATEGIES, Selector
 
@@ -207,17 +207,8 @@ def module_graph(small: onnx.ModelProto, a: float, b: float) -> onnx.ModelProto:
     """Rename the single-row logits output to `logit` and add `score` = sigmoid(a*logit+b)."""
     m = onnx.ModelProto()
     m.CopyFrom(small)
-    g = m.graph
-    old = g.output[0].name
-    _rename_tensor(g, old, LOGIT)
-    g.initializer.extend([helper.make_tensor("__om_platt_a", TensorProto.FLOAT, [], [a]),
-                          helper.make_tensor("__om_platt_b", TensorProto.FLOAT, [], [b])])
-    g.node.extend([
-        helper.make_node("Mul", [LOGIT, "__om_platt_a"], ["__om_platt_ax"], name="__om_platt_mul"),
-        helper.make_node("Add", ["__om_platt_ax", "__om_platt_b"], ["__om_platt_z"], name="__om_platt_add"),
-        helper.make_node("Sigmoid", ["__om_platt_z"], [SCORE], name="__om_platt_sigmoid"),
-    ])
-    g.output.insert(0, helper.make_tensor_value_info(SCORE, TensorProto.FLOAT, None))
+    _rename_tensor(m.graph, m.graph.output[0].name, LOGIT)
+    add_score(m.graph, a, b)
     return graphio.infer_shapes(m)
 
 

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import onnx
+from onnx import TensorProto, helper
 
 from onnxmod import modelio
 from onnxmod.errors import OnnxmodError
@@ -89,3 +90,17 @@ class ModuleSpec:
             )
         except (TypeError, ValueError, KeyError) as e:
             raise OnnxmodError(f"{where}: broken onnxmod module metadata ({e})") from None
+
+
+def add_score(graph: onnx.GraphProto, a: float, b: float, batch: str | int | None = None) -> None:
+    """Append ``score = sigmoid(a * logit + b)`` to a graph that outputs ``logit`` (in place);
+    ``score`` becomes the first output, as in every module."""
+    graph.initializer.extend([helper.make_tensor("__om_platt_a", TensorProto.FLOAT, [], [float(a)]),
+                              helper.make_tensor("__om_platt_b", TensorProto.FLOAT, [], [float(b)])])
+    graph.node.extend([
+        helper.make_node("Mul", [LOGIT, "__om_platt_a"], ["__om_platt_ax"], name="__om_platt_mul"),
+        helper.make_node("Add", ["__om_platt_ax", "__om_platt_b"], ["__om_platt_z"], name="__om_platt_add"),
+        helper.make_node("Sigmoid", ["__om_platt_z"], [SCORE], name="__om_platt_sigmoid"),
+    ])
+    shape = None if batch is None else [batch, 1]
+    graph.output.insert(0, helper.make_tensor_value_info(SCORE, TensorProto.FLOAT, shape))
