@@ -19,7 +19,7 @@ Two exporters:
   ``ReduceMean(axes=[-1, -2])`` followed by ``Reshape([-1, C])``. The export goes to a
   temp dir and is re-saved as one self-contained file (no external data).
 
-Both graphs then go through :func:`fold_constants` (the legacy exporter leaves the
+Both graphs then go through :func:`onnxmod.graphio.fold_constants` (the legacy exporter leaves the
 ``pads`` of ``F.pad`` as a chain of small constant ops) and the full ONNX checker.
 ``keep_batchnorm=True`` (legacy only) exports without constant folding, so the
 BatchNormalization nodes stay (inference form); ``sample_graphs/make_tiny.py`` uses it.
@@ -36,13 +36,11 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
 import torch.nn as nn
-from onnx import helper, numpy_helper
 
-from onnxmod import modelio
+from onnxmod import graphio, modelio
 from onnxmod.errors import OnnxmodError
 
 INPUT_NAME = "input"
@@ -89,7 +87,7 @@ def _check_args(input_shape, classes, mean, std, scale, exporter) -> tuple[int, 
 
 def _export_legacy(wrapped: nn.Module, example: torch.Tensor, path: Path, opset: int, keep_batchnorm: bool) -> None:
     # eval mode + constant folding fuses Conv+BN; without folding BatchNormalization stays
-    # (inference form, training_mode=0) and fold_constants() cleans up what torch left.
+    # (inference form, training_mode=0) and graphio.fold_constants() cleans up what torch left.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -135,79 +133,6 @@ def _dynamo_call(wrapped: nn.Module, example: torch.Tensor, path: Path, opset: i
         optimize=True,
         verbose=False,
     )
-
-
-# ops never folded: random or stateful
-_NO_FOLD = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"}
-_FOLD_MAX_ELEMENTS = 1 << 16
-
-
-def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Turn ``Constant`` nodes into initializers and evaluate small all-constant subgraphs.
-
-    The legacy exporter computes e.g. ``F.pad``'s ``pads`` with a chain of
-    ConstantOfShape/Concat/Reshape/Slice/Transpose/Cast nodes on constants that its own
-    constant folding leaves in place; folding them leaves ``Pad(x, <initializer>)``.
-    Only outputs up to 65536 elements are materialised. Works in place, returns ``model``.
-    """
-    from onnx.reference import ReferenceEvaluator
-
-    g = model.graph
-    consts: dict[str, onnx.TensorProto] = {i.name: i for i in g.initializer}
-    graph_outputs = {o.name for o in g.output}
-    opsets = list(model.opset_import)
-    kept: list[onnx.NodeProto] = []
-    new_inits: list[onnx.TensorProto] = []
-    for node in g.node:
-        foldable = (
-            node.domain in ("", "ai.onnx")
-            and node.op_type not in _NO_FOLD
-            and not any(o in graph_outputs for o in node.output)
-            and all(i == "" or i in consts for i in node.input)
-        )
-        values = None
-        if foldable:
-            try:
-                feeds = {i: numpy_helper.to_array(consts[i]) for i in node.input if i}
-                sub = helper.make_graph(
-                    [node],
-                    "fold",
-                    [helper.make_tensor_value_info(i, consts[i].data_type, None) for i in feeds],
-                    [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in node.output if o],
-                )
-                sub_model = helper.make_model(sub, opset_imports=opsets, ir_version=model.ir_version)
-                values = ReferenceEvaluator(sub_model).run(None, feeds)
-                if node.op_type != "Identity" and any(np.asarray(v).size > _FOLD_MAX_ELEMENTS for v in values):
-                    values = None
-            except Exception:
-                values = None
-        if values is None:
-            kept.append(node)
-            continue
-        for name, v in zip([o for o in node.output if o], values):
-            t = numpy_helper.from_array(np.asarray(v), name)
-            consts[name] = t
-            new_inits.append(t)
-    if not new_inits:
-        return model
-    # drop initializers nobody reads any more
-    used = {i for n in kept for i in n.input} | graph_outputs
-    for n in kept:  # subgraph inputs (If/Loop) count as used too
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                used |= {i for sn in a.g.node for i in sn.input}
-    del g.node[:]
-    g.node.extend(kept)
-    all_inits = list(g.initializer) + new_inits
-    del g.initializer[:]
-    g.initializer.extend(t for t in all_inits if t.name in used)
-    keep_vi = [vi for vi in g.value_info if vi.name not in consts]
-    del g.value_info[:]
-    g.value_info.extend(keep_vi)
-    graph_inputs = [i for i in g.input if i.name in used or i.name not in consts]
-    del g.input[:]
-    g.input.extend(graph_inputs)
-    return model
 
 
 def _fix_io_names_and_batch(model: onnx.ModelProto) -> None:
@@ -277,7 +202,7 @@ def export(
         # re-saved model is one self-contained file.
         onnx_model = onnx.load(str(tmp_path), load_external_data=True)
 
-    fold_constants(onnx_model)
+    onnx_model = graphio.fold_constants(onnx_model)
     _fix_io_names_and_batch(onnx_model)
     onnx_model.graph.name = type(model).__name__
     modelio.set_meta(

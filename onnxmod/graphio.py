@@ -86,8 +86,7 @@ def canonicalize(model: onnx.ModelProto) -> onnx.ModelProto:
         if not node.name or node.name in seen:
             node.name = f"{node.op}_{i}"
         seen.add(node.name)
-    graph.fold_constants(error_ok=True)
-    graph.cleanup(remove_unused_graph_inputs=False)
+    _fold(graph)
     static = static_shapes(from_gs(graph, model))
     for node in graph.nodes:
         if node.op == "Reshape" and _is_flatten_reshape(node, static):
@@ -119,6 +118,20 @@ def static_shapes(model: onnx.ModelProto, batch: int = 1) -> dict[str, tuple]:
     for init in m.graph.initializer:
         out[init.name] = tuple(init.dims)
     return out
+
+
+def _fold(graph: gs.Graph) -> None:
+    graph.fold_constants(error_ok=True)
+    graph.cleanup(remove_unused_graph_inputs=False)
+
+
+def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A numerically identical model whose Constant nodes and all-constant subgraphs (e.g.
+    the legacy exporter's pad computations) are initializers. IR version, opsets and
+    metadata are kept."""
+    graph = to_gs(model)
+    _fold(graph)
+    return from_gs(graph, model)
 
 
 def _is_flatten_reshape(node: gs.Node, static: dict[str, tuple]) -> bool:
