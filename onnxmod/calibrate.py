@@ -1,8 +1,7 @@
 """One streaming calibration pass: per-class, per-channel activation statistics.
 
-The source graph is extended with in-graph reductions (``ReduceMean`` over H, W of
-``x`` and ``x*x``) at every tensor whose channels a Conv/Gemm/MatMul sums over, so
-a batch returns ``[N, C]`` summaries instead of feature maps and memory stays flat
+The source graph is extended with in-graph reductions (``GlobalAveragePool``;
+second moments on a subset) at every tensor a Conv/Gemm/MatMul sums over, so a batch returns ``[N, C]`` summaries instead of feature maps and memory stays flat
 whatever the model and the number of images.
 
 Statistics are kept per class *relevance set*: the images a class-k module must get
@@ -28,11 +27,11 @@ from onnxmod.progress import progress
 @dataclass
 class ActivationStats:
     """Per consumed tensor: class-relevance-weighted channel mean and variance (over images and
-    positions), the overall channel mean, and the source logits of every calibration image."""
+    positions), the overall channel mean and covariance, and the source logits."""
 
     classes: int
-    mean: dict[str, np.ndarray] = field(default_factory=dict)  # [K, C]
-    var: dict[str, np.ndarray] = field(default_factory=dict)  # [K, C]
+    mean: dict[str, np.ndarray] = field(default_factory=dict)  # [K, C] mean over relevant images
+    var: dict[str, np.ndarray] = field(default_factory=dict)  # [K, C] over relevant images and positions
     mean_all: dict[str, np.ndarray] = field(default_factory=dict)  # [C]
     cov: dict[str, np.ndarray] = field(default_factory=dict)  # [C, C] over all images and positions
     count: np.ndarray | None = None  # [K] images in each relevance set
@@ -41,10 +40,12 @@ class ActivationStats:
     seconds: float = 0.0
 
 
-def stats_model(analysis: ChannelAnalysis, tensors: list[str]) -> tuple[onnx.ModelProto, list[str]]:
-    """The analysed model plus, per tensor ``t``: ``t__m`` channel means and ``t__q`` channel
-    means of squares ``[N, C]`` (over positions), and ``t__c`` the channel co-moment matrix
-    summed over the batch and positions ``[C, C]`` (only for maps/flattened maps)."""
+def stats_model(analysis: ChannelAnalysis, tensors: list[str], comoments: bool) -> tuple[onnx.ModelProto, list[str]]:
+    """The analysed model plus, per tensor ``t``, output ``t__m``: its channel means over
+    positions ``[N, C]`` (GlobalAveragePool, which ORT runs in its blocked conv layout, so the
+    taps cost little); with ``comoments`` also ``t__q``, the channel means of squares
+    ``[N, C]``, and ``t__c``, the channel co-moment matrix summed over the batch and
+    positions ``[C, C]`` (for maps and flattened maps)."""
     model = onnx.ModelProto()
     model.CopyFrom(analysis.model)
     g = model.graph
@@ -67,19 +68,22 @@ def stats_model(analysis: ChannelAnalysis, tensors: list[str]) -> tuple[onnx.Mod
     outs = []
     for t in tensors:
         c = analysis._groups[analysis.find(analysis.tensors[t].group)].size
-        spatial = len(shapes[t].shape) > 2 or analysis.tensors[t].block > 1
-        if spatial:  # [N, C, P]: positions (H*W, or the block of a flattened map) last
-            flat = node("Reshape", [t, const(f"{t}__shape", [0, c, -1])], f"{t}__flat")
-            sq = node("Mul", [flat, flat], f"{t}__sq")
-            reduce("ReduceMean", flat, f"{t}__m", 2)
-            reduce("ReduceMean", sq, f"{t}__q", 2)
-            xxt = node("MatMul", [flat, node("Transpose", [flat], f"{t}__T", perm=[0, 2, 1])], f"{t}__xxT")
-            reduce("ReduceSum", xxt, f"{t}__c", 0)
-            names = [f"{t}__m", f"{t}__q", f"{t}__c"]
+        rank = len(shapes[t].shape)
+        flattened = analysis.tensors[t].block > 1
+        if rank == 4 and not flattened:
+            node("Flatten", [node("GlobalAveragePool", [t], f"{t}__gap")], f"{t}__m", axis=1)
+        elif rank > 2 or flattened:
+            reduce("ReduceMean", node("Reshape", [t, const(f"{t}__shape", [0, c, -1])], f"{t}__flat"), f"{t}__m", 2)
         else:  # already [N, C]
             node("Identity", [t], f"{t}__m")
-            node("Mul", [t, t], f"{t}__q")
-            names = [f"{t}__m", f"{t}__q"]
+        names = [f"{t}__m"]
+        if comoments and (rank > 2 or flattened):
+            flat = f"{t}__flat"
+            if not any(o == flat for n in g.node for o in n.output):
+                node("Reshape", [t, const(f"{t}__shape", [0, c, -1])], flat)
+            names.append(reduce("ReduceMean", node("Mul", [flat, flat], f"{t}__sq"), f"{t}__q", 2))
+            xxt = node("MatMul", [flat, node("Transpose", [flat], f"{t}__T", perm=[0, 2, 1])], f"{t}__xxT")
+            names.append(reduce("ReduceSum", xxt, f"{t}__c", 0))
         for n in names:
             g.output.append(helper.make_tensor_value_info(n, TensorProto.FLOAT, None))
         outs += names
@@ -105,56 +109,84 @@ def collect_stats(
     device: str = "auto",
     batch_size: int = 256,
     quiet: bool = False,
+    cov_images: int = 1024,
 ) -> ActivationStats:
     """Run ``indices`` of ``dataset`` through the source once and summarise activations.
 
     ``label_map``: data label -> source class index (or -1 for classes the model lacks).
+    Per-class channel means use every image. Second moments — per-class variances over
+    images and positions (importance), and the channel covariance (least-squares
+    fills) — use the first ``cov_images`` images only, through a second, heavier graph:
+    a few thousand images estimate them well and the taps cost far less this way.
     """
     groups = [g for g in analysis.groups if g.removable and not g.is_output]
     tensors = sorted({t for g in groups for _, t in g.consumers})
-    model, outs = stats_model(analysis, tensors)
     logits_name = analysis.model.graph.output[0].name
-    sess = runtime.make_session(model, device=device, name="calibration graph")
+    light, light_outs = stats_model(analysis, tensors, comoments=False)
+    heavy, heavy_outs = stats_model(analysis, tensors, comoments=True)
+    sessions = [runtime.make_session(light, device=device, name="calibration graph"),
+                runtime.make_session(heavy, device=device, name="calibration graph") if cov_images > 0 else None]
     shapes = analysis.graph.tensors()
-    positions = {t: int(np.prod(shapes[t].shape[1:])) // analysis._groups[analysis.find(analysis.tensors[t].group)].size
-                 for t in tensors}
+    size = {t: analysis._groups[analysis.find(analysis.tensors[t].group)].size for t in tensors}
+    positions = {t: int(np.prod(shapes[t].shape[1:])) // size[t] for t in tensors}
     k = analysis.output_group().size
-    sums: dict[str, list[np.ndarray]] = {}
+    # per tensor: sum_r m (per class), on the heavy images sum_r m and sum_r q (per class),
+    # sum m (all), co-moments with their mean and count
+    s1 = {t: np.zeros((k, size[t])) for t in tensors}
+    h1 = {t: np.zeros((k, size[t])) for t in tensors}
+    h2 = {t: np.zeros((k, size[t])) for t in tensors}
+    h_count = np.zeros(k)
+    s_all = {t: np.zeros(size[t]) for t in tensors}
+    xx = {t: np.zeros((size[t], size[t])) for t in tensors}
+    xx_mean = {t: np.zeros(size[t]) for t in tensors}
+    xx_n = {t: 0 for t in tensors}
     all_logits, all_labels = [], []
     count = np.zeros(k)
+    seen = 0
     t0 = time.perf_counter()
     n_batches = dataset.num_batches(batch_size, indices=indices)
     batches = dataset.iter_batches(batch_size, size=input_size, indices=indices)
     for x, y in progress(batches, total=n_batches, desc="calibrating", quiet=quiet, unit="batch"):
-        res = runtime.run(sess, x, [logits_name] + outs)
+        heavy_batch = seen < cov_images
+        outs = heavy_outs if heavy_batch else light_outs
+        res = runtime.run(sessions[1] if heavy_batch else sessions[0], x, [logits_name] + outs)
         logits, vals = res[0], dict(zip(outs, res[1:]))
         y = label_map[y]
         r = relevance(logits, y)
         count += r.sum(axis=0)
         for t in tensors:
-            m, q = vals[f"{t}__m"].astype(np.float64), vals[f"{t}__q"].astype(np.float64)
-            c = m.shape[1]
-            acc = sums.setdefault(t, [np.zeros((k, c)), np.zeros((k, c)), np.zeros(c), np.zeros((c, c)), 0])
-            acc[0] += r.T @ m
-            acc[1] += r.T @ q
-            acc[2] += m.sum(axis=0)
+            m = vals[f"{t}__m"].astype(np.float64)
+            s1[t] += r.T @ m
+            s_all[t] += m.sum(axis=0)
+            if not heavy_batch:
+                continue
+            q = vals[f"{t}__q"].astype(np.float64) if f"{t}__q" in vals else m * m
+            h1[t] += r.T @ m
+            h2[t] += r.T @ q
             if f"{t}__c" in vals:
-                acc[3] += vals[f"{t}__c"].astype(np.float64)
-                acc[4] += positions[t] * len(x)
+                xx[t] += vals[f"{t}__c"].astype(np.float64)
+                xx_mean[t] += m.sum(axis=0) * positions[t]
+                xx_n[t] += positions[t] * len(x)
             else:  # already [N, C]: one position per image
-                acc[3] += m.T @ m
-                acc[4] += len(x)
+                xx[t] += m.T @ m
+                xx_mean[t] += m.sum(axis=0)
+                xx_n[t] += len(x)
+        if heavy_batch:
+            h_count += r.sum(axis=0)
+        seen += len(x)
         all_logits.append(logits)
         all_labels.append(y)
     stats = ActivationStats(classes=k)
     n = sum(len(l) for l in all_labels)
     safe = np.maximum(count, 1)[:, None]
-    for t, (a1, a2, a_all, xx, npos) in sums.items():
-        mean = a1 / safe
+    for t in tensors:
+        mean = s1[t] / safe
         stats.mean[t] = mean
-        stats.var[t] = np.maximum(a2 / safe - mean**2, 0.0)
-        stats.mean_all[t] = mu = a_all / max(n, 1)
-        stats.cov[t] = xx / max(npos, 1) - np.outer(mu, mu)
+        hs = np.maximum(h_count, 1)[:, None]
+        stats.var[t] = np.maximum(h2[t] / hs - (h1[t] / hs) ** 2, 0.0)
+        stats.mean_all[t] = s_all[t] / max(n, 1)
+        mu = xx_mean[t] / max(xx_n[t], 1)
+        stats.cov[t] = xx[t] / max(xx_n[t], 1) - np.outer(mu, mu)
     stats.count = count
     stats.logits = np.concatenate(all_logits) if all_logits else np.zeros((0, k))
     stats.labels = np.concatenate(all_labels) if all_labels else np.zeros(0, dtype=np.int64)

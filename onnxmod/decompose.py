@@ -43,8 +43,9 @@ class DecomposeSettings:
     fill: str = "linear"  # removed channels: least-squares estimate, class mean, or 0
     depth_slope: float = 0.4  # uniform budget: late layers keep (1 + slope/2)x, early (1 - slope/2)x
     channel_multiple: int = 8  # kept channel counts rounded to this (ORT's fast conv kernels want 8)
-    refit_images: int = 500  # re-fit the class row by least squares on this many calibration images (0: off)
+    refit_images: int = 300  # re-fit the class row by least squares on this many calibration images (0: off)
     samples_per_class: int = 1000
+    cov_images: int = 1024  # second moments (variances, covariances) from this many calibration images
     split: str = "train"
     batch_size: int = 256
     seed: int = 0
@@ -322,7 +323,7 @@ def decompose(
         node, op, why = next(((n, o, w) for n, o, w in analysis.unsupported), (src.model.graph.output[0].name, "?", ""))
         raise UnsupportedOpError(node, op, f"output rows cannot be selected through it ({why})")
     stats = calibrate.collect_stats(analysis, dataset, label_map, idx, src.input_chw[1:], device,
-                                    settings.batch_size, quiet)
+                                    settings.batch_size, quiet, settings.cov_images)
     temperature = scoring.fit_temperature(stats.logits, stats.labels)
     selector = Selector(analysis, stats)
     refit_pos = _refit_positions(stats.labels, settings.refit_images, settings.seed)
