@@ -118,7 +118,9 @@ def render(info: dict[str, Any]) -> str:
         if comp.get("rule"):
             lines.append(f"  scores    {comp['rule']}")
         for s in info.get("sources") or []:
-            lines.append(f"  source    {s.get('name')} ({str(s.get('sha256'))[:12]}): {len(s.get('classes', []))} classes")
+            size = f", source MACs {fmt_count(s['macs'])}" if s.get("macs") else ""
+            lines.append(f"  source    {s.get('name')} ({str(s.get('sha256'))[:12]}): "
+                         f"{len(s.get('classes', []))} classes{size}")
     if info.get("calibration") is not None:
         lines.append(f"  calibration {info['calibration']}")
     lines.append(f"  opset     {info['opset']}  (IR {info['ir_version']}{', ' + info['producer'] if info['producer'] else ''})")

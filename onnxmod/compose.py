@@ -497,6 +497,10 @@ def compose_info(model: onnx.ModelProto) -> dict[str, Any]:
             s = sources.setdefault(c.get("source_sha256", "?"), {"name": c.get("source_name"),
                                                                    "sha256": c.get("source_sha256"), "classes": []})
             s["classes"].append(c.get("name"))
+    for m in modelio.get_meta(model, MEMBERS) or []:  # source sizes, as recorded by each module
+        src = json.loads(m.get("metadata", {}).get(modelio.SOURCE, "{}")) if isinstance(m, dict) else {}
+        if src.get("sha256") in sources:
+            sources[src["sha256"]].update(params=src.get("params"), macs=src.get("flops"))
     info["sources"] = list(sources.values())
     return info
 
