@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -28,6 +27,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from onnxmod.errors import OnnxmodError
+from onnxmod.modelio import atomic_path
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 SPLITS = ("train", "test")
@@ -372,16 +372,8 @@ def write_npz(path: str | os.PathLike, x_uint8_nhwc: np.ndarray, y: np.ndarray, 
     if classes is not None:
         arrays["classes"] = np.asarray([str(c) for c in classes], dtype=str)
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=str(p.parent))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(p) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
     return p
 
 

@@ -5,12 +5,13 @@ All reads and writes of model files and of ``metadata_props`` go through here.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import onnx
 
@@ -107,36 +108,37 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike, check: bool = True) -> Path:
-    """Check, then write atomically (temp file in the same dir + rename)."""
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp file beside ``path``; it replaces ``path`` only if the block succeeds.
+
+    Readers never see a half-written file, and a failure leaves nothing behind.
+    """
     p = Path(path)
-    if check:
-        check_model(model, p.name)
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=str(p.parent))
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(model.SerializeToString())
+        yield Path(tmp)
         os.chmod(tmp, _umask_mode())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, p)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, check: bool = True) -> Path:
+    """Check, then write atomically (temp file in the same dir + rename)."""
+    p = Path(path)
+    if check:
+        check_model(model, p.name)
+    with atomic_path(p) as tmp:
+        tmp.write_bytes(model.SerializeToString())
     return p
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=str(p.parent))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return p
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
