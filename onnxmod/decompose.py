@@ -32,6 +32,8 @@ from onnxmod.progress import progress
 from onnxmod.select import STRATEGIES, Selector
 
 FILLS = ("linear", "mean", "zero")
+REFIT_OTHERS = 0.15  # fraction of the non-relevant refit images each module also fits on
+REFIT_RELEVANT_WEIGHT = 5.0  # least-squares weight of images where the class is contested
 
 
 @dataclass
@@ -43,7 +45,8 @@ class DecomposeSettings:
     fill: str = "linear"  # removed channels: least-squares estimate, class mean, or 0
     depth_slope: float = 0.4  # uniform budget: late layers keep (1 + slope/2)x, early (1 - slope/2)x
     channel_multiple: int = 8  # kept channel counts rounded to this (ORT's fast conv kernels want 8)
-    refit_images: int = 300  # re-fit the class row by least squares on this many calibration images (0: off)
+    refit_images: int = 1000  # pool for the least-squares re-fit of the class row (0: off); each module
+    # runs on the pool images relevant to its class plus REFIT_OTHERS of the rest
     samples_per_class: int = 1000
     cov_images: int = 1024  # second moments (variances, covariances) from this many calibration images
     split: str = "train"
@@ -331,6 +334,7 @@ def decompose(
                                                                    indices=idx[refit_pos])])
                if refit_pos.size else None)
     refit_relevant = calibrate.relevance(stats.logits[refit_pos], stats.labels[refit_pos])
+    rng = np.random.default_rng(settings.seed + 2)
     all_channels = sum(g.size for g in selector.groups)
 
     parent = out.resolve().parent
@@ -344,8 +348,11 @@ def decompose(
             small = surgery.remove_channels(analysis, keep, _fills(stats, k, settings.fill))
             refit = {"refit": False, "why": "disabled"}
             if refit_x is not None and settings.target_macs < 1.0:
-                small, refit = refit_output_row(small, refit_x, stats.logits[refit_pos, k],
-                                                1.0 + 4.0 * refit_relevant[:, k], device)
+                # the images where class k is contested, plus a sample of the rest (re-weighted)
+                rel = refit_relevant[:, k] > 0
+                use = rel | (rng.random(rel.size) < REFIT_OTHERS)
+                weight = np.where(rel, REFIT_RELEVANT_WEIGHT, 1.0 / REFIT_OTHERS)[use]
+                small, refit = refit_output_row(small, refit_x[use], stats.logits[refit_pos[use], k], weight, device)
             a, b, nll0, nll1 = scoring.fit_platt(stats.logits[:, k], stats.labels == k)
             kept_channels = int(sum(keep[g.id].sum() for g in selector.groups))
             module = module_graph(small, a, b)
