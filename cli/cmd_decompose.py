@@ -37,6 +37,9 @@ def _floats(value: str | None, name: str) -> list[float] | None:
               help="What replaces removed channels in the layers that read them.")
 @click.option("--depth-slope", default=None, type=float,
               help="Uniform budget: how much more late layers keep than early ones (0 = same fraction).")
+@click.option("--shared-depth", default=None, type=float,
+              help="Layers in this first fraction of the depth are chosen once for all classes, so a composed "
+                   "model computes them once (1 = every layer shared).")
 @click.option("--channel-multiple", default=None, type=int, help="Round kept channel counts to this multiple.")
 @click.option("--refit-images", default=None, type=int,
               help="Re-fit each module's class row by least squares on this many calibration images (0: off).")
@@ -47,12 +50,13 @@ def _floats(value: str | None, name: str) -> list[float] | None:
 @json_option
 @quiet_option
 def decompose_cmd(model, calib, out_dir, classes, samples_per_class, split, mean, std, scale, target_macs, strategy,
-                  fill, depth_slope, channel_multiple, refit_images, batch_size, seed, force, device, as_json, quiet):
+                  fill, depth_slope, shared_depth, channel_multiple, refit_images, batch_size, seed, force, device, as_json, quiet):
     """Cut MODEL into one physically smaller module per class."""
     from onnxmod.decompose import DecomposeSettings, decompose
 
     settings = DecomposeSettings(samples_per_class=samples_per_class, split=split, batch_size=batch_size, seed=seed)
     knobs = {"target_macs": target_macs, "strategy": strategy, "fill": fill, "depth_slope": depth_slope,
+             "shared_depth": shared_depth,
              "channel_multiple": channel_multiple, "refit_images": refit_images}
     for name, value in knobs.items():
         if value is not None:

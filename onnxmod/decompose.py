@@ -44,6 +44,7 @@ class DecomposeSettings:
     strategy: str = "uniform"  # per-layer budget: "uniform" fraction per group, or "global"
     fill: str = "linear"  # removed channels: least-squares estimate, class mean, or 0
     depth_slope: float = 0.4  # uniform budget: late layers keep (1 + slope/2)x, early (1 - slope/2)x
+    shared_depth: float = 0.75  # groups in this first fraction of the depth get one class-agnostic choice
     channel_multiple: int = 8  # kept channel counts rounded to this (ORT's fast conv kernels want 8)
     refit_images: int = 1000  # pool for the least-squares re-fit of the class row (0: off); each module
     # runs on the pool images relevant to its class plus REFIT_OTHERS of the rest
@@ -344,7 +345,7 @@ def decompose(
         modules = []
         for k in progress(wanted, desc="writing modules", quiet=quiet, unit="module"):
             keep = selector.keep_for(k, settings.target_macs, settings.strategy, settings.depth_slope,
-                                     multiple=settings.channel_multiple)
+                                     multiple=settings.channel_multiple, shared_depth=settings.shared_depth)
             small = surgery.remove_channels(analysis, keep, _fills(stats, k, settings.fill))
             refit = {"refit": False, "why": "disabled"}
             if refit_x is not None and settings.target_macs < 1.0:

@@ -172,14 +172,24 @@ class Selector:
         return imp
 
     # ------------------------------------------------------------------ budgets
+    def shared_importance(self) -> dict[int, np.ndarray]:
+        """Importance averaged over all classes (cached): the same choice for every module."""
+        if not hasattr(self, "_shared"):
+            per = [self.importance(k) for k in range(self.out_group.size)]
+            self._shared = {g.id: np.mean([p[g.id] for p in per], axis=0) for g in self.groups}
+        return self._shared
+
     def keep_for(self, k: int, target: float, strategy: str = "uniform", depth_slope: float = 0.4,
-                 prune_tied: bool = False, multiple: int = 1) -> dict[int, np.ndarray]:
+                 prune_tied: bool = False, multiple: int = 1, shared_depth: float = 0.0) -> dict[int, np.ndarray]:
         """Closed keep-masks for a class-``k`` module with at most ``target`` x source MACs
         (as close as the channel granularity allows; output keeps row k only)."""
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}")
         a = self.a
         imp = self.importance(k)
+        if shared_depth > 0:  # early groups: one class-agnostic choice, so composed models compute them once
+            shared = self.shared_importance()
+            imp = {gid: shared[gid] if self.depth[gid] < shared_depth else v for gid, v in imp.items()}
         base = a.full_keep()
         base[self.out_group.id][:] = False
         base[self.out_group.id][k] = True
