@@ -46,7 +46,7 @@ class DecomposeSettings:
     depth_slope: float = 0.4  # uniform budget: late layers keep (1 + slope/2)x, early (1 - slope/2)x
     shared_depth: float = 0.75  # groups in this first fraction of the depth get one class-agnostic choice
     channel_multiple: int = 8  # kept channel counts rounded to this (ORT's fast conv kernels want 8)
-    refit_images: int = 1000  # pool for the least-squares re-fit of the class row (0: off); each module
+    refit_images: int = 600  # pool for the least-squares re-fit of the class row (0: off); each module
     # runs on the pool images relevant to its class plus REFIT_OTHERS of the rest
     samples_per_class: int = 1000
     cov_images: int = 1024  # second moments (variances, covariances) from this many calibration images
