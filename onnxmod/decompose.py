@@ -343,6 +343,7 @@ def decompose(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=str(parent)))
     try:
         modules = []
+        refit_s = writing_s = 0.0
         for k in progress(wanted, desc="writing modules", quiet=quiet, unit="module"):
             keep = selector.keep_for(k, settings.target_macs, settings.strategy, settings.depth_slope,
                                      multiple=settings.channel_multiple, shared_depth=settings.shared_depth)
@@ -353,7 +354,9 @@ def decompose(
                 rel = refit_relevant[:, k] > 0
                 use = rel | (rng.random(rel.size) < REFIT_OTHERS)
                 weight = np.where(rel, REFIT_RELEVANT_WEIGHT, 1.0 / REFIT_OTHERS)[use]
+                t_refit = time.perf_counter()
                 small, refit = refit_output_row(small, refit_x[use], stats.logits[refit_pos[use], k], weight, device)
+                refit_s += time.perf_counter() - t_refit
             a, b, nll0, nll1 = scoring.fit_platt(stats.logits[:, k], stats.labels == k)
             kept_channels = int(sum(keep[g.id].sum() for g in selector.groups))
             module = module_graph(small, a, b)
@@ -372,7 +375,9 @@ def decompose(
             modelio.drop_meta(module, modelio.CLASSES)  # a module is about one class: class_name
             module.graph.name = f"{src.name}_{src.classes[k]}"
             fname = module_filename(k, src.classes[k])
-            modelio.save_model(module, tmp / fname)
+            t_write = time.perf_counter()
+            modelio.save_model(module, tmp / fname)  # includes the full ONNX checker
+            writing_s += time.perf_counter() - t_write
             modules.append({"file": fname, "class_index": k, "class_name": src.classes[k], "params": params,
                             "macs": macs, "param_fraction": params / max(src.params, 1),
                             "mac_fraction": macs / max(src.macs, 1),
@@ -386,7 +391,8 @@ def decompose(
             "modules": modules,
             "settings": {**asdict(settings), "calib": str(calib), "calibration_images": int(len(idx))},
             "unsupported": [{"node": n, "op": o, "why": w} for n, o, w in analysis.unsupported],
-            "timings": {"calibration_s": stats.seconds, "total_s": time.perf_counter() - t_start},
+            "timings": {"calibration_s": stats.seconds, "refit_s": refit_s, "writing_s": writing_s,
+                        "total_s": time.perf_counter() - t_start},
         }
         modelio.write_text_atomic(tmp / "manifest.json", json.dumps(manifest, indent=2))
         _replace_dir(tmp, out)

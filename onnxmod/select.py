@@ -27,6 +27,7 @@ from onnxmod.calibrate import ActivationStats
 from onnxmod.channels import ChannelAnalysis
 
 STRATEGIES = ("global", "uniform")
+GLOBAL_FLOOR = 0.6  # "global" keeps at least this fraction of every layer (without it whole layers vanish)
 
 
 def _abs_weight_per_channel(a: ChannelAnalysis, node: gs.Node) -> np.ndarray:
@@ -217,7 +218,10 @@ class Selector:
             for g in self.groups:
                 per = self._marginal_macs(g.id, full)
                 score = imp[g.id] / max(per, 1.0)
-                cands += [(score[c], g.id, c) for c in range(g.size)]
+                # never empty a layer: a floor of GLOBAL_FLOOR of its channels stays
+                floor = _round_to(GLOBAL_FLOOR * g.size, multiple, g.size)
+                order = np.argsort(score, kind="stable")[: g.size - floor]
+                cands += [(score[c], g.id, c) for c in order]
             cands.sort(key=lambda t: t[0])
 
             def build(frac: float) -> dict[int, np.ndarray]:
