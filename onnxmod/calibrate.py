@@ -67,7 +67,7 @@ def stats_model(analysis: ChannelAnalysis, tensors: list[str], comoments: bool) 
 
     outs = []
     for t in tensors:
-        c = analysis._groups[analysis.find(analysis.tensors[t].group)].size
+        c = analysis.channels(t)
         rank = len(shapes[t].shape)
         flattened = analysis.tensors[t].block > 1
         if rank == 4 and not flattened:
@@ -110,6 +110,7 @@ def collect_stats(
     batch_size: int = 256,
     quiet: bool = False,
     cov_images: int = 1024,
+    groups: list[int] | None = None,
 ) -> ActivationStats:
     """Run ``indices`` of ``dataset`` through the source once and summarise activations.
 
@@ -127,7 +128,7 @@ def collect_stats(
     sessions = [runtime.make_session(light, device=device, name="calibration graph"),
                 runtime.make_session(heavy, device=device, name="calibration graph") if cov_images > 0 else None]
     shapes = analysis.graph.tensors()
-    size = {t: analysis._groups[analysis.find(analysis.tensors[t].group)].size for t in tensors}
+    size = {t: analysis.channels(t) for t in tensors}
     positions = {t: int(np.prod(shapes[t].shape[1:])) // size[t] for t in tensors}
     k = analysis.output_group().size
     # per tensor: sum_r m (per class), on the heavy images sum_r m and sum_r q (per class),

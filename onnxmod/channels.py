@@ -148,6 +148,10 @@ class ChannelAnalysis:
         tc = self.tensors.get(tensor)
         return None if tc is None else self._groups[self.find(tc.group)]
 
+    def channels(self, tensor: str) -> int:
+        """Number of channels (not features) along axis 1 of ``tensor``."""
+        return self._groups[self.find(self.tensors[tensor].group)].size
+
     def output_group(self, name: str | None = None) -> ChannelGroup:
         """The group of a graph output (the first output when ``name`` is None)."""
         outs = self.graph.outputs

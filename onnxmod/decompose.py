@@ -29,7 +29,7 @@ from onnxmod.data import Dataset, open_dataset
 from onnxmod.errors import OnnxmodError, UnsupportedOpError
 from onnxmod.modulespec import LOGIT, Calibration, ModuleSpec, SourceInfo, add_score
 from onnxmod.progress import progress
-from onnxmod.select import STRATEGIES, Selector
+from onnxmod.select import STRATEGIES, Selector, prunable_groups
 
 FILLS = ("linear", "mean", "zero")
 REFIT_OTHERS = 0.15  # fraction of the non-relevant refit images each module also fits on
@@ -327,7 +327,8 @@ def decompose(
         node, op, why = next(((n, o, w) for n, o, w in analysis.unsupported), (src.model.graph.output[0].name, "?", ""))
         raise UnsupportedOpError(node, op, f"output rows cannot be selected through it ({why})")
     stats = calibrate.collect_stats(analysis, dataset, label_map, idx, src.input_chw[1:], device,
-                                    settings.batch_size, quiet, settings.cov_images)
+                                    settings.batch_size, quiet, settings.cov_images,
+                                    groups=prunable_groups(analysis, settings.strategy))
     temperature = scoring.fit_temperature(stats.logits, stats.labels)
     selector = Selector(analysis, stats)
     refit_pos = _refit_positions(stats.labels, settings.refit_images, settings.seed)

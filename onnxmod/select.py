@@ -24,7 +24,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxmod.calibrate import ActivationStats
-from onnxmod.channels import ChannelAnalysis
+from onnxmod.channels import ChannelAnalysis, ChannelGroup
 
 STRATEGIES = ("global", "uniform")
 GLOBAL_FLOOR = 0.6  # "global" keeps at least this fraction of every layer (without it whole layers vanish)
@@ -61,6 +61,17 @@ def _same_factor(node: gs.Node, size: int) -> np.ndarray | float:
                     v = v if node.op == "Mul" else 1.0 / np.maximum(v, 1e-12)
                     return v if v.size == size else float(v[0])
     return 1.0
+
+
+def tied(group: ChannelGroup) -> bool:
+    """A group several nodes produce (a residual stream): ``uniform`` keeps it whole by default."""
+    return len(group.producers) > 1
+
+
+def prunable_groups(analysis: ChannelAnalysis, strategy: str, prune_tied: bool = False) -> list[int]:
+    """Ids of the groups a selection with these options may shrink (the ones calibration must see)."""
+    return [g.id for g in analysis.groups if g.removable and not g.is_output
+            and (strategy == "global" or prune_tied or not tied(g))]
 
 
 class Selector:
@@ -123,7 +134,7 @@ class Selector:
             tc = a.tensors.get(t.name)
             if tc is None or isinstance(t, gs.Constant):
                 return
-            size = a._groups[a.find(tc.group)].size
+            size = a.channels(t.name)
             vec = np.broadcast_to(np.asarray(v, dtype=np.float64), (size,))
             s[t.name] = s.get(t.name, 0.0) + vec
 
@@ -143,7 +154,7 @@ class Selector:
                     t = node.inputs[i] if rule == "concat_channels" else node.inputs[0]
                     if t.name not in a.tensors:
                         continue
-                    size = a._groups[a.find(a.tensors[t.name].group)].size
+                    size = a.channels(t.name)
                     v = np.zeros(size)
                     ok = d.index >= 0
                     np.add.at(v, d.index[ok], so[ok])
@@ -198,12 +209,12 @@ class Selector:
         if strategy == "uniform":
             order = {gid: np.argsort(-v, kind="stable") for gid, v in imp.items()}
 
-            tied = {g.id for g in self.groups if len(g.producers) > 1}
+            tied_ids = {g.id for g in self.groups if tied(g)}
 
             def build(frac: float) -> dict[int, np.ndarray]:
                 keep = {g: m.copy() for g, m in base.items()}
                 for gid, o in order.items():
-                    if gid in tied and not prune_tied:
+                    if gid in tied_ids and not prune_tied:
                         continue
                     f = min(1.0, frac * (1.0 + depth_slope * (self.depth[gid] - 0.5)))
                     n = _round_to(f * o.size, multiple, o.size)
