@@ -101,6 +101,11 @@ class Config:
     settings_overrides: dict[str, Any] = field(default_factory=dict)
 
 
+# one knob changed at the default target, each row a separate decompose
+ABLATIONS = [("fill=mean", {"fill": "mean"}), ("refit_images=0", {"refit_images": 0}),
+             ("strategy=global", {"strategy": "global"}), ("shared_depth=0", {"shared_depth": 0.0})]
+
+
 def full_config(data: Path, command: str) -> Config:
     pre = data / "pretrained"
     return Config(
@@ -116,8 +121,7 @@ def full_config(data: Path, command: str) -> Config:
         readme=BENCH / "README.md",
         curve_targets=[0.5, 0.65, 0.8, 1.0],
         curve_limit=2000,
-        ablations=[("fill=mean", {"fill": "mean"}), ("refit_images=0", {"refit_images": 0}),
-                   ("strategy=global", {"strategy": "global"}), ("shared_depth=0", {"shared_depth": 0.0})],
+        ablations=ABLATIONS,
         reuse=[("resnet20", ["airplane", "cat"]), ("resnet56", ["dog", "truck"])],
         plain_repeats=3,
         plain_budget_s=40.0,
@@ -144,8 +148,7 @@ def smoke_config(tmp: Path, command: str) -> Config:
         readme=tmp / "README.md",
         curve_targets=[0.5, 1.0],
         curve_limit=None,
-        ablations=[("fill=mean", {"fill": "mean"}), ("refit_images=0", {"refit_images": 0}),
-                   ("strategy=global", {"strategy": "global"})],
+        ablations=ABLATIONS,
         reuse=[("r8legacy", ["airplane", "cat"]), ("r8dynamo", ["dog", "truck"])],
         plain_repeats=3,
         plain_budget_s=3.0,
