@@ -100,6 +100,12 @@ def relevance(logits: np.ndarray, labels: np.ndarray, top: int = 2) -> np.ndarra
     return r
 
 
+def _per_class(r: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """r.T @ m without BLAS: a multi-threaded BLAS call between two ORT runs fights ORT's
+    spinning worker threads and costs more than the product itself."""
+    return np.einsum("nk,nc->kc", r, m)
+
+
 def collect_stats(
     analysis: ChannelAnalysis,
     dataset: Dataset,
@@ -119,14 +125,18 @@ def collect_stats(
     images and positions (importance), and the channel covariance (least-squares
     fills) — use the first ``cov_images`` images only, through a second, heavier graph:
     a few thousand images estimate them well and the taps cost far less this way.
+    ``groups``: tap only the tensors of these group ids (default: every removable group).
     """
-    groups = [g for g in analysis.groups if g.removable and not g.is_output]
+    groups = [g for g in analysis.groups if g.removable and not g.is_output and (groups is None or g.id in groups)]
     tensors = sorted({t for g in groups for _, t in g.consumers})
     logits_name = analysis.model.graph.output[0].name
+    # ORT computes every node of a graph whatever outputs are asked for, so the co-moment
+    # graph runs only on the first `cov_images` images; then it is dropped (its thread pool
+    # would fight the next session's for the cores) and a light graph takes over.
     light, light_outs = stats_model(analysis, tensors, comoments=False)
     heavy, heavy_outs = stats_model(analysis, tensors, comoments=True)
-    sessions = [runtime.make_session(light, device=device, name="calibration graph"),
-                runtime.make_session(heavy, device=device, name="calibration graph") if cov_images > 0 else None]
+    light_now = cov_images <= 0
+    sess = runtime.make_session(light if light_now else heavy, device=device, name="calibration graph")
     shapes = analysis.graph.tensors()
     size = {t: analysis.channels(t) for t in tensors}
     positions = {t: int(np.prod(shapes[t].shape[1:])) // size[t] for t in tensors}
@@ -149,21 +159,25 @@ def collect_stats(
     batches = dataset.iter_batches(batch_size, size=input_size, indices=indices)
     for x, y in progress(batches, total=n_batches, desc="calibrating", quiet=quiet, unit="batch"):
         heavy_batch = seen < cov_images
+        if not heavy_batch and not light_now:  # the first light batch: swap graphs
+            del sess
+            sess = runtime.make_session(light, device=device, name="calibration graph")
+            light_now = True
         outs = heavy_outs if heavy_batch else light_outs
-        res = runtime.run(sessions[1] if heavy_batch else sessions[0], x, [logits_name] + outs)
+        res = runtime.run(sess, x, [logits_name] + outs)
         logits, vals = res[0], dict(zip(outs, res[1:]))
         y = label_map[y]
         r = relevance(logits, y)
         count += r.sum(axis=0)
         for t in tensors:
             m = vals[f"{t}__m"].astype(np.float64)
-            s1[t] += r.T @ m
+            s1[t] += _per_class(r, m)
             s_all[t] += m.sum(axis=0)
             if not heavy_batch:
                 continue
             q = vals[f"{t}__q"].astype(np.float64) if f"{t}__q" in vals else m * m
-            h1[t] += r.T @ m
-            h2[t] += r.T @ q
+            h1[t] += _per_class(r, m)
+            h2[t] += _per_class(r, q)
             if f"{t}__c" in vals:
                 xx[t] += vals[f"{t}__c"].astype(np.float64)
                 xx_mean[t] += m.sum(axis=0) * positions[t]
