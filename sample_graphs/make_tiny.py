@@ -149,17 +149,21 @@ def build(name: str, seed: int = 0) -> nn.Module:
     """The torch source of ``tiny_<name>.onnx``: same seed, same weights, eval mode."""
     cls, _ = TINY[name]
     torch.manual_seed(seed)
-    m = cls(len(CLASSES))
-    g = torch.Generator().manual_seed(seed + 1)
+    return randomise_bn(cls(len(CLASSES)), seed + 1)
+
+
+def randomise_bn(model: nn.Module, seed: int) -> nn.Module:
+    """Non-trivial BatchNorm statistics (fixed seed), so folding them is really tested; eval mode."""
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for mod in m.modules():
+        for mod in model.modules():
             if isinstance(mod, nn.BatchNorm2d):
                 c = mod.num_features
                 mod.weight.copy_(torch.rand(c, generator=g) + 0.5)
                 mod.bias.copy_(torch.rand(c, generator=g) * 0.4 - 0.2)
                 mod.running_mean.copy_(torch.rand(c, generator=g) * 0.4 - 0.2)
                 mod.running_var.copy_(torch.rand(c, generator=g) + 0.5)
-    return m.eval()
+    return model.eval()
 
 
 def write(name: str, out_dir: Path, seed: int = 0) -> Path:

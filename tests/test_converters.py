@@ -36,24 +36,15 @@ def _torch_ref(model, x: np.ndarray, mean=MEAN, std=STD, scale=1.0) -> np.ndarra
         return Normalized(model, mean, std, scale).eval()(torch.from_numpy(x)).numpy()
 
 
-def _randomise_bn(model, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                c = m.num_features
-                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-                m.bias.copy_(torch.rand(c, generator=g) * 0.4 - 0.2)
-                m.running_mean.copy_(torch.rand(c, generator=g) * 0.4 - 0.2)
-                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
-    return model.eval()
-
-
 def _load_make_tiny():
     spec = importlib.util.spec_from_file_location("onnxmod_make_tiny", SAMPLES / "make_tiny.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _randomise_bn(model, seed: int = 0):
+    return _load_make_tiny().randomise_bn(model, seed)
 
 
 # ---------------------------------------------------------------- ResNet20, both exporters
