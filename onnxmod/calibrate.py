@@ -67,20 +67,19 @@ def stats_model(analysis: ChannelAnalysis, tensors: list[str], comoments: bool) 
 
     outs = []
     for t in tensors:
-        c = analysis.channels(t)
         rank = len(shapes[t].shape)
-        flattened = analysis.tensors[t].block > 1
-        if rank == 4 and not flattened:
+        spatial = rank > 2 or analysis.tensors[t].block > 1  # has positions to average over
+        # [N, C, P]: positions (H*W, or the block of a flattened map) last
+        flat = node("Reshape", [t, const(f"{t}__shape", [0, analysis.channels(t), -1])], f"{t}__flat") \
+            if spatial and (comoments or rank != 4) else None
+        if rank == 4 and analysis.tensors[t].block == 1:
             node("Flatten", [node("GlobalAveragePool", [t], f"{t}__gap")], f"{t}__m", axis=1)
-        elif rank > 2 or flattened:
-            reduce("ReduceMean", node("Reshape", [t, const(f"{t}__shape", [0, c, -1])], f"{t}__flat"), f"{t}__m", 2)
+        elif spatial:
+            reduce("ReduceMean", flat, f"{t}__m", 2)
         else:  # already [N, C]
             node("Identity", [t], f"{t}__m")
         names = [f"{t}__m"]
-        if comoments and (rank > 2 or flattened):
-            flat = f"{t}__flat"
-            if not any(o == flat for n in g.node for o in n.output):
-                node("Reshape", [t, const(f"{t}__shape", [0, c, -1])], flat)
+        if comoments and spatial:
             names.append(reduce("ReduceMean", node("Mul", [flat, flat], f"{t}__sq"), f"{t}__q", 2))
             xxt = node("MatMul", [flat, node("Transpose", [flat], f"{t}__T", perm=[0, 2, 1])], f"{t}__xxT")
             names.append(reduce("ReduceSum", xxt, f"{t}__c", 0))

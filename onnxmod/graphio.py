@@ -142,13 +142,6 @@ def _is_flatten_reshape(node: gs.Node, static: dict[str, tuple]) -> bool:
     return ys[0] == xs[0] and ys[1] == int(np.prod(xs[1:]))
 
 
-def constant_value(t: gs.Tensor) -> np.ndarray | None:
-    """The value of a constant tensor (initializer or folded Constant), else None."""
-    if isinstance(t, gs.Constant):
-        return np.asarray(t.values)
-    return None
-
-
 def add_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     """A copy of ``model`` that also outputs the intermediate tensors ``names`` (float32)."""
     m = onnx.ModelProto()

@@ -92,6 +92,7 @@ class Selector:
         lo, hi = min(first.values(), default=0), max(first.values(), default=1)
         self.depth = {gid: (v - lo) / max(hi - lo, 1) for gid, v in first.items()}  # 0 first .. 1 last
         self.total_macs = self.macs(analysis.full_keep())
+        self._shared: dict[int, np.ndarray] | None = None  # class-agnostic importance, on first use
 
     # ------------------------------------------------------------------ MACs
     def _mac_term(self, node: gs.Node) -> tuple[int, int | None, float]:
@@ -186,7 +187,7 @@ class Selector:
     # ------------------------------------------------------------------ budgets
     def shared_importance(self) -> dict[int, np.ndarray]:
         """Importance averaged over all classes (cached): the same choice for every module."""
-        if not hasattr(self, "_shared"):
+        if self._shared is None:
             per = [self.importance(k) for k in range(self.out_group.size)]
             self._shared = {g.id: np.mean([p[g.id] for p in per], axis=0) for g in self.groups}
         return self._shared
