@@ -103,7 +103,8 @@ class Config:
 
 # one knob changed at the default target, each row a separate decompose
 ABLATIONS = [("fill=mean", {"fill": "mean"}), ("refit_images=0", {"refit_images": 0}),
-             ("strategy=global", {"strategy": "global"}), ("shared_depth=0", {"shared_depth": 0.0})]
+             ("strategy=global", {"strategy": "global"}), ("shared_depth=0", {"shared_depth": 0.0}),
+             ("reconstruct", {"reconstruct": True}), ("reconstruct", {"reconstruct": True, "target_macs": 0.8})]
 
 
 def full_config(data: Path, command: str) -> Config:
@@ -518,8 +519,11 @@ def sec_curve(b: Bench) -> dict[str, Any]:
             continue
         s = source_eval(b, key, idx)
         rows = [point(key, dc_replace(b.default, target_macs=t), f"t{t:g}", f"target_macs={t:g}") for t in targets]
-        abl = [point(key, dc_replace(b.default, **kw), name.replace("=", "-"), f"{name} (target {b.default.target_macs:g})")
-               for name, kw in cfg.ablations]
+        abl = []
+        for name, kw in cfg.ablations:
+            target = kw.get("target_macs", b.default.target_macs)
+            abl.append(point(key, dc_replace(b.default, **kw), f"{name.replace('=', '-')}-t{target:g}",
+                             f"{name} (target {target:g})"))
         res["models"][key] = {"label": m.label, "source_top1": s["top1"], "curve": rows, "ablations": abl}
     return res
 
@@ -837,6 +841,14 @@ def render_readme(cfg: Config, results: dict[str, Any]) -> str:
         rows.append("| decomposition cost: source − composed top-1 | 1.77 pt | " + " | ".join(
             f"{cost['models'][k]['loss_pt']:.2f} pt ({_pct(cost['models'][k]['source_top1'])} → "
             f"{_pct(cost['models'][k]['composed_top1'])})" for k in keys) + " |")
+    rec = {k: next((p for p in curve["models"][k]["ablations"] if p["settings"].get("reconstruct")
+                    and p["settings"].get("target_macs") == curve["default_target_macs"]), None)
+           for k in keys if curve and k in curve["models"]}
+    if cost and rec and all(rec.get(k) for k in keys):
+        rows.append(f"| same with `--reconstruct` ({curve['subset']['images']}-image test subset of section 2) | | "
+                    + " | ".join(f"{100 * (curve['models'][k]['source_top1'] - rec[k]['composed_top1']):.2f} pt "
+                                 f"({_pct(curve['models'][k]['source_top1'])} → {_pct(rec[k]['composed_top1'])})"
+                                 for k in keys) + " |")
     if reuse:
         rows.append(f"| reuse: 4-class model vs sources restricted to the same 4 logits | −2.3 pt | "
                     f"{reuse['delta_vs_mean_source_pt']:+.2f} pt vs mean of sources (" + ", ".join(
@@ -891,17 +903,20 @@ def render_readme(cfg: Config, results: dict[str, Any]) -> str:
         t = [f"Composed top-1 on a fixed class-balanced subset of {curve['subset']['images']} of the "
              f"{curve['subset']['of']} test images (seed 0); **bold** = default `target_macs` "
              f"({curve['default_target_macs']}). Other settings at their defaults.", "",
-             "| model | setting | mean module MACs | mean module params | composed top-1 | vs source | mean module AUC | min AUC | decompose s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| model | setting | mean module MACs | mean module params | composed top-1 | vs source | mean module AUC "
+             "| min AUC | decompose s | decompose / plain pass |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
         for k, r in curve["models"].items():
+            plain = ((cost or {}).get("models", {}).get(k) or {}).get("timing", {}).get("plain_pass_median_s")
             for p in r["curve"] + r["ablations"]:
+                ratio = f"{p['decompose_s'] / plain:.2f}x" if plain else "n/a"
                 name = p["name"]
                 if p["is_default"]:
                     name = f"**{name}**"
                 t.append(f"| {r['label']} | {name} | {_pct(p['mac_fraction_mean'], 1)} | {_pct(p['param_fraction_mean'], 1)} | "
                          f"{_pct(p['composed_top1'])} | {100 * (p['composed_top1'] - r['source_top1']):+.2f} pt | "
-                         f"{p['auc_mean']:.4f} | {p['auc_min']:.4f} | {p['decompose_s']:.1f} |")
-            t.append(f"| {r['label']} | source | 100% | 100% | {_pct(r['source_top1'])} | | | | |")
+                         f"{p['auc_mean']:.4f} | {p['auc_min']:.4f} | {p['decompose_s']:.1f} | {ratio} |")
+            t.append(f"| {r['label']} | source | 100% | 100% | {_pct(r['source_top1'])} | | | | | |")
         blocks["curve"] = "\n".join(t)
     else:
         blocks["curve"] = "_not run_"

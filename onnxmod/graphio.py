@@ -152,3 +152,18 @@ def add_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
             m.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
             existing.add(n)
     return m
+
+
+def segment(nodes: list[gs.Node], inputs: list[gs.Tensor], outputs: list[gs.Tensor],
+            like: onnx.ModelProto) -> onnx.ModelProto:
+    """A model of ``nodes`` (from one graph) alone, fed ``inputs`` and returning ``outputs``,
+    with ``like``'s IR version and opsets; every input/output is float32 of any shape."""
+    g = gs.Graph(nodes=list(nodes), inputs=list(inputs), outputs=list(outputs), opset=opset_version(like))
+    out = gs.export_onnx(g, do_type_check=False)
+    out.ir_version = like.ir_version
+    del out.opset_import[:]
+    out.opset_import.extend(like.opset_import)
+    for vi in list(out.graph.input) + list(out.graph.output):
+        vi.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+        vi.type.tensor_type.ClearField("shape")
+    return out
