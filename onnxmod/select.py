@@ -202,7 +202,9 @@ class Selector:
         imp = self.importance(k)
         if shared_depth > 0:  # early groups: one class-agnostic choice, so composed models compute them once
             shared = self.shared_importance()
-            imp = {gid: shared[gid] if self.depth[gid] < shared_depth else v for gid, v in imp.items()}
+            # depth is in [0, 1]: shared_depth 1 shares every group, the last one included
+            imp = {gid: shared[gid] if self.depth[gid] < shared_depth or shared_depth >= 1 else v
+                   for gid, v in imp.items()}
         base = a.full_keep()
         base[self.out_group.id][:] = False
         base[self.out_group.id][k] = True

@@ -224,3 +224,14 @@ def test_resnet56_default_decomposition(shared_data, tmp_path):
         model = onnx.load(out / entry["file"])
         onnx.checker.check_model(model, full_check=True)
         assert run(model, x)[0].shape == (16, 1)
+
+
+def test_shared_depth_one_shares_every_layer(tmp_path):
+    """--shared-depth 1: every module keeps the same channels, so composing them costs one module."""
+    from onnxmod.compose import compose, compose_info
+
+    settings = DecomposeSettings(samples_per_class=30, refit_images=0, shared_depth=1.0, target_macs=0.6)
+    man = decompose(SAMPLE, CALIB, tmp_path / "m", settings=settings, classes=["cat", "dog", "ship"], quiet=True)
+    info = compose_info(compose([tmp_path / "m"]))
+    one = max(m["macs"] for m in man["modules"])
+    assert info["macs"] < one * 1.01 < info["module_macs_sum"]
