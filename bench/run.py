@@ -30,6 +30,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -101,10 +102,14 @@ class Config:
     settings_overrides: dict[str, Any] = field(default_factory=dict)
 
 
+# serving section: settings for a composed model meant to replace its source (one shared trunk)
+SERVING_VARIANT = ("reconstruct, shared_depth=1", {"reconstruct": True, "shared_depth": 1.0})
+
 # one knob changed at the default target, each row a separate decompose
 ABLATIONS = [("fill=mean", {"fill": "mean"}), ("refit_images=0", {"refit_images": 0}),
              ("strategy=global", {"strategy": "global"}), ("shared_depth=0", {"shared_depth": 0.0}),
-             ("reconstruct", {"reconstruct": True}), ("reconstruct", {"reconstruct": True, "target_macs": 0.8})]
+             ("reconstruct", {"reconstruct": True}), ("reconstruct", {"reconstruct": True, "target_macs": 0.8}),
+             ("reconstruct, shared_depth=1", {"reconstruct": True, "shared_depth": 1.0, "target_macs": 0.9})]
 
 
 def full_config(data: Path, command: str) -> Config:
@@ -522,7 +527,7 @@ def sec_curve(b: Bench) -> dict[str, Any]:
         abl = []
         for name, kw in cfg.ablations:
             target = kw.get("target_macs", b.default.target_macs)
-            abl.append(point(key, dc_replace(b.default, **kw), f"{name.replace('=', '-')}-t{target:g}",
+            abl.append(point(key, dc_replace(b.default, **kw), f"{re.sub(r'[^A-Za-z0-9_.]+', '-', name)}-t{target:g}",
                              f"{name} (target {target:g})"))
         res["models"][key] = {"label": m.label, "source_top1": s["top1"], "curve": rows, "ablations": abl}
     return res
@@ -650,6 +655,26 @@ def sec_serving(b: Bench) -> dict[str, Any]:
                                  "source_repeats": s_all, "composed_repeats": c_all}
             log(f"{key} batch {bs}: source {s_rate:.0f} img/s, composed {c_rate:.0f} img/s "
                 f"({c_rate / s_rate:.2f}x)")
+        # the serving-oriented settings: every layer shared (one pruned trunk + 10 class rows), re-fitted
+        name, kw = SERVING_VARIANT
+        d = cfg.work / key / "modules-serving"
+        log(f"{key}: decompose {name} -> {d}")
+        v_man = b.decompose(key, d, dc_replace(b.default, **kw))
+        v_model, _ = b.compose_dir(d)
+        v_eval = b.eval_composed(v_model, np.arange(len(b.test)))
+        v_sess = runtime.make_session(v_model, device="cpu")
+        variant: dict[str, Any] = {"name": name, "settings": kw, "composed_top1": v_eval["top1"],
+                                   "test_images": len(b.test),
+                                   "mac_fraction_mean": module_summary(v_man)["mac_fraction"]["mean"],
+                                   "composed_over_source_macs": count_macs(v_model) / count_macs(src_model)}
+        for bs, x, runs in ((1, x_one, cfg.serve_b1_images), (cfg.serve_big_batch, x_big, 1)):
+            s_rate, _ = _throughput(s_sess, x, runs, cfg.serve_repeats)
+            v_rate, v_all = _throughput(v_sess, x, runs, cfg.serve_repeats)
+            variant[f"batch{bs}"] = {"source_img_s": s_rate, "composed_img_s": v_rate,
+                                     "composed_over_source": v_rate / s_rate, "composed_repeats": v_all}
+            log(f"{key} {name} batch {bs}: source {s_rate:.0f} img/s, composed {v_rate:.0f} img/s "
+                f"({v_rate / s_rate:.2f}x), top-1 {v_eval['top1']:.4f}")
+        row["variant"] = variant
         info = compose_info(comp["model"])
         s_macs, c_macs = count_macs(src_model), count_macs(comp["model"])
         row.update({"source_macs": s_macs, "composed_macs": c_macs, "composed_over_source_macs": c_macs / s_macs,
@@ -849,6 +874,14 @@ def render_readme(cfg: Config, results: dict[str, Any]) -> str:
                     + " | ".join(f"{100 * (curve['models'][k]['source_top1'] - rec[k]['composed_top1']):.2f} pt "
                                  f"({_pct(curve['models'][k]['source_top1'])} → {_pct(rec[k]['composed_top1'])})"
                                  for k in keys) + " |")
+    if cost and serv and all(serv["models"].get(k, {}).get("variant") for k in keys):
+        v = {k: serv["models"][k]["variant"] for k in keys}
+        big = f"batch{serv['batch_sizes'][1]}"
+        rows.append(f"| same with `--reconstruct --shared-depth 1` (one shared trunk; section 5) | | " + " | ".join(
+            f"{100 * (cost['models'][k]['source_top1'] - v[k]['composed_top1']):.2f} pt "
+            f"({_pct(cost['models'][k]['source_top1'])} → {_pct(v[k]['composed_top1'])}); composed runs "
+            f"{v[k]['batch1']['composed_over_source']:.2f}x / {v[k][big]['composed_over_source']:.2f}x "
+            f"the source's speed (batch 1 / {serv['batch_sizes'][1]})" for k in keys) + " |")
     if reuse:
         rows.append(f"| reuse: 4-class model vs sources restricted to the same 4 logits | −2.3 pt | "
                     f"{reuse['delta_vs_mean_source_pt']:+.2f} pt vs mean of sources (" + ", ".join(
@@ -964,6 +997,20 @@ def render_readme(cfg: Config, results: dict[str, Any]) -> str:
                      f"{r['batch1']['source_img_s']:.0f} / {r['batch1']['composed_img_s']:.0f} "
                      f"(**{r['batch1']['composed_over_source']:.2f}x**) | {r[f'batch{bb}']['source_img_s']:.0f} / "
                      f"{r[f'batch{bb}']['composed_img_s']:.0f} (**{r[f'batch{bb}']['composed_over_source']:.2f}x**) |")
+        variants = {k: r["variant"] for k, r in serv["models"].items() if r.get("variant")}
+        if variants:
+            t += ["", f"With `{next(iter(variants.values()))['name']}` (`--reconstruct --shared-depth 1`: every module "
+                  "keeps the same re-fitted channels, so the composed model is one pruned network with 10 class "
+                  f"rows), on all {next(iter(variants.values()))['test_images']} test images:", "",
+                  f"| model | composed top-1 (source) | composed MACs / source | batch 1 img/s source / composed (ratio) "
+                  f"| batch {bb} img/s source / composed (ratio) |", "|---|---|---|---|---|"]
+            for k, v in variants.items():
+                src_top1 = cost["models"][k]["source_top1"] if cost and k in cost["models"] else None
+                t.append(f"| {serv['models'][k]['label']} | {_pct(v['composed_top1'])} "
+                         f"({_pct(src_top1) if src_top1 is not None else 'n/a'}) | {v['composed_over_source_macs']:.2f}x | "
+                         f"{v['batch1']['source_img_s']:.0f} / {v['batch1']['composed_img_s']:.0f} "
+                         f"(**{v['batch1']['composed_over_source']:.2f}x**) | {v[f'batch{bb}']['source_img_s']:.0f} / "
+                         f"{v[f'batch{bb}']['composed_img_s']:.0f} (**{v[f'batch{bb}']['composed_over_source']:.2f}x**) |")
         t.append("")
         t.append(f"Median of {serv['repeats']} repeats after a warm-up run, source and composed measured back to back "
                  f"in the same process; {serv['threads']}. \"shared by dedup\": 1 − composed MACs / sum of module MACs.")
