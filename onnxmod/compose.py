@@ -48,7 +48,6 @@ how :func:`replace` works on composed models.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -58,7 +57,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from onnxmod import graphio, modelio
 from onnxmod.cost import count_macs, count_params
@@ -240,20 +239,6 @@ def _rename_graph(graph: onnx.GraphProto, fn) -> None:
         v.name = fn(v.name)
 
 
-def _tensor_key(t: onnx.TensorProto) -> tuple:
-    arr = numpy_helper.to_array(t)
-    return ("T", int(t.data_type), tuple(int(d) for d in t.dims), hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest())
-
-
-def _attr_key(a: onnx.AttributeProto) -> tuple:
-    if a.type == onnx.AttributeProto.TENSOR:
-        return (a.name, _tensor_key(a.t))
-    c = onnx.AttributeProto()
-    c.CopyFrom(a)
-    c.ClearField("doc_string")
-    return (a.name, c.SerializeToString(deterministic=True))
-
-
 def _dedup(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], keep: set[str]) -> tuple[
         list[onnx.NodeProto], list[onnx.TensorProto], dict[str, str]]:
     """Merge identical initializers and nodes (``nodes`` in topological order).
@@ -265,7 +250,7 @@ def _dedup(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], keep: set
     seen_init: dict[tuple, str] = {}
     out_inits = []
     for t in inits:
-        k = _tensor_key(t)
+        k = graphio.tensor_key(t)
         if k in seen_init:
             alias[t.name] = seen_init[k]
         else:
@@ -279,7 +264,7 @@ def _dedup(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], keep: set
             out_nodes.append(n)
             continue
         key = (n.domain or "", n.op_type, tuple(n.input), tuple(bool(o) for o in n.output),
-               tuple(sorted(_attr_key(a) for a in n.attribute)))
+               tuple(sorted(graphio.attribute_key(a) for a in n.attribute)))
         if key in seen_node:
             for o, prev in zip(n.output, seen_node[key]):
                 if o:

@@ -336,13 +336,15 @@ def decompose(
                                     groups=prunable_groups(analysis, settings.strategy))
     temperature = scoring.fit_temperature(stats.logits, stats.labels)
     selector = Selector(analysis, stats)
+    do_reconstruct = settings.reconstruct and settings.target_macs < 1.0
+
     def images(positions: np.ndarray) -> np.ndarray | None:
         return (np.concatenate([x for x, _ in dataset.iter_batches(settings.batch_size, size=src.input_chw[1:],
                                                                     indices=idx[positions])])
                 if positions.size else None)
 
     # layer-wise reconstruction leaves the source's class row right: no separate row re-fit (measured: no gain)
-    refit_pos = _refit_positions(stats.labels, 0 if settings.reconstruct else settings.refit_images, settings.seed)
+    refit_pos = _balanced_positions(stats.labels, 0 if do_reconstruct else settings.refit_images, settings.seed)
     refit_x = images(refit_pos)
     refit_relevant = calibrate.relevance(stats.logits[refit_pos], stats.labels[refit_pos])
     rng = np.random.default_rng(settings.seed + 2)
@@ -360,17 +362,16 @@ def decompose(
         smalls = [surgery.remove_channels(analysis, keep, _fills(stats, k, settings.fill))
                   for k, keep in zip(wanted, keeps)]
         reconstruct_s = 0.0
-        if settings.reconstruct and settings.target_macs < 1.0:
+        if do_reconstruct:
             t_rec = time.perf_counter()
-            rec_pos = _refit_positions(stats.labels, settings.reconstruct_images, settings.seed + 3)
-            rec_x = images(rec_pos)
+            rec_x = images(_balanced_positions(stats.labels, settings.reconstruct_images, settings.seed + 3))
             targets = reconstruct.source_targets(src.model, rec_x, settings.reconstruct_positions,
                                                  settings.seed + 3, device)
             smalls = reconstruct.reconstruct(smalls, keeps, analysis, targets, device, quiet=quiet)
             reconstruct_s = time.perf_counter() - t_rec
         for k, keep, small in progress(list(zip(wanted, keeps, smalls)), desc="writing modules", quiet=quiet,
                                        unit="module"):
-            refit = {"refit": False, "why": "reconstructed layer by layer" if settings.reconstruct else "disabled"}
+            refit = {"refit": False, "why": "reconstructed layer by layer" if do_reconstruct else "disabled"}
             if refit_x is not None and settings.target_macs < 1.0:
                 # the images where class k is contested, plus a sample of the rest (re-weighted)
                 rel = refit_relevant[:, k] > 0
@@ -390,7 +391,7 @@ def decompose(
                 kept={"param_fraction": params / max(src.params, 1), "flop_fraction": macs / max(src.macs, 1),
                       "channels": {"kept": kept_channels, "total": all_channels},
                       "target_macs": settings.target_macs, "strategy": settings.strategy, "fill": settings.fill,
-                      "reconstructed": bool(reconstruct_s)},
+                      "reconstructed": do_reconstruct},
                 calibration=Calibration("platt", a, b, temperature, int(len(stats.labels)), nll0, nll1),
                 preprocess=src.preprocess,
             )
@@ -414,8 +415,8 @@ def decompose(
             "modules": modules,
             "settings": {**asdict(settings), "calib": str(calib), "calibration_images": int(len(idx))},
             "unsupported": [{"node": n, "op": o, "why": w} for n, o, w in analysis.unsupported],
-            "timings": {"calibration_s": stats.seconds, "reconstruct_s": reconstruct_s, "refit_s": refit_s, "writing_s": writing_s,
-                        "total_s": time.perf_counter() - t_start},
+            "timings": {"calibration_s": stats.seconds, "reconstruct_s": reconstruct_s, "refit_s": refit_s,
+                        "writing_s": writing_s, "total_s": time.perf_counter() - t_start},
         }
         modelio.write_text_atomic(tmp / "manifest.json", json.dumps(manifest, indent=2))
         _replace_dir(tmp, out)
@@ -426,7 +427,7 @@ def decompose(
     return manifest
 
 
-def _refit_positions(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+def _balanced_positions(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     """Positions (into the calibration order) of ``n`` images, balanced over classes."""
     if n <= 0 or labels.size == 0:
         return np.zeros(0, dtype=np.int64)

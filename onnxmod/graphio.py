@@ -6,6 +6,8 @@ inference, so the channel analysis sees the same graph whatever exporter made it
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -167,3 +169,35 @@ def segment(nodes: list[gs.Node], inputs: list[gs.Tensor], outputs: list[gs.Tens
         vi.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
         vi.type.tensor_type.ClearField("shape")
     return out
+
+
+def tensor_key(t: onnx.TensorProto) -> tuple:
+    """What makes two initializers interchangeable: dtype, shape and a digest of the values."""
+    arr = onnx.numpy_helper.to_array(t)
+    return ("T", int(t.data_type), tuple(int(d) for d in t.dims),
+            hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest())
+
+
+def attribute_key(a: onnx.AttributeProto) -> tuple:
+    """A node attribute as a hashable value (tensor attributes by :func:`tensor_key`)."""
+    if a.type == onnx.AttributeProto.TENSOR:
+        return (a.name, tensor_key(a.t))
+    c = onnx.AttributeProto()
+    c.CopyFrom(a)
+    c.ClearField("doc_string")
+    return (a.name, c.SerializeToString(deterministic=True))
+
+
+def computation_digests(model: onnx.ModelProto) -> dict[str, str]:
+    """Per tensor of ``model`` (nodes in topological order), a digest of everything that
+    computes it -- ops, attributes, initializer values, upstream -- so tensors with equal
+    digests, in this model or another, hold equal values."""
+    digest = {i.name: f"input:{i.name}" for i in model.graph.input}
+    digest.update({t.name: hashlib.sha256(repr(tensor_key(t)).encode()).hexdigest() for t in model.graph.initializer})
+    for n in model.graph.node:
+        key = (n.domain or "", n.op_type, [digest.get(i, f"?:{i}") for i in n.input],
+               sorted(attribute_key(a) for a in n.attribute))
+        base = hashlib.sha256(repr(key).encode()).hexdigest()
+        for i, o in enumerate(n.output):
+            digest[o] = f"{base}:{i}"
+    return digest

@@ -21,7 +21,6 @@ to share.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -134,29 +133,6 @@ def at_positions(y: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarra
     return y[n, :, rows, cols].reshape(-1, y.shape[1])
 
 
-def tensor_signatures(graph: gs.Graph) -> dict[str, str]:
-    """A digest per tensor of everything that computes it (ops, attributes, constants,
-    upstream), so equal digests across models mean equal values."""
-    sig: dict[str, str] = {t.name: f"in:{t.name}" for t in graph.inputs}
-
-    def of(t: gs.Tensor) -> str:
-        if isinstance(t, gs.Constant):
-            v = np.ascontiguousarray(t.values)
-            return hashlib.sha1(v.tobytes() + str((v.dtype, v.shape)).encode()).hexdigest()
-        return sig.get(t.name, f"?:{t.name}")
-
-    for n in graph.nodes:
-        attrs = []
-        for k in sorted(n.attrs):
-            v = n.attrs[k]
-            attrs.append((k, hashlib.sha1(np.ascontiguousarray(v).tobytes()).hexdigest()
-                          if isinstance(v, np.ndarray) else repr(v)))
-        base = hashlib.sha1(repr((n.op, attrs, [of(t) for t in n.inputs])).encode()).hexdigest()
-        for i, t in enumerate(n.outputs):
-            sig[t.name] = f"{base}:{i}"
-    return sig
-
-
 def _live(nodes: list[gs.Node], pos: int, graph_inputs: list[gs.Tensor]) -> list[gs.Tensor]:
     """Variables produced before ``nodes[pos]`` (or graph inputs) that nodes from ``pos`` on read."""
     produced = {t.name for n in nodes[:pos] for t in n.outputs} | {t.name for t in graph_inputs}
@@ -230,7 +206,7 @@ def reconstruct(
     """Re-fit the Convs of pruned ``models`` (cut from ``analysis.model`` with ``keeps``)
     to reproduce the source (see module doc). Returns new models; inputs are untouched."""
     graphs = [graphio.to_gs(m) for m in models]
-    sigs = [tensor_signatures(g) for g in graphs]
+    sigs = [graphio.computation_digests(m) for m in models]
     fitted: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # conv output digest -> weights, for shared Convs
     # the live values before the deepest shared Conv: later models start there, not at the input
     snapshot: tuple[str, dict[str, str], dict[str, np.ndarray]] | None = None

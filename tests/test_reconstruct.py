@@ -106,7 +106,7 @@ def test_decompose_with_reconstruction_keeps_shared_layers_shared(tmp_path):
     rec_w, plain_w = [conv_w(m) for m in mods], [conv_w(m) for m in plain_mods]
     assert any(not np.array_equal(rec_w[0][k], plain_w[0][k]) for k in rec_w[0])
     # ... but a Conv computed identically (same upstream) in every plain module is re-fitted once for all
-    sigs = [reconstruct.tensor_signatures(graphio.to_gs(m)) for m in plain_mods]
+    sigs = [graphio.computation_digests(m) for m in plain_mods]
     outs = {n.name: n.output[0] for n in plain_mods[0].graph.node if n.op_type == "Conv"}
     shared = [k for k, t in outs.items() if len({s.get(t) for s in sigs}) == 1]
     assert shared and len(shared) < len(outs)
