@@ -17,7 +17,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import onnx
@@ -359,18 +359,19 @@ def decompose(
         keeps = [selector.keep_for(k, settings.target_macs, settings.strategy, settings.depth_slope,
                                    multiple=settings.channel_multiple, shared_depth=settings.shared_depth)
                  for k in wanted]
-        smalls = [surgery.remove_channels(analysis, keep, _fills(stats, k, settings.fill))
-                  for k, keep in zip(wanted, keeps)]
+        # lazily, so without reconstruction each module is cut right before it is re-fitted and written
+        smalls: Iterable[onnx.ModelProto] = (surgery.remove_channels(analysis, keep, _fills(stats, k, settings.fill))
+                                             for k, keep in zip(wanted, keeps))
         reconstruct_s = 0.0
         if do_reconstruct:
             t_rec = time.perf_counter()
             rec_x = images(_balanced_positions(stats.labels, settings.reconstruct_images, settings.seed + 3))
             targets = reconstruct.source_targets(src.model, rec_x, settings.reconstruct_positions,
                                                  settings.seed + 3, device)
-            smalls = reconstruct.reconstruct(smalls, keeps, analysis, targets, device, quiet=quiet)
+            smalls = reconstruct.reconstruct(list(smalls), keeps, analysis, targets, device, quiet=quiet)
             reconstruct_s = time.perf_counter() - t_rec
-        for k, keep, small in progress(list(zip(wanted, keeps, smalls)), desc="writing modules", quiet=quiet,
-                                       unit="module"):
+        for k, keep, small in progress(zip(wanted, keeps, smalls), total=len(wanted), desc="writing modules",
+                                       quiet=quiet, unit="module"):
             refit = {"refit": False, "why": "reconstructed layer by layer" if do_reconstruct else "disabled"}
             if refit_x is not None and settings.target_macs < 1.0:
                 # the images where class k is contested, plus a sample of the rest (re-weighted)
