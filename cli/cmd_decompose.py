@@ -45,7 +45,7 @@ def _floats(value: str | None, name: str) -> list[float] | None:
               help="Re-fit each module's class row by least squares on this many calibration images (0: off).")
 @click.option("--reconstruct/--no-reconstruct", default=None,
               help="Re-fit every Conv, layer by layer, to reproduce the source's activations (least squares, "
-                   "no training): about +2-3 pt composed top-1 at the default size for ~0.7x a plain pass more "
+                   "no training): about +2-3 pt composed top-1 at the default size for ~0.5x a plain pass more "
                    "time [default: off].")
 @click.option("--batch-size", default=256, show_default=True, type=int)
 @click.option("--seed", default=0, show_default=True, type=int)

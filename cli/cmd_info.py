@@ -9,7 +9,7 @@ import click
 import onnx
 
 from onnxmod import modelio
-from onnxmod.cli.common import emit, fmt_count, json_option
+from onnxmod.cli.common import emit, fmt_count, json_option, quiet_option
 from onnxmod.cli.main import cli
 from onnxmod.cost import count_macs, count_params
 from onnxmod.errors import OnnxmodError
@@ -131,6 +131,7 @@ def render(info: dict[str, Any]) -> str:
 @cli.command("info")
 @click.argument("file", type=click.Path(path_type=Path))
 @json_option
-def info_cmd(file: Path, as_json: bool) -> None:
-    """Kind, classes, inputs/outputs, params and MACs of an ONNX model."""
+@quiet_option
+def info_cmd(file: Path, as_json: bool, quiet: bool) -> None:
+    """Kind, classes, inputs/outputs, params and MACs of an ONNX model."""  # nothing to hush: --quiet for uniformity
     emit(model_info(file), as_json, render)

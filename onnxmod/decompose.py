@@ -50,7 +50,7 @@ class DecomposeSettings:
     # `reconstruct`); each module runs on the pool images relevant to its class plus REFIT_OTHERS of the rest
     samples_per_class: int = 1000
     cov_images: int = 1024  # second moments (variances, covariances) from this many calibration images
-    reconstruct: bool = False  # re-fit every Conv layer by layer (onnxmod.reconstruct): +2-3 pt, ~+0.7x time
+    reconstruct: bool = False  # re-fit every Conv layer by layer (onnxmod.reconstruct): +2-3 pt, ~+0.5x a plain pass of time
     reconstruct_images: int = 256  # calibration images the layer-wise re-fits use
     reconstruct_positions: int = 16  # output positions sampled per image and layer
     split: str = "train"

@@ -267,3 +267,16 @@ def test_eval_cuda_not_loading(tmp_path, capsys):
     make_data(tmp_path / "d.npz")
     code, _, err = _cli(capsys, "eval", model, "--data", tmp_path / "d.npz", "--device", "cuda", "--quiet")
     _assert_one_line_error(code, err, "--device cuda")
+
+
+def test_every_command_takes_json_and_quiet():
+    """README: every command takes --json and --quiet (scripts rely on it)."""
+    from click.testing import CliRunner
+
+    from onnxmod.cli.main import _register, cli
+
+    _register()
+    assert len(cli.commands) >= 7
+    for name in cli.commands:
+        out = CliRunner().invoke(cli, [name, "--help"]).output
+        assert "--json" in out and "--quiet" in out, name
