@@ -159,7 +159,8 @@ def test_accuracy_preserving_settings_on_pretrained_resnet20(shared_data, tmp_pa
     source = cli("eval", str(src), "--data", str(data), "--json", "--device", "cpu")
     composed = cli("eval", str(comp), "--data", str(data), "--json", "--device", "cpu")
     assert composed["n"] == source["n"] == 10000
-    # a margin over the bench's 0.45 pt for other CPUs' float rounding; without reconstruction it is ~4 pt
-    assert source["top1"] - composed["top1"] < 0.0075, (source["top1"], composed["top1"])
+    # measured here: 0.45 pt; the same settings without --reconstruct: 0.64 pt. The bound sits between,
+    # leaving ~15 images of slack for other CPUs' float rounding
+    assert source["top1"] - composed["top1"] < 0.006, (source["top1"], composed["top1"])
     info = cli("info", str(comp), "--json")
     assert info["macs"] < 0.92 * cli("info", str(src), "--json")["macs"]
