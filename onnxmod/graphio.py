@@ -20,13 +20,19 @@ def to_gs(model: onnx.ModelProto) -> gs.Graph:
     return gs.import_onnx(model)
 
 
-def from_gs(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
-    """Export ``graph`` keeping ``like``'s IR version, opsets and metadata; shapes re-inferred."""
-    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+def _export(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
+    """``graph`` as a model with ``like``'s IR version and opsets."""
     out = gs.export_onnx(graph, do_type_check=False)
     out.ir_version = like.ir_version
     del out.opset_import[:]
     out.opset_import.extend(like.opset_import)
+    return out
+
+
+def from_gs(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
+    """Export ``graph`` keeping ``like``'s IR version, opsets and metadata; shapes re-inferred."""
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    out = _export(graph, like)
     del out.metadata_props[:]
     out.metadata_props.extend(like.metadata_props)
     out.producer_name = like.producer_name or "onnxmod"
@@ -161,10 +167,7 @@ def segment(nodes: list[gs.Node], inputs: list[gs.Tensor], outputs: list[gs.Tens
     """A model of ``nodes`` (from one graph) alone, fed ``inputs`` and returning ``outputs``,
     with ``like``'s IR version and opsets; every input/output is float32 of any shape."""
     g = gs.Graph(nodes=list(nodes), inputs=list(inputs), outputs=list(outputs), opset=opset_version(like))
-    out = gs.export_onnx(g, do_type_check=False)
-    out.ir_version = like.ir_version
-    del out.opset_import[:]
-    out.opset_import.extend(like.opset_import)
+    out = _export(g, like)
     for vi in list(out.graph.input) + list(out.graph.output):
         vi.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
         vi.type.tensor_type.ClearField("shape")

@@ -62,15 +62,15 @@ def _single_consumer(graph: gs.Graph, tensor: str) -> gs.Node | None:
     return users[0] if len(users) == 1 else None
 
 
-def _residual_other(graph: gs.Graph, conv: gs.Node) -> gs.Tensor | None:
-    """The other (non-constant, same-shape) input of a residual Add that is ``conv``'s only consumer."""
+def _residual_add(graph: gs.Graph, conv: gs.Node) -> tuple[gs.Node, gs.Tensor] | None:
+    """(the Add, its other non-constant input) when ``conv``'s only consumer is a two-input Add."""
     add = _single_consumer(graph, conv.outputs[0].name)
     if add is None or add.op != "Add" or len(add.inputs) != 2:
         return None
     other = [t for t in add.inputs if t is not conv.outputs[0]]
     if len(other) != 1 or isinstance(other[0], gs.Constant):
         return None
-    return other[0]
+    return add, other[0]
 
 
 def source_targets(source: onnx.ModelProto, x: np.ndarray, positions: int, seed: int, device: str = "auto",
@@ -93,9 +93,9 @@ def source_targets(source: onnx.ModelProto, x: np.ndarray, positions: int, seed:
         flat = np.stack([rng.choice(h * w, p, replace=False) for _ in range(len(x))]) if len(x) else \
             np.zeros((0, p), dtype=np.int64)
         pads = tuple(int(v) for v in n.attrs.get("pads", (0, 0, 0, 0)))
-        other = _residual_other(graph, n)
-        residual = other is not None and shapes.get(other.name) == out
-        add_out = _single_consumer(graph, n.outputs[0].name).outputs[0].name if residual else n.outputs[0].name
+        found = _residual_add(graph, n)
+        residual = found is not None and shapes.get(found[1].name) == out
+        add_out = found[0].outputs[0].name if residual else n.outputs[0].name
         sites[n.name] = ConvSite(n.name, n.outputs[0].name, kernel,
                                  tuple(int(v) for v in n.attrs.get("strides", (1, 1))),
                                  tuple(int(v) for v in n.attrs.get("dilations", (1, 1))),
@@ -230,7 +230,8 @@ def reconstruct(
                 if at is not None and {t.name: sig[t.name] for t in _live(nodes, at, graph.inputs)} == snapshot[1]:
                     pos, state = at, snapshot[2]
             shared = all(key == s.get(conv.outputs[0].name) for s in sigs)
-            other = _residual_other(graph, conv) if site.residual else None
+            found = _residual_add(graph, conv) if site.residual else None
+            other = found[1] if found is not None else None
             need = [conv.inputs[0]] + ([other] if other is not None else [])
             live_out = _live(nodes, p, graph.inputs)
             # the residual branch may come after the Conv in topological order: add what it needs
