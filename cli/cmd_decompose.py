@@ -30,7 +30,7 @@ def _floats(value: str | None, name: str) -> list[float] | None:
 @click.option("--std", default=None, help="Source input normalisation std.")
 @click.option("--scale", default=None, type=float, help="Multiply [0,1] pixels by this first (255 for 0..255 models).")
 @click.option("--target-macs", default=None, type=float,
-              help="Module MACs as a fraction of the source's: the size/accuracy knob [default: 0.65].")
+              help="Module MACs as a fraction of the source's: the size/accuracy knob [default: 0.5].")
 @click.option("--strategy", default=None, type=click.Choice(["uniform", "global"]),
               help="Per-layer budget: same kept fraction per layer, or global importance per MAC.")
 @click.option("--fill", default=None, type=click.Choice(["linear", "mean", "zero"]),
@@ -47,6 +47,11 @@ def _floats(value: str | None, name: str) -> list[float] | None:
               help="Re-fit every Conv, layer by layer, to reproduce the source's activations (least squares, "
                    "no training): about +2-3 pt composed top-1 at the default size for ~0.5x a plain pass more "
                    "time [default: off].")
+@click.option("--repair/--no-repair", default=None,
+              help="Distil the pruned modules against the source on the calibration images (torch; CUDA when "
+                   "--device allows) [default: on]. --no-repair keeps the training-free path.")
+@click.option("--repair-epochs", default=None, type=float,
+              help="Repair budget: passes over the calibration images (at least 200 optimiser steps) [default: 8].")
 @click.option("--batch-size", default=256, show_default=True, type=int)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--force", is_flag=True, help="Replace an existing output dir.")
@@ -54,14 +59,15 @@ def _floats(value: str | None, name: str) -> list[float] | None:
 @json_option
 @quiet_option
 def decompose_cmd(model, calib, out_dir, classes, samples_per_class, split, mean, std, scale, target_macs, strategy,
-                  fill, depth_slope, shared_depth, channel_multiple, refit_images, reconstruct, batch_size, seed, force, device, as_json, quiet):
+                  fill, depth_slope, shared_depth, channel_multiple, refit_images, reconstruct, repair, repair_epochs, batch_size, seed, force, device, as_json, quiet):
     """Cut MODEL into one physically smaller module per class."""
     from onnxmod.decompose import DecomposeSettings, decompose
 
     settings = DecomposeSettings(samples_per_class=samples_per_class, split=split, batch_size=batch_size, seed=seed)
     knobs = {"target_macs": target_macs, "strategy": strategy, "fill": fill, "depth_slope": depth_slope,
              "shared_depth": shared_depth,
-             "channel_multiple": channel_multiple, "refit_images": refit_images, "reconstruct": reconstruct}
+             "channel_multiple": channel_multiple, "refit_images": refit_images, "reconstruct": reconstruct,
+             "repair": repair, "repair_epochs": repair_epochs}
     for name, value in knobs.items():
         if value is not None:
             setattr(settings, name, value)
@@ -85,6 +91,7 @@ def decompose_cmd(model, calib, out_dir, classes, samples_per_class, split, mean
                          f"{mod['mac_fraction']:>10.3f}")
         t = m["timings"]
         rec = f", reconstruction {t['reconstruct_s']:.1f}s" if t.get("reconstruct_s") else ""
+        rec += f", repair {t['repair_s']:.1f}s" if t.get("repair_s") else ""
         lines.append(f"calibration {t['calibration_s']:.1f}s{rec}, total {t['total_s']:.1f}s")
         return "\n".join(lines)
 

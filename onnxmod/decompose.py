@@ -34,13 +34,14 @@ from onnxmod.select import STRATEGIES, Selector, prunable_groups
 FILLS = ("linear", "mean", "zero")
 REFIT_OTHERS = 0.15  # fraction of the non-relevant refit images each module also fits on
 REFIT_RELEVANT_WEIGHT = 5.0  # least-squares weight of images where the class is contested
+REPAIR_MEMORY_BYTES = 2e9  # repair holds its images in memory (float32): at most this much
 
 
 @dataclass
 class DecomposeSettings:
     """Algorithm knobs (recorded in the manifest). Defaults chosen by bench/ measurements."""
 
-    target_macs: float = 0.65  # module MACs as a fraction of the source's
+    target_macs: float = 0.5  # module MACs as a fraction of the source's
     strategy: str = "uniform"  # per-layer budget: "uniform" fraction per group, or "global"
     fill: str = "linear"  # removed channels: least-squares estimate, class mean, or 0
     depth_slope: float = 0.4  # uniform budget: late layers keep (1 + slope/2)x, early (1 - slope/2)x
@@ -53,6 +54,12 @@ class DecomposeSettings:
     reconstruct: bool = False  # re-fit every Conv layer by layer (onnxmod.reconstruct): +2-3 pt, ~+0.5x a plain pass of time
     reconstruct_images: int = 256  # calibration images the layer-wise re-fits use
     reconstruct_positions: int = 16  # output positions sampled per image and layer
+    repair: bool = True  # distil the modules against the source (onnxmod.repair)
+    repair_epochs: float = 8.0  # passes over the repair images (at least repair.RepairSettings.min_steps steps)
+    repair_min_steps: int = 200  # small calibration sets still get this many optimiser steps
+    repair_lr: float = 1e-3  # Adam learning rate of the distillation
+    repair_images: int = 10000  # calibration images repair trains on (fewer when they would not fit in memory)
+    platt_images: int = 500  # calibration images each module's score calibration is fitted on
     split: str = "train"
     batch_size: int = 256
     seed: int = 0
@@ -68,6 +75,10 @@ class DecomposeSettings:
             raise OnnxmodError(f"--refit-images must be >= 0, got {self.refit_images}")
         if self.reconstruct and (self.reconstruct_images < 1 or self.reconstruct_positions < 1):
             raise OnnxmodError("--reconstruct needs reconstruct_images and reconstruct_positions >= 1")
+        if self.repair and (self.repair_epochs <= 0 or self.repair_images < 1):
+            raise OnnxmodError(f"--repair-epochs must be > 0 (got {self.repair_epochs}) and repair images >= 1")
+        if self.platt_images < 2:
+            raise OnnxmodError(f"platt_images must be >= 2, got {self.platt_images}")
         if self.samples_per_class < 1:
             raise OnnxmodError(f"--samples-per-class must be >= 1, got {self.samples_per_class}")
 
@@ -343,10 +354,14 @@ def decompose(
                                                                     indices=idx[positions])])
                 if positions.size else None)
 
-    # layer-wise reconstruction leaves the source's class row right: no separate row re-fit (measured: no gain)
-    refit_pos = _balanced_positions(stats.labels, 0 if do_reconstruct else settings.refit_images, settings.seed)
+    do_repair = settings.repair and settings.target_macs < 1.0
+    # layer-wise reconstruction and repair leave the source's class row right: no separate row re-fit
+    refit_pos = _balanced_positions(stats.labels, 0 if do_reconstruct or do_repair else settings.refit_images,
+                                    settings.seed)
     refit_x = images(refit_pos)
     refit_relevant = calibrate.relevance(stats.logits[refit_pos], stats.labels[refit_pos])
+    platt_pos = _balanced_positions(stats.labels, settings.platt_images, settings.seed + 5)
+    platt_x = images(platt_pos)
     rng = np.random.default_rng(settings.seed + 2)
     all_channels = sum(g.size for g in selector.groups)
 
@@ -359,10 +374,11 @@ def decompose(
         keeps = [selector.keep_for(k, settings.target_macs, settings.strategy, settings.depth_slope,
                                    multiple=settings.channel_multiple, shared_depth=settings.shared_depth)
                  for k in wanted]
-        # lazily, so without reconstruction each module is cut right before it is re-fitted and written
+        # lazily, so without reconstruction or repair each module is cut right before it is re-fitted and written
         smalls: Iterable[onnx.ModelProto] = (surgery.remove_channels(analysis, keep, _fills(stats, k, settings.fill))
                                              for k, keep in zip(wanted, keeps))
-        reconstruct_s = 0.0
+        reconstruct_s = repair_s = 0.0
+        repair_report: dict[str, Any] | None = None
         if do_reconstruct:
             t_rec = time.perf_counter()
             rec_x = images(_balanced_positions(stats.labels, settings.reconstruct_images, settings.seed + 3))
@@ -370,9 +386,15 @@ def decompose(
                                                  settings.seed + 3, device)
             smalls = reconstruct.reconstruct(list(smalls), keeps, analysis, targets, device, quiet=quiet)
             reconstruct_s = time.perf_counter() - t_rec
+        if do_repair:
+            t_rep = time.perf_counter()
+            smalls, repair_report = _repair_modules(list(smalls), src, wanted, images, stats.labels, settings,
+                                                    device, quiet)
+            repair_s = time.perf_counter() - t_rep
+        how = "repaired by distillation" if do_repair else "reconstructed layer by layer" if do_reconstruct else ""
         for k, keep, small in progress(zip(wanted, keeps, smalls), total=len(wanted), desc="writing modules",
                                        quiet=quiet, unit="module"):
-            refit = {"refit": False, "why": "reconstructed layer by layer" if do_reconstruct else "disabled"}
+            refit = {"refit": False, "why": how or "disabled"}
             if refit_x is not None and settings.target_macs < 1.0:
                 # the images where class k is contested, plus a sample of the rest (re-weighted)
                 rel = refit_relevant[:, k] > 0
@@ -381,7 +403,8 @@ def decompose(
                 t_refit = time.perf_counter()
                 small, refit = refit_output_row(small, refit_x[use], stats.logits[refit_pos[use], k], weight, device)
                 refit_s += time.perf_counter() - t_refit
-            a, b, nll0, nll1 = scoring.fit_platt(stats.logits[:, k], stats.labels == k)
+            # the score is calibrated on what the module itself outputs, not on the source's logit
+            a, b, nll0, nll1 = scoring.fit_platt(module_logit(small, platt_x, device), stats.labels[platt_pos] == k)
             kept_channels = int(sum(keep[g.id].sum() for g in selector.groups))
             module = module_graph(small, a, b)
             params, macs = count_params(module), count_macs(module)
@@ -392,8 +415,8 @@ def decompose(
                 kept={"param_fraction": params / max(src.params, 1), "flop_fraction": macs / max(src.macs, 1),
                       "channels": {"kept": kept_channels, "total": all_channels},
                       "target_macs": settings.target_macs, "strategy": settings.strategy, "fill": settings.fill,
-                      "reconstructed": do_reconstruct},
-                calibration=Calibration("platt", a, b, temperature, int(len(stats.labels)), nll0, nll1),
+                      "reconstructed": do_reconstruct, "repaired": do_repair},
+                calibration=Calibration("platt", a, b, temperature, int(len(platt_pos)), nll0, nll1),
                 preprocess=src.preprocess,
             )
             modelio.set_meta(module, spec.to_metadata())
@@ -416,7 +439,9 @@ def decompose(
             "modules": modules,
             "settings": {**asdict(settings), "calib": str(calib), "calibration_images": int(len(idx))},
             "unsupported": [{"node": n, "op": o, "why": w} for n, o, w in analysis.unsupported],
-            "timings": {"calibration_s": stats.seconds, "reconstruct_s": reconstruct_s, "refit_s": refit_s,
+            "repair": repair_report,
+            "timings": {"calibration_s": stats.seconds, "reconstruct_s": reconstruct_s, "repair_s": repair_s,
+                        "refit_s": refit_s,
                         "writing_s": writing_s, "total_s": time.perf_counter() - t_start},
         }
         modelio.write_text_atomic(tmp / "manifest.json", json.dumps(manifest, indent=2))
@@ -426,6 +451,28 @@ def decompose(
         raise
     manifest["output"] = str(out)
     return manifest
+
+
+def module_logit(small: onnx.ModelProto, x: np.ndarray | None, device: str = "auto") -> np.ndarray:
+    """The module's own (single-row) logit on images ``x``."""
+    if x is None:
+        return np.zeros(0, dtype=np.float32)
+    sess = runtime.make_session(small, device=device, name="module")
+    return runtime.run(sess, x)[0].reshape(len(x), -1)[:, 0]
+
+
+def _repair_modules(smalls: list[onnx.ModelProto], src: PreparedSource, wanted: list[int], images,
+                    labels: np.ndarray, settings: DecomposeSettings, device: str, quiet: bool
+                    ) -> tuple[list[onnx.ModelProto], dict[str, Any]]:
+    """Distil the modules on (at most ``repair_images``, memory permitting) calibration images."""
+    from onnxmod import repair  # torch: imported only when repairing
+
+    c, h, w = src.input_chw
+    fits = int(REPAIR_MEMORY_BYTES // (4 * c * h * w))
+    x = images(_balanced_positions(labels, min(settings.repair_images, fits), settings.seed + 4))
+    rs = repair.RepairSettings(epochs=settings.repair_epochs, min_steps=settings.repair_min_steps,
+                               lr=settings.repair_lr, seed=settings.seed)
+    return repair.repair(smalls, src.model, wanted, x, rs, device, quiet)
 
 
 def _balanced_positions(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
