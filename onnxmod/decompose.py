@@ -430,6 +430,7 @@ def decompose(
                             "macs": macs, "param_fraction": params / max(src.params, 1),
                             "mac_fraction": macs / max(src.macs, 1),
                             "calibration": {"platt_a": a, "platt_b": b, "nll_before": nll0, "nll_after": nll1},
+                            "kept_channels": {str(g.id): np.nonzero(keep[g.id])[0].tolist() for g in selector.groups},
                             "refit": refit})
         manifest = {
             "format_version": modelio.FORMAT,
@@ -439,6 +440,8 @@ def decompose(
             "modules": modules,
             "settings": {**asdict(settings), "calib": str(calib), "calibration_images": int(len(idx))},
             "unsupported": [{"node": n, "op": o, "why": w} for n, o, w in analysis.unsupported],
+            # groups whose channels each class chooses for itself (the rest: one choice for all classes)
+            "class_specific_groups": [g.id for g in selector.groups if not selector.is_shared(g.id, settings.shared_depth)],
             "repair": repair_report,
             "timings": {"calibration_s": stats.seconds, "reconstruct_s": reconstruct_s, "repair_s": repair_s,
                         "refit_s": refit_s,

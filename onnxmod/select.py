@@ -192,6 +192,11 @@ class Selector:
             self._shared = {g.id: np.mean([p[g.id] for p in per], axis=0) for g in self.groups}
         return self._shared
 
+    def is_shared(self, gid: int, shared_depth: float) -> bool:
+        """Whether group ``gid`` gets the one class-agnostic choice under ``shared_depth``."""
+        # depth is in [0, 1]: shared_depth 1 shares every group, the last one included
+        return self.depth[gid] < shared_depth or shared_depth >= 1
+
     def keep_for(self, k: int, target: float, strategy: str = "uniform", depth_slope: float = 0.4,
                  prune_tied: bool = False, multiple: int = 1, shared_depth: float = 0.0) -> dict[int, np.ndarray]:
         """Closed keep-masks for a class-``k`` module with at most ``target`` x source MACs
@@ -202,9 +207,7 @@ class Selector:
         imp = self.importance(k)
         if shared_depth > 0:  # early groups: one class-agnostic choice, so composed models compute them once
             shared = self.shared_importance()
-            # depth is in [0, 1]: shared_depth 1 shares every group, the last one included
-            imp = {gid: shared[gid] if self.depth[gid] < shared_depth or shared_depth >= 1 else v
-                   for gid, v in imp.items()}
+            imp = {gid: shared[gid] if self.is_shared(gid, shared_depth) else v for gid, v in imp.items()}
         base = a.full_keep()
         base[self.out_group.id][:] = False
         base[self.out_group.id][k] = True
