@@ -1,0 +1,186 @@
+"""Repair by distillation (onnxmod.repair): the graphs keep their structure, shared layers stay
+byte-identical, the modules get closer to the source, and decompose wires it in."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from engine_oracles import run
+from onnxmod import channels, decompose as dec, repair, surgery
+from onnxmod.compose import compose, compose_info
+from onnxmod.data import open_dataset
+from onnxmod.decompose import DecomposeSettings, decompose, prepare_source
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE = REPO / "sample_graphs" / "resnet8_cifar10.onnx"
+CALIB = REPO / "sample_graphs" / "cifar10_calib.npz"
+TEST = REPO / "sample_graphs" / "cifar10_test.npz"
+CLASSES = [2, 3, 5]  # bird, cat, dog
+
+
+def _images(path: Path, n: int) -> np.ndarray:
+    return next(open_dataset(path).iter_batches(n))[0]
+
+
+def _random_prune(model: onnx.ModelProto, frac: float, seed: int) -> list[onnx.ModelProto]:
+    """Single-logit modules for CLASSES: the same random half of every prunable group (shared
+    layers) except the deepest group, which each class prunes its own way."""
+    a = channels.analyze(model, canonical=True)
+    rng = np.random.default_rng(seed)
+    groups = [g for g in a.groups if g.removable and not g.is_output and len(g.producers) == 1]
+    shared = {g.id: rng.permutation(g.size)[: max(1, int(g.size * frac))] for g in groups}
+    out = []
+    for k in CLASSES:
+        keep = a.full_keep()
+        keep[a.output_group().id][:] = False
+        keep[a.output_group().id][k] = True
+        for j, g in enumerate(groups):
+            idx = shared[g.id] if j < len(groups) - 1 else rng.permutation(g.size)[: max(1, int(g.size * frac))]
+            keep[g.id][:] = False
+            keep[g.id][idx] = True
+        out.append(surgery.remove_channels(a, a.close(keep), {}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def repaired():
+    src = prepare_source(SAMPLE)
+    before = _random_prune(src.model, 0.5, seed=0)
+    x = _images(CALIB, 600)
+    settings = repair.RepairSettings(epochs=1, min_steps=60, batch_size=64, seed=0)
+    after, report = repair.repair(before, src.model, CLASSES, x, settings, device="cpu", quiet=True)
+    return src, before, after, report
+
+
+def test_structure_names_and_metadata_unchanged(repaired):
+    _, before, after, _ = repaired
+    for b, a in zip(before, after):
+        assert [n.SerializeToString() for n in a.graph.node] == [n.SerializeToString() for n in b.graph.node]
+        assert [i.SerializeToString() for i in a.graph.input] == [i.SerializeToString() for i in b.graph.input]
+        assert [o.SerializeToString() for o in a.graph.output] == [o.SerializeToString() for o in b.graph.output]
+        assert [(i.name, tuple(i.dims), i.data_type) for i in a.graph.initializer] == \
+               [(i.name, tuple(i.dims), i.data_type) for i in b.graph.initializer]
+        assert list(a.metadata_props) == list(b.metadata_props)
+        onnx.checker.check_model(a, full_check=True)
+        changed = [i.name for i, j in zip(a.graph.initializer, b.graph.initializer)
+                   if not np.array_equal(numpy_helper.to_array(i), numpy_helper.to_array(j))]
+        assert changed, "repair trained nothing"
+
+
+def test_shared_layers_stay_byte_identical(repaired):
+    """Convs whose computation was identical in every module before repair are still identical after."""
+    from onnxmod.graphio import computation_digests
+
+    _, before, after, _ = repaired
+    digests = [computation_digests(m) for m in before]
+
+    def conv_weights(before_m: onnx.ModelProto, after_m: onnx.ModelProto, d: dict) -> dict[str, list]:
+        inits = {i.name: numpy_helper.to_array(i) for i in after_m.graph.initializer}
+        return {d[n.output[0]]: [inits[i] for i in n.input if i in inits]
+                for n in after_m.graph.node if n.op_type == "Conv"}
+
+    per_module = [conv_weights(b, a, d) for b, a, d in zip(before, after, digests)]
+    common = set.intersection(*(set(w) for w in per_module))
+    assert len(common) >= 3  # the shared trunk's Convs
+    for key in common:
+        for w in per_module[1:]:
+            assert all(np.array_equal(x, y) for x, y in zip(w[key], per_module[0][key]))
+    # the trunk did train (it is not simply frozen)
+    trunk_before = conv_weights(before[0], before[0], digests[0])
+    assert any(not np.array_equal(trunk_before[k][0], per_module[0][k][0]) for k in common)
+
+
+def test_repair_brings_modules_closer_to_the_source(repaired):
+    """Held-out images: the modules' logits move towards the source's (mean squared error)."""
+    src, before, after, report = repaired
+    x = _images(TEST, 300)
+    want = run(src.model, x)[0][:, CLASSES]
+    err_before = np.mean([(run(m, x)[0][:, 0] - want[:, j]) ** 2 for j, m in enumerate(before)])
+    err_after = np.mean([(run(m, x)[0][:, 0] - want[:, j]) ** 2 for j, m in enumerate(after)])
+    assert report["loss_last"] < report["loss_first"]
+    # measured 0.15x-0.3x on this sample; half is a loose bound that any real repair meets
+    assert err_after < 0.5 * err_before
+
+
+def test_torch_and_onnxruntime_agree_on_repaired_modules(repaired):
+    from onnxmod import torchgraph
+
+    _, _, after, _ = repaired
+    x = _images(TEST, 16)
+    for m in after:
+        np.testing.assert_allclose(torchgraph.run_numpy(m, x)[0], run(m, x)[0], atol=1e-4)
+
+
+def test_unsupported_op_is_named_before_training():
+    from onnx import TensorProto, helper
+
+    from onnxmod.errors import OnnxmodError
+
+    g = helper.make_graph([helper.make_node("Hardmax", ["input"], ["logit"], name="head")], "g",
+                          [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 3])],
+                          [helper.make_tensor_value_info("logit", TensorProto.FLOAT, [None, 3])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    with pytest.raises(OnnxmodError, match="Hardmax.*'head'.*--no-repair"):
+        repair.repair([m], m, [0], np.zeros((4, 3), np.float32), repair.RepairSettings(min_steps=1), "cpu", True)
+
+
+# --------------------------------------------------------------------------- through decompose
+def test_decompose_repairs_and_fits_platt_on_the_modules_own_logit(tmp_path, monkeypatch):
+    """The score calibration is fitted on what the (repaired) module outputs, not the source's logit."""
+    seen: list[tuple[np.ndarray, np.ndarray]] = []
+    real_fit, real_logit = dec.scoring.fit_platt, dec.module_logit
+    logits: list[np.ndarray] = []
+
+    def spy_logit(small, x, device="auto"):
+        logits.append(real_logit(small, x, device))
+        return logits[-1]
+
+    def spy_fit(logit, positive, *a, **k):
+        seen.append((np.asarray(logit), np.asarray(positive)))
+        return real_fit(logit, positive, *a, **k)
+
+    monkeypatch.setattr(dec, "module_logit", spy_logit)
+    monkeypatch.setattr(dec.scoring, "fit_platt", spy_fit)
+    settings = DecomposeSettings(samples_per_class=30, repair_epochs=2, repair_min_steps=20)
+    man = decompose(SAMPLE, CALIB, tmp_path / "m", classes=["cat", "dog"], settings=settings, quiet=True,
+                    device="cpu")
+    assert man["repair"]["steps"] >= 20 and man["timings"]["repair_s"] > 0
+    assert len(seen) == 2
+    for entry, (logit, positive), own in zip(man["modules"], seen, logits):
+        np.testing.assert_array_equal(logit, own)
+        model = onnx.load(tmp_path / "m" / entry["file"])
+        meta = {p.key: p.value for p in model.metadata_props}
+        assert json.loads(meta["onnxmod.kept"])["repaired"] is True
+        cal = json.loads(meta["onnxmod.calibration"])
+        a, b, _, _ = real_fit(logit, positive)
+        assert (cal["a"], cal["b"]) == pytest.approx((a, b))
+
+
+def test_no_repair_keeps_the_training_free_path(tmp_path):
+    settings = DecomposeSettings(samples_per_class=20, repair=False)
+    man = decompose(SAMPLE, CALIB, tmp_path / "m", classes=["cat"], settings=settings, quiet=True, device="cpu")
+    assert man["repair"] is None and man["timings"]["repair_s"] == 0
+    assert man["modules"][0]["refit"]["refit"] is True  # the class-row re-fit of the training-free path
+
+
+def test_cli_flags(tmp_path, capsys):
+    from onnxmod.cli.main import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["decompose", str(SAMPLE), "--calib", str(CALIB), "-o", str(tmp_path / "m"), "--classes", "cat,dog",
+              "--samples-per-class", "20", "--repair-epochs", "0.5", "--shared-depth", "1", "--json", "-q"])
+    assert e.value.code == 0
+    man = json.loads(capsys.readouterr().out)
+    assert man["repair"]["epochs"] == 0.5 and man["settings"]["repair"] is True
+    # --shared-depth 1 + repair: the modules still compose into one trunk
+    info = compose_info(compose([tmp_path / "m"]))
+    assert info["macs"] < max(m["macs"] for m in man["modules"]) * 1.01
+    with pytest.raises(SystemExit) as e:
+        main(["decompose", str(SAMPLE), "--calib", str(CALIB), "-o", str(tmp_path / "n"), "--repair-epochs", "0"])
+    assert e.value.code == 2 and "--repair-epochs" in capsys.readouterr().err
