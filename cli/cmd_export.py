@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from onnxmod.cli.common import emit, json_option, quiet_option, say
+from onnxmod import outputs
+from onnxmod.cli.common import emit, force_option, json_option, quiet_option, say
 from onnxmod.cli.main import cli
 from onnxmod.errors import OnnxmodError
 
@@ -49,18 +50,26 @@ def _parse_floats(text: str | None, what: str, n: int) -> tuple[float, ...] | No
 @click.argument("arch", type=click.Choice(sorted(ARCHS, key=ARCHS.get)), metavar="ARCH")
 @click.option("--weights", "-w", required=True, type=click.Path(dir_okay=False), help="PyTorch checkpoint (.th/.pt).")
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="Where to write the .onnx file.")
-@click.option("--classes", "classes_file", type=click.Path(dir_okay=False), help="Class names, one per line (default: CIFAR-10).")
+@click.option("--classes", "classes_file", type=click.Path(dir_okay=False), show_default="the CIFAR-10 names",
+              help="Class names, one per line.")
 @click.option("--exporter", type=click.Choice(["legacy", "dynamo"]), default="legacy", show_default=True)
-@click.option("--mean", default=None, help="Per-channel mean, e.g. '0.485,0.456,0.406' (default: ImageNet).")
-@click.option("--std", default=None, help="Per-channel std, e.g. '0.229,0.224,0.225' (default: ImageNet).")
+@click.option("--mean", default=None, show_default="0.485,0.456,0.406 (ImageNet)", help="Per-channel mean.")
+@click.option("--std", default=None, show_default="0.229,0.224,0.225 (ImageNet)", help="Per-channel std.")
+@force_option
 @json_option
 @quiet_option
-def export_cmd(arch, weights, output, classes_file, exporter, mean, std, as_json, quiet):
+def export_cmd(arch, weights, output, classes_file, exporter, mean, std, force, as_json, quiet):
     """Export a CIFAR ResNet checkpoint (ARCH: resnet20|32|44|56|110, or resnet8) to ONNX.
 
     The written model takes `input` float32 [N,3,32,32] in [0,1] (normalisation
     inside the graph) and outputs `logits` [N,K].
+
+    \b
+    Example:
+      onnxmod export resnet20 --weights resnet20.th -o resnet20.onnx
+      onnxmod export resnet8 -w r8.th -o r8.onnx --classes names.txt --exporter dynamo
     """
+    outputs.check_output(output, inputs=[weights, classes_file], force=force)
     try:
         import torch  # noqa: F401
 

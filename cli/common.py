@@ -10,6 +10,9 @@ import click
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable result on stdout.")
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars or chatter on stderr.")
+force_option = click.option(
+    "--force", is_flag=True,
+    help="Replace an existing output. Never an input, nor a directory onnxmod did not write.")
 device_option = click.option(
     "--device",
     type=click.Choice(["auto", "cpu", "cuda"]),

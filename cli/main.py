@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import signal
 import sys
+import threading
 
 import click
 
@@ -27,27 +30,67 @@ def _register() -> None:
     )
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that every ``except BaseException`` cleanup runs, as for Ctrl-C."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not cut the cleanup short
+    raise Terminated()
+
+
+class _StderrWarnings(logging.Handler):
+    """``onnxmod`` logger warnings (e.g. stale temp outputs) as ``onnxmod: warning: ...`` lines, unless --quiet."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        ctx = click.get_current_context(silent=True)
+        if ctx is not None and ctx.params.get("quiet"):
+            return
+        click.echo(f"onnxmod: warning: {record.getMessage()}", err=True)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    click.echo(f"onnxmod: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _interrupted(e: BaseException) -> None:
+    why = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+    _fail(f"{why}; nothing was written, temporary files removed", 130)
+
+
 def main(argv: list[str] | None = None) -> None:
     _register()
     # the commands register on `onnxmod.cli.main.cli`; under `python -m` this file is __main__
     from onnxmod.cli.main import cli as group
 
+    log = logging.getLogger("onnxmod")
+    if not any(isinstance(h, _StderrWarnings) for h in log.handlers):
+        log.addHandler(_StderrWarnings(logging.WARNING))
+        log.propagate = False
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     try:
         group.main(args=argv, prog_name="onnxmod", standalone_mode=False)
     except OnnxmodError as e:
-        click.echo(f"onnxmod: error: {e}", err=True)
-        sys.exit(2)
-    except click.exceptions.Abort:
-        click.echo("onnxmod: aborted", err=True)
-        sys.exit(130)
+        _fail(str(e))
+    except click.exceptions.Abort as e:  # click turns KeyboardInterrupt (and our Terminated) into Abort
+        _interrupted(e.__cause__ or e)
+    except KeyboardInterrupt as e:
+        _interrupted(e)
+    except click.UsageError as e:
+        hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+        _fail(f"{e.format_message()}{hint}", 2)
     except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
+        _fail(e.format_message(), 2)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        click.echo("onnxmod: interrupted", err=True)
-        sys.exit(130)
+    except OSError as e:  # the environment, not the input: disk full, permission denied...
+        where = f"{e.filename}: " if e.filename else ""
+        _fail(f"{where}{e.strerror or e}")
+    finally:
+        if in_main_thread and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     sys.exit(0)
 
 

@@ -120,6 +120,8 @@ def load_member(module: ModuleArg, where: str | None = None) -> Member:
         where = where or str(path)
         model = modelio.load_model(path)
     spec = ModuleSpec.from_model(model, where)
+    if path is not None:  # a broken file is reported as the file's fault, before it is merged
+        modelio.check_input(model, where)
     outs = [o.name for o in model.graph.output]
     if LOGIT not in outs:
         raise OnnxmodError(f"{where}: module has no '{LOGIT}' output (outputs: {outs})")
@@ -603,6 +605,7 @@ def _base_members(base: Any) -> tuple[list[Member], bool]:
         kind = modelio.model_kind(composed)
         if kind != "composed":
             raise OnnxmodError(f"{p}: is a {kind} model; replace takes a module dir or a composed model")
+        modelio.check_input(composed, where)
     rename = bool((modelio.get_meta(composed, COMPOSE) or {}).get("rename", False))
     mods = extract_modules(composed)
     classes = modelio.get_meta(composed, modelio.CLASSES) or []
@@ -646,5 +649,8 @@ def replace(
     display = _class_names(members, True, None)
     idx = _find_class(members, display, which)
     new = load_member(module)
+    if new.spec.class_name != members[idx].spec.class_name:
+        raise OnnxmodError(f"{new.where}: is a module of class '{new.spec.class_name}', but class "
+                           f"'{display[idx]}' is being replaced; give a '{members[idx].spec.class_name}' module")
     members[idx] = new
     return _compose_members(members, rename or base_rename, None)
