@@ -53,8 +53,8 @@ def _parse_floats(text: str | None, what: str, n: int) -> tuple[float, ...] | No
 @click.option("--classes", "classes_file", type=click.Path(dir_okay=False), show_default="the CIFAR-10 names",
               help="Class names, one per line.")
 @click.option("--exporter", type=click.Choice(["legacy", "dynamo"]), default="legacy", show_default=True)
-@click.option("--mean", default=None, show_default="0.485,0.456,0.406 (ImageNet)", help="Per-channel mean.")
-@click.option("--std", default=None, show_default="0.229,0.224,0.225 (ImageNet)", help="Per-channel std.")
+@click.option("--mean", default=None, show_default="ImageNet: 0.485,0.456,0.406", help="Per-channel mean.")
+@click.option("--std", default=None, show_default="ImageNet: 0.229,0.224,0.225", help="Per-channel std.")
 @force_option
 @json_option
 @quiet_option

@@ -13,10 +13,20 @@ from onnxmod import __version__
 from onnxmod.errors import OnnxmodError
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(__version__, prog_name="onnxmod")
 def cli() -> None:
-    """Cut CNN classifiers (ONNX) into per-class modules; reuse and replace them."""
+    """Cut CNN classifiers (ONNX) into per-class modules; reuse and replace them.
+
+    \b
+    Example (the bundled sample):
+      onnxmod decompose sample_graphs/resnet8_cifar10.onnx \\
+          --calib sample_graphs/cifar10_calib.npz -o r8.modules
+      onnxmod compose r8.modules -o r8_composed.onnx
+      onnxmod eval r8_composed.onnx --data sample_graphs/cifar10_test.npz
+
+    Run `onnxmod COMMAND --help` for each command's options and an example.
+    """
 
 
 def _register() -> None:

@@ -117,6 +117,19 @@ def choose_providers(device: str = "auto", available: Sequence[str] | None = Non
     return [CPU]
 
 
+def providers(device: str = "auto") -> list[str]:
+    """Execution providers to give a plain ``onnxruntime.InferenceSession`` (public helper).
+
+    ``auto``: ``["CUDAExecutionProvider", "CPUExecutionProvider"]`` where the CUDA provider
+    really loads and runs, else ``["CPUExecutionProvider"]``; the probe is silent, unlike
+    asking ORT for CUDA on a machine without CUDA libraries. ``cpu`` / ``cuda`` as for
+    ``--device``. Example::
+
+        sess = onnxruntime.InferenceSession("fixed.onnx", providers=onnxmod.runtime.providers())
+    """
+    return choose_providers(device)
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     for line in text.splitlines():
