@@ -101,7 +101,7 @@ def predict(model_path: Path, images: Sequence[Path], top: int = 3, device: str 
     from onnxmod.data import load_images
     from onnxmod.evaluate import input_chw, model_class_names
 
-    model = modelio.load_model(model_path)
+    model = modelio.load_model(model_path, check=True)
     kind = modelio.model_kind(model)
     c, h, w = input_chw(model)
     if c is None or h is None or w is None:

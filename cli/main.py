@@ -65,8 +65,11 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def _interrupted(e: BaseException) -> None:
+    from onnxmod import outputs
+
+    outputs.sweep_own_temps()  # also those created a moment before the signal, outside any cleanup block
     why = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
-    _fail(f"{why}; nothing was written, temporary files removed", 130)
+    _fail(f"{why}; temporary outputs removed", 130)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -164,6 +164,13 @@ def _ndarray_only(subtype, *args):
     return _np_multiarray._reconstruct(subtype, *args)
 
 
+def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
+    # how Python 3 writes bytes into a protocol-2 pickle: _codecs.encode(text, "latin1")
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise _Refused(f"_codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
 _np_multiarray = (np._core if hasattr(np, "_core") else np.core).multiarray  # numpy 2 name, numpy 1 fallback
 # what a CIFAR python batch is made of (numpy 1 and 2 module names): plain arrays and dtypes
 _CIFAR_GLOBALS = {
@@ -173,6 +180,7 @@ _CIFAR_GLOBALS = {
     ("numpy", "dtype"): _plain_dtype,
     ("numpy.core.multiarray", "scalar"): _np_multiarray.scalar,
     ("numpy._core.multiarray", "scalar"): _np_multiarray.scalar,
+    ("_codecs", "encode"): _latin1_bytes,
 }
 
 

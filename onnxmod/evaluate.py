@@ -25,7 +25,7 @@ ModelArg = onnx.ModelProto | str | os.PathLike
 def _load(model: ModelArg) -> tuple[onnx.ModelProto, str]:
     if isinstance(model, onnx.ModelProto):
         return model, model.graph.name or "<model>"
-    return modelio.load_model(model), str(model)
+    return modelio.load_model(model, check=True), str(model)
 
 
 def model_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:

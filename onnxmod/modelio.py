@@ -31,8 +31,12 @@ FORMAT_VERSION = "onnxmod.format_version"
 FORMAT = "1"
 
 
-def load_model(path: str | os.PathLike) -> onnx.ModelProto:
-    """Read an ONNX file; raise OnnxmodError (not a traceback) when it is missing or not ONNX."""
+def load_model(path: str | os.PathLike, check: bool = False) -> onnx.ModelProto:
+    """Read an ONNX file; raise OnnxmodError (not a traceback) when it is missing or not ONNX.
+
+    ``check``: also run the full ONNX checker, so a broken graph is blamed on the file
+    before anything runs it.
+    """
     p = Path(path)
     if not p.exists():
         raise OnnxmodError(f"{p}: no such file")
@@ -45,6 +49,8 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     if len(model.graph.node) == 0 or len(model.graph.output) == 0:
         raise OnnxmodError(f"{p}: not an ONNX model (empty graph)")
     _load_external_data(model, p)
+    if check:
+        check_input(model, str(p))
     return model
 
 

@@ -29,7 +29,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from onnxmod.errors import OnnxmodError
 
@@ -43,13 +43,18 @@ PathLike = str | os.PathLike
 
 
 # --------------------------------------------------------------------------- temp names
+_tracked: set[Path] = set()  # outputs this process may have temps of (see sweep_own_temps)
+
+
 def temp_prefix(out: Path) -> str:
-    """Prefix of the hidden temp beside ``out`` that this process writes."""
+    """Prefix of the hidden temp beside ``out`` that this process writes (registers ``out`` for sweep_own_temps)."""
+    _tracked.add(Path(out).absolute())
     return f".{out.name}.{os.getpid()}."
 
 
 def old_name(out: Path) -> Path:
     """Where ``out`` is parked while ``--force`` swaps in the new one."""
+    _tracked.add(Path(out).absolute())
     return out.with_name(f".{out.name}.old-{os.getpid()}")
 
 
@@ -58,8 +63,6 @@ _OLD_RE = re.compile(r"\.old-(?P<pid>\d+)$")
 
 
 def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -69,14 +72,13 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def clean_stale(out: PathLike) -> list[Path]:
-    """Remove hidden temp outputs of ``out`` left by dead processes; return those left alone.
+def _sweep(out: Path, mine: Callable[[int], bool]) -> list[Path]:
+    """Remove the temps of ``out`` whose writer ``mine(pid)`` says are ours to remove; return those left.
 
-    A temp whose writer still runs is another run in progress and is kept; one
-    whose name carries no process id (older onnxmod) is reported, not deleted.
+    A parked previous output (``.NAME.old-<pid>``) goes back to ``NAME`` when the swap
+    was cut between its two renames, so a killed ``--force`` never loses the old output.
     """
-    out = Path(out)
-    parent = out.parent if str(out.parent) else Path(".")
+    parent = out.parent
     try:
         entries = list(parent.iterdir())
     except OSError:
@@ -87,17 +89,44 @@ def clean_stale(out: PathLike) -> list[Path]:
         if not e.name.startswith(head):
             continue
         tail = e.name[len(head) - 1:]  # ".<pid>.<rand>.tmp" or ".old-<pid>"
-        m = _TEMP_RE.fullmatch(tail) or _OLD_RE.fullmatch(tail)
+        temp, old = _TEMP_RE.fullmatch(tail), _OLD_RE.fullmatch(tail)
+        m = temp or old
         if m is None:
             if e.name.endswith(".tmp"):
-                log.warning("%s: left by an earlier run (no process id in its name); remove it by hand", e)
                 kept.append(e)
             continue
-        if _pid_alive(int(m.group("pid"))):
+        if not mine(int(m.group("pid"))):
             kept.append(e)
-            continue
-        _remove(e)
+        elif old and not (out.exists() or out.is_symlink()):
+            os.replace(e, out)
+        else:
+            _remove(e)
     return kept
+
+
+def clean_stale(out: PathLike) -> list[Path]:
+    """Remove hidden temp outputs of ``out`` left by dead processes; return those left alone.
+
+    A temp whose writer still runs is another run in progress and is kept; one
+    whose name carries no process id (older onnxmod) is reported, not deleted.
+    """
+    out = Path(out).absolute()
+    kept = _sweep(out, lambda pid: pid != os.getpid() and not _pid_alive(pid))
+    for e in kept:
+        if not _TEMP_RE.fullmatch(e.name[len(out.name) + 1:]):
+            log.warning("%s: left by an earlier run (no process id in its name); remove it by hand", e)
+    return kept
+
+
+def sweep_own_temps() -> None:
+    """Remove every temp this process created (the CLI calls it when interrupted).
+
+    A signal can land between creating a temp and entering the block that would remove
+    it; temps are named after their output and our pid, so they are found here.
+    """
+    for out in list(_tracked):
+        _sweep(out, lambda pid: pid == os.getpid())
+    _tracked.clear()
 
 
 def _remove(p: Path) -> None:
@@ -129,8 +158,10 @@ def _check_place(out: Path) -> None:
             fd, probe = tempfile.mkstemp(prefix=temp_prefix(out), suffix=".tmp", dir=str(anc))
         except OSError as e:
             raise OnnxmodError(f"{out}: cannot write in {anc} ({e.strerror or type(e).__name__})") from None
-        os.close(fd)
-        os.unlink(probe)
+        try:
+            os.close(fd)
+        finally:
+            os.unlink(probe)
 
 
 def owned_files(directory: Path) -> set[str] | None:
