@@ -171,6 +171,12 @@ def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
     return text.encode("latin1")
 
 
+def _np_frombuffer(buf, dtype, shape, order):
+    if not isinstance(dtype, np.dtype) or dtype.hasobject:
+        raise _Refused(f"an array of dtype {dtype!r}")
+    return np.frombuffer(buf, dtype=dtype).reshape(shape, order=order)
+
+
 _np_multiarray = (np._core if hasattr(np, "_core") else np.core).multiarray  # numpy 2 name, numpy 1 fallback
 # what a CIFAR python batch is made of (numpy 1 and 2 module names): plain arrays and dtypes
 _CIFAR_GLOBALS = {
@@ -181,6 +187,8 @@ _CIFAR_GLOBALS = {
     ("numpy.core.multiarray", "scalar"): _np_multiarray.scalar,
     ("numpy._core.multiarray", "scalar"): _np_multiarray.scalar,
     ("_codecs", "encode"): _latin1_bytes,
+    ("numpy.core.numeric", "_frombuffer"): _np_frombuffer,  # pickle protocol 5
+    ("numpy._core.numeric", "_frombuffer"): _np_frombuffer,
 }
 
 
