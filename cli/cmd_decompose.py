@@ -2,24 +2,27 @@
 
 from __future__ import annotations
 
+import math
+
 import click
 
-from onnxmod.cli.common import device_option, emit, fmt_count, force_option, json_option, quiet_option, say
+from onnxmod.cli.common import (device_option, emit, float_list, fmt_count, force_option, json_option,
+                                quiet_option, say)
 from onnxmod.cli.main import cli
 from onnxmod.decompose import DecomposeSettings
 from onnxmod.errors import OnnxmodError
 
 
-def _floats(value: str | None, name: str) -> list[float] | None:
+_D = DecomposeSettings()  # the defaults shown in --help are the ones decompose uses
+
+
+def _class_list(value: str | None) -> list[str] | None:
     if value is None:
         return None
-    try:
-        return [float(v) for v in value.replace(",", " ").split()]
-    except ValueError:
-        raise OnnxmodError(f"{name}: expected numbers like 0.485,0.456,0.406, got '{value}'") from None
-
-
-_D = DecomposeSettings()  # the defaults shown in --help are the ones decompose uses
+    names = [c.strip() for c in value.split(",") if c.strip()]
+    if not names:
+        raise OnnxmodError(f"--classes: no class names or indices in '{value}' (leave it out for all classes)")
+    return names
 
 
 @cli.command("decompose")
@@ -76,6 +79,8 @@ def decompose_cmd(model, calib, out_dir, classes, samples_per_class, split, mean
     """
     from onnxmod.decompose import decompose
 
+    if scale is not None and not (math.isfinite(scale) and scale > 0):
+        raise OnnxmodError(f"--scale must be a finite number > 0, got {scale}")
     settings = DecomposeSettings(samples_per_class=samples_per_class, split=split, batch_size=batch_size, seed=seed)
     knobs = {"target_macs": target_macs, "strategy": strategy, "fill": fill, "depth_slope": depth_slope,
              "shared_depth": shared_depth,
@@ -85,8 +90,8 @@ def decompose_cmd(model, calib, out_dir, classes, samples_per_class, split, mean
             setattr(settings, name, value)
     manifest = decompose(
         model, calib, out_dir,
-        classes=[c for c in classes.split(",") if c.strip()] if classes else None,
-        settings=settings, mean=_floats(mean, "--mean"), std=_floats(std, "--std"), scale=scale,
+        classes=_class_list(classes),
+        settings=settings, mean=float_list(mean, "--mean"), std=float_list(std, "--std"), scale=scale,
         device=device, force=force, quiet=quiet,
     )
     for u in manifest["unsupported"]:

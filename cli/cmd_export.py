@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from onnxmod import outputs
-from onnxmod.cli.common import emit, force_option, json_option, quiet_option, say
+from onnxmod.modelio import require_file
+from onnxmod.cli.common import emit, float_list, force_option, json_option, quiet_option, say
 from onnxmod.cli.main import cli
 from onnxmod.errors import OnnxmodError
 
@@ -19,10 +20,9 @@ ARCHS = {"resnet8": 8, "resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56
 
 def _read_classes(path: str) -> list[str]:
     p = Path(path)
+    require_file(p, "a text file of class names")
     try:
         text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise OnnxmodError(f"{p}: no such file") from None
     except (OSError, UnicodeDecodeError) as e:
         raise OnnxmodError(f"{p}: cannot read class names ({type(e).__name__})") from None
     names = [line.strip() for line in text.splitlines() if line.strip()]
@@ -32,18 +32,6 @@ def _read_classes(path: str) -> list[str]:
     if dup:
         raise OnnxmodError(f"{p}: duplicate class names: {', '.join(dup[:5])}")
     return names
-
-
-def _parse_floats(text: str | None, what: str, n: int) -> tuple[float, ...] | None:
-    if text is None:
-        return None
-    try:
-        vals = tuple(float(v) for v in text.replace(",", " ").split())
-    except ValueError:
-        raise OnnxmodError(f"--{what}: expected {n} numbers, got {text!r}") from None
-    if len(vals) != n:
-        raise OnnxmodError(f"--{what}: expected {n} numbers, got {len(vals)}")
-    return vals
 
 
 @cli.command("export")
@@ -79,8 +67,8 @@ def export_cmd(arch, weights, output, classes_file, exporter, mean, std, force, 
         raise OnnxmodError(f"export needs PyTorch ({e.name or e}): pip install onnxmod[torch]") from None
 
     classes = _read_classes(classes_file) if classes_file else list(CIFAR10_CLASSES)
-    mean_v = _parse_floats(mean, "mean", 3) or DEFAULT_MEAN
-    std_v = _parse_floats(std, "std", 3) or DEFAULT_STD
+    mean_v = tuple(float_list(mean, "--mean", 3) or DEFAULT_MEAN)
+    std_v = tuple(float_list(std, "--std", 3) or DEFAULT_STD)
     if any(s == 0 for s in std_v):
         raise OnnxmodError("--std: values must be non-zero")
 

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from onnxmod.errors import OnnxmodError
+from onnxmod.modelio import require_file
 
 CIFAR10_CLASSES = [
     "airplane",
@@ -144,10 +145,7 @@ def resnet110(num_classes: int = 10) -> ResNetCifar:
 
 def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     p = Path(path)
-    if not p.exists():
-        raise OnnxmodError(f"{p}: no such file")
-    if p.is_dir():
-        raise OnnxmodError(f"{p}: is a directory, expected a checkpoint file")
+    require_file(p, "a checkpoint file")
     _check_checkpoint_format(p)
     try:
         obj: Any = torch.load(str(p), map_location="cpu", weights_only=True)

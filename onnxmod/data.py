@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from onnxmod.errors import OnnxmodError
-from onnxmod.modelio import atomic_path
+from onnxmod.modelio import atomic_path, require_file
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 SPLITS = ("train", "test")
@@ -312,8 +312,7 @@ def read_image(path: str | os.PathLike, channels: int = 3) -> np.ndarray:
     limit) are refused.
     """
     p = Path(path)
-    if not p.exists():
-        raise OnnxmodError(f"{p}: no such file")
+    require_file(p, "an image file")
     if channels not in (1, 3):
         raise OnnxmodError(f"{p}: models taking {channels} channels cannot be fed images (1 or 3 only)")
     try:
@@ -470,6 +469,8 @@ def open_dataset(path: str | os.PathLike, split: str = "test") -> Dataset:
         if p.suffix.lower() == ".npz":
             return NpzDataset(p)
         raise OnnxmodError(f"{p}: unknown data format (expected a .npz file, a CIFAR batches dir or an image folder)")
+    if not p.is_dir():
+        raise OnnxmodError(f"{p}: is not a regular file or a directory (a pipe or device?)")
     kind = _cifar_kind(p)
     if kind:
         return CifarDataset(p, kind, split)

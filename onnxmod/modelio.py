@@ -31,6 +31,16 @@ FORMAT_VERSION = "onnxmod.format_version"
 FORMAT = "1"
 
 
+def require_file(p: Path, what: str = "a file") -> None:
+    """A readable input must be a regular file: not missing, a directory, or a FIFO/device that blocks reads."""
+    if not p.exists():
+        raise OnnxmodError(f"{p}: no such file")
+    if p.is_dir():
+        raise OnnxmodError(f"{p}: is a directory, expected {what}")
+    if not p.is_file():
+        raise OnnxmodError(f"{p}: is not a regular file (a pipe or device?), expected {what}")
+
+
 def load_model(path: str | os.PathLike, check: bool = False) -> onnx.ModelProto:
     """Read an ONNX file; raise OnnxmodError (not a traceback) when it is missing or not ONNX.
 
@@ -38,10 +48,7 @@ def load_model(path: str | os.PathLike, check: bool = False) -> onnx.ModelProto:
     before anything runs it.
     """
     p = Path(path)
-    if not p.exists():
-        raise OnnxmodError(f"{p}: no such file")
-    if p.is_dir():
-        raise OnnxmodError(f"{p}: is a directory, expected an .onnx file")
+    require_file(p, "an .onnx file")
     try:
         model = onnx.load(str(p), load_external_data=False)
     except Exception as e:  # protobuf DecodeError and friends

@@ -4,10 +4,12 @@ Every writing command calls :func:`check_output` before any work, then writes
 through :func:`onnxmod.modelio.atomic_path` (files) or :func:`atomic_dir` (dirs):
 
 * an existing output is refused unless ``force``;
-* even with ``force``, never replaced: an input of the command (or a directory
-  holding one), the current directory or one of its parents, a directory that is
-  not an onnxmod output (no ``manifest.json``) or that holds files onnxmod did not
-  write, a directory where a file is expected and the other way round;
+* even with ``force``, never replaced: an input of the command, a directory holding
+  one or a file inside an input directory, the current directory or one of its
+  parents, a directory that is not an onnxmod output (no ``manifest.json``) or that
+  holds files onnxmod did not write, anything but a regular file or symbolic link
+  where a file is expected (a device such as /dev/null), a directory where a file is
+  expected and the other way round;
 * an output under a regular file, or in a place that cannot be written, is refused
   up front (one line, exit 2) rather than after minutes of work.
 
@@ -228,15 +230,19 @@ def check_output(out: PathLike, inputs: Iterable[PathLike | None] = (), force: b
             raise OnnxmodError(f"{out}: is also an input ({raw}); inputs are never overwritten")
     _check_place(out)
     if out.exists() or out.is_symlink():
+        inside = next((i for i in ins if i.is_dir() and _is_within(resolved, i)), None)
         if directory:
             if not force:
                 raise OnnxmodError(f"{out}: already exists (use --force to replace an earlier onnxmod output)")
             _check_replaceable_dir(out, ins)
-        else:
-            if out.is_dir():
-                raise OnnxmodError(f"{out}: is a directory, expected a file path")
-            if not force:
-                raise OnnxmodError(f"{out}: already exists (use --force to overwrite it)")
+        elif out.is_dir() and not out.is_symlink():
+            raise OnnxmodError(f"{out}: is a directory, expected a file path")
+        elif not force:
+            raise OnnxmodError(f"{out}: already exists (use --force to overwrite it)")
+        elif not out.is_symlink() and not out.is_file():  # a device, fifo or socket: never replaced
+            raise OnnxmodError(f"{out}: is not a regular file; not replaced, even with --force")
+        if inside is not None:
+            raise OnnxmodError(f"{out}: is part of an input ({inside}); not replaced, even with --force")
     clean_stale(out)
     return out
 

@@ -218,6 +218,11 @@ def _a_dir(inp: Path, cwd: Path) -> None:
     (cwd / "adir").mkdir()
 
 
+def _fifo(inp: Path, cwd: Path) -> None:
+    """A named pipe: reading it would block forever, replacing it would replace a device-like file."""
+    os.mkfifo(cwd / "pipe")
+
+
 R8 = "r8.onnx"
 CALIB = "calib.npz"
 DEC = ["decompose", "--quiet"]
@@ -385,6 +390,30 @@ CASES = [
     Case("export-output-under-file", lambda i, c: ["export", "resnet8", "--weights", i / "r8.th", "-o", "afile/x.onnx",
                                                    "-q"], "is a file, not a directory", _regular_file),
     Case("export-bad-arch", lambda i, c: ["export", "resnet9", "--weights", i / "r8.th", "-o", "x.onnx"], "ARCH"),
+    Case("export-nan-std", lambda i, c: ["export", "resnet8", "--weights", i / "r8.th", "-o", "x.onnx", "--std",
+                                         "nan,1,1", "-q"], "--std: values must be finite"),
+    # ---- pipes and devices: never read (blocks), never replaced (not a regular file)
+    Case("info-pipe", lambda i, c: ["info", "pipe"], "not a regular file", _fifo),
+    Case("eval-data-pipe", lambda i, c: ["eval", i / R8, "--data", "pipe", "-q"], "not a regular file", _fifo),
+    Case("predict-image-pipe", lambda i, c: ["predict", i / R8, "pipe", "-q"], "not a regular file", _fifo),
+    Case("export-weights-pipe", lambda i, c: ["export", "resnet8", "--weights", "pipe", "-o", "x.onnx", "-q"],
+         "not a regular file", _fifo),
+    Case("compose-output-pipe", lambda i, c: ["compose", i / "r8.modules", "-o", "pipe", "--force"],
+         "is not a regular file; not replaced", _fifo),
+    Case("export-output-pipe", lambda i, c: ["export", "resnet8", "--weights", i / "r8.th", "-o", "pipe", "--force",
+                                             "-q"], "is not a regular file; not replaced", _fifo),
+    Case("decompose-output-pipe", lambda i, c: [*DEC, i / R8, "--calib", i / CALIB, "-o", "pipe", "--force"],
+         "pipe", _fifo),
+    Case("replace-output-inside-base-dir", lambda i, c: ["replace", i / "r8.modules", "--class", "cat", "--with",
+                                                         i / "r8.modules" / "module_003_cat.onnx", "-o",
+                                                         i / "r8.modules" / "manifest.json", "--force"],
+         "is part of an input"),
+    Case("decompose-nan-mean", lambda i, c: [*DEC, i / R8, "--calib", i / CALIB, "--mean", "nan,0.5,0.5"],
+         "--mean: values must be finite"),
+    Case("decompose-zero-scale", lambda i, c: [*DEC, i / R8, "--calib", i / CALIB, "--scale", "0"],
+         "--scale must be a finite number > 0"),
+    Case("decompose-empty-classes", lambda i, c: [*DEC, i / R8, "--calib", i / CALIB, "--classes", " , "],
+         "--classes: no class names"),
     Case("export-zero-std", lambda i, c: ["export", "resnet8", "--weights", i / "r8.th", "-o", "x.onnx", "--std", "0,1,1",
                                           "-q"], "--std"),
 ]
