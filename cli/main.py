@@ -40,13 +40,22 @@ def _register() -> None:
     )
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread so that every ``except BaseException`` cleanup runs, as for Ctrl-C."""
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM, raised in the main thread so that every ``except BaseException`` cleanup runs.
+
+    Not a KeyboardInterrupt, so click does not turn it into an Abort (which prints a blank line first).
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
-def _on_sigterm(signum, frame) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not cut the cleanup short
-    raise Terminated()
+def _on_signal(signum, frame) -> None:
+    # a second signal must not cut the cleanup short
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise Interrupted(signum)
 
 
 class _StderrWarnings(logging.Handler):
@@ -68,7 +77,7 @@ def _interrupted(e: BaseException) -> None:
     from onnxmod import outputs
 
     outputs.sweep_own_temps()  # also those created a moment before the signal, outside any cleanup block
-    why = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+    why = "terminated (SIGTERM)" if getattr(e, "signum", None) == signal.SIGTERM else "interrupted"
     _fail(f"{why}; temporary outputs removed", 130)
 
 
@@ -82,15 +91,16 @@ def main(argv: list[str] | None = None) -> None:
         log.addHandler(_StderrWarnings(logging.WARNING))
         log.propagate = False
     in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
+    previous = ({sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+                if in_main_thread else {})
     try:
         group.main(args=argv, prog_name="onnxmod", standalone_mode=False)
     except OnnxmodError as e:
         _fail(str(e))
-    except click.exceptions.Abort as e:  # click turns KeyboardInterrupt (and our Terminated) into Abort
-        _interrupted(e.__cause__ or e)
-    except KeyboardInterrupt as e:
+    except (Interrupted, KeyboardInterrupt) as e:
         _interrupted(e)
+    except click.exceptions.Abort as e:  # click turns a KeyboardInterrupt into Abort
+        _interrupted(e.__cause__ or e)
     except click.UsageError as e:
         hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
         _fail(f"{e.format_message()}{hint}", 2)
@@ -102,8 +112,8 @@ def main(argv: list[str] | None = None) -> None:
         where = f"{e.filename}: " if e.filename else ""
         _fail(f"{where}{e.strerror or e}")
     finally:
-        if in_main_thread and previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     sys.exit(0)
 
 

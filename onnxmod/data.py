@@ -320,6 +320,8 @@ def read_image(path: str | os.PathLike, channels: int = 3) -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(p) as img:
                 img.load()
+                if img.mode == "P" and "transparency" in img.info:  # Pillow warns converting these straight to RGB
+                    img = img.convert("RGBA")
                 img = img.convert("L" if channels == 1 else "RGB")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise OnnxmodError(f"{p}: refused: {str(e).split(',')[0]} (a possible decompression bomb)") from None
