@@ -192,3 +192,23 @@ def test_providers_helper_picks_cuda_only_where_it_loads(monkeypatch):
     assert runtime.providers("auto") == [runtime.CPU]
     assert runtime.providers("cpu") == [runtime.CPU]
     assert runtime.providers() == runtime.choose_providers("auto")
+
+
+# --------------------------------------------------------------------------- settings validation (API, not only the CLI)
+@pytest.mark.parametrize("knob, value, expect", [
+    ("channel_multiple", 0, "--channel-multiple"),
+    ("shared_depth", 5.0, "--shared-depth"),
+    ("shared_depth", float("nan"), "--shared-depth"),
+    ("depth_slope", 2.0, "--depth-slope"),
+    ("target_macs", float("nan"), "--target-macs"),
+    ("batch_size", 0, "--batch-size"),
+    ("seed", -1, "--seed"),
+])
+def test_decompose_settings_reject_nonsense(knob, value, expect):
+    from onnxmod.decompose import DecomposeSettings
+
+    s = DecomposeSettings()
+    s.validate()
+    setattr(s, knob, value)
+    with pytest.raises(OnnxmodError, match=re.escape(expect)):
+        s.validate()
