@@ -68,6 +68,9 @@ class _StderrWarnings(logging.Handler):
         click.echo(f"onnxmod: warning: {record.getMessage()}", err=True)
 
 
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
+
+
 def _fail(message: str, code: int = 2) -> None:
     click.echo(f"onnxmod: error: {message}", err=True)
     sys.exit(code)
@@ -101,6 +104,9 @@ def main(argv: list[str] | None = None) -> None:
         _interrupted(e)
     except click.exceptions.Abort as e:  # click turns a KeyboardInterrupt into Abort
         _interrupted(e.__cause__ or e)
+    except _NO_ARGS_IS_HELP as e:  # bare `onnxmod`: the help, as click shows it
+        e.show()
+        sys.exit(e.exit_code)
     except click.UsageError as e:
         hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
         _fail(f"{e.format_message()}{hint}", 2)

@@ -183,11 +183,15 @@ def owned_files(directory: Path) -> set[str] | None:
 
 
 def _foreign_files(directory: Path, owned: set[str]) -> list[str]:
+    """Entries of ``directory`` onnxmod did not write (sub-directories too, empty or not)."""
     foreign = []
     for root, dirs, files in os.walk(directory):
-        for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+        for name in files + dirs:
             rel = os.path.relpath(os.path.join(root, name), directory)
-            if rel not in owned and not any(fnmatch.fnmatch(rel, pat) for pat in OWNED_PATTERNS):
+            if name in dirs and not os.path.islink(os.path.join(root, name)):
+                if not any(o.startswith(rel + os.sep) for o in owned):
+                    foreign.append(rel + os.sep)
+            elif rel not in owned and not any(fnmatch.fnmatch(rel, pat) for pat in OWNED_PATTERNS):
                 foreign.append(rel)
     return sorted(foreign)
 

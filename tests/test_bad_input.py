@@ -204,6 +204,16 @@ def _modules_plus_notes(inp: Path, cwd: Path) -> None:
     (cwd / "old.modules" / "notes.txt").write_text("added by the user\n")
 
 
+def _modules_plus_empty_dir(inp: Path, cwd: Path) -> None:
+    shutil.copytree(inp / "r8.modules", cwd / "old.modules")
+    (cwd / "old.modules" / "extra").mkdir()
+
+
+def _linked_modules(inp: Path, cwd: Path) -> None:
+    shutil.copytree(inp / "r8.modules", cwd / "real.modules")
+    (cwd / "link.modules").symlink_to("real.modules")
+
+
 def _existing(name: str):
     def setup(inp: Path, cwd: Path) -> None:
         (cwd / name).write_text("precious\n")
@@ -315,6 +325,10 @@ CASES = [
          "already exists (use --force", _user_dir),
     Case("decompose-output-foreign-files", lambda i, c: [*DEC, i / R8, "--calib", i / CALIB, "-o", "old.modules",
                                                         "--force"], "notes.txt", _modules_plus_notes),
+    Case("decompose-output-foreign-subdir", lambda i, c: [*DEC, i / R8, "--calib", i / CALIB, "-o", "old.modules",
+                                                         "--force"], "extra/", _modules_plus_empty_dir),
+    Case("decompose-output-symlink", lambda i, c: [*DEC, i / R8, "--calib", i / CALIB, "-o", "link.modules",
+                                                  "--force"], "is a symbolic link", _linked_modules),
     Case("decompose-output-under-file", lambda i, c: [*DEC, i / R8, "--calib", i / CALIB, "-o", "afile/out"],
          "is a file, not a directory", _regular_file),
     Case("decompose-output-is-file", lambda i, c: [*DEC, i / R8, "--calib", i / CALIB, "-o", "afile", "--force"],
