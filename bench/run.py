@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""onnxmod benchmarks (DESIGN.md "Benchmarks").
+"""onnxmod benchmarks (docs/DESIGN.md "Benchmarks").
 
     python bench/run.py --data ../shared/data          # full run, ~20-30 min on 2 CPU cores
     python bench/run.py --smoke                        # tiny run on sample_graphs/, < 60 s, temp dir

@@ -8,19 +8,10 @@ from typing import Any, Sequence
 import click
 import numpy as np
 
-from onnxmod import modelio
-from onnxmod.cli.common import device_option, emit, fmt_count, json_option, quiet_option
+from onnxmod import modelio, outputs
+from onnxmod.cli.common import device_option, emit, fmt_count, force_option, json_option, quiet_option
 from onnxmod.cli.main import cli
 from onnxmod.errors import OnnxmodError
-
-
-def _check_output(out: Path, inputs: Sequence[Path]) -> None:
-    if out.is_dir():
-        raise OnnxmodError(f"{out}: is a directory, expected an .onnx file path")
-    r = out.resolve()
-    for i in inputs:
-        if Path(i).resolve() == r:
-            raise OnnxmodError(f"{out}: is also an input; inputs are never overwritten")
 
 
 def _summary(model, out: Path) -> dict[str, Any]:
@@ -48,14 +39,21 @@ def _human(r: dict[str, Any]) -> str:
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Composed model (.onnx).")
 @click.option("--rename", is_flag=True,
               help="Call a class that several sources have NAME@SOURCE instead of failing.")
+@force_option
 @json_option
 @quiet_option
-def compose_cmd(inputs: tuple[Path, ...], out: Path, rename: bool, as_json: bool, quiet: bool) -> None:
-    """Compose one classifier from modules (files, or dirs = all their modules). Class order = argument order."""
+def compose_cmd(inputs: tuple[Path, ...], out: Path, rename: bool, force: bool, as_json: bool, quiet: bool) -> None:
+    """Compose one classifier from modules (files, or dirs = all their modules). Class order = argument order.
+
+    \b
+    Example:
+      onnxmod compose r8.modules/module_003_cat.onnx r8.modules/module_005_dog.onnx -o catdog.onnx
+      onnxmod compose r8.modules -o r8_composed.onnx        # every module of the dir
+    """
     from onnxmod.compose import compose, expand_inputs
 
     files = expand_inputs(inputs)
-    _check_output(out, files)
+    outputs.check_output(out, inputs=[*inputs, *files], force=force)
     model = compose(files, rename=rename)
     modelio.save_model(model, out)
     emit(_summary(model, out), as_json, _human)
@@ -67,49 +65,30 @@ def compose_cmd(inputs: tuple[Path, ...], out: Path, rename: bool, as_json: bool
 @click.option("--with", "module", required=True, type=click.Path(path_type=Path), help="The module serving it now.")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Composed model (.onnx).")
 @click.option("--rename", is_flag=True, help="As for compose.")
+@force_option
 @json_option
 @quiet_option
-def replace_cmd(base: Path, which: str, module: Path, out: Path, rename: bool, as_json: bool, quiet: bool) -> None:
-    """BASE (module dir or composed model) with one class served by MODULE, as a composed model."""
-    from onnxmod.compose import replace
+def replace_cmd(base: Path, which: str, module: Path, out: Path, rename: bool, force: bool, as_json: bool,
+                quiet: bool) -> None:
+    """BASE (module dir or composed model) with one class served by MODULE, as a composed model.
+
+    \b
+    Example:
+      onnxmod replace r20.modules --class cat --with r56.modules/module_003_cat.onnx -o fixed.onnx
+    """
+    from onnxmod.compose import module_files, replace
 
     if not base.exists():
         raise OnnxmodError(f"{base}: no such file or directory")
     if not module.exists():
         raise OnnxmodError(f"{module}: no such file")
-    _check_output(out, [base, module])
+    outputs.check_output(out, inputs=[base, module, *(module_files(base) if base.is_dir() else [])], force=force)
     model = replace(base, which, module, rename=rename)
     modelio.save_model(model, out)
     emit(_summary(model, out), as_json, _human)
 
 
 # --------------------------------------------------------------------------- predict
-def load_images(paths: Sequence[Path], channels: int, size: tuple[int, int]) -> np.ndarray:
-    """Images -> float32 ``[N, C, H, W]`` in [0, 1], RGB (or L for 1 channel), resized bilinearly."""
-    from PIL import Image, UnidentifiedImageError
-
-    h, w = size
-    out = np.empty((len(paths), channels, h, w), np.float32)
-    for i, p in enumerate(paths):
-        if not p.exists():
-            raise OnnxmodError(f"{p}: no such file")
-        try:
-            with Image.open(p) as img:
-                img.load()
-                img = img.convert("L" if channels == 1 else "RGB")
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-            raise OnnxmodError(f"{p}: cannot read image ({type(e).__name__})") from None
-        if img.size != (w, h):
-            img = img.resize((w, h), Image.BILINEAR)
-        a = np.asarray(img, dtype=np.float32) / np.float32(255.0)
-        if a.ndim == 2:
-            a = a[:, :, None]
-        if a.shape[2] != channels:
-            raise OnnxmodError(f"{p}: {a.shape[2]} channels but the model takes {channels}")
-        out[i] = a.transpose(2, 0, 1)
-    return out
-
-
 def _softmax(z: np.ndarray) -> np.ndarray:
     z = z.astype(np.float64) - z.max(axis=1, keepdims=True)
     e = np.exp(z)
@@ -119,9 +98,10 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 def predict(model_path: Path, images: Sequence[Path], top: int = 3, device: str = "auto") -> dict[str, Any]:
     """Label and top probabilities per image for a source, module or composed model."""
     from onnxmod import runtime
+    from onnxmod.data import load_images
     from onnxmod.evaluate import input_chw, model_class_names
 
-    model = modelio.load_model(model_path)
+    model = modelio.load_model(model_path, check=True)
     kind = modelio.model_kind(model)
     c, h, w = input_chw(model)
     if c is None or h is None or w is None:
@@ -130,7 +110,7 @@ def predict(model_path: Path, images: Sequence[Path], top: int = 3, device: str 
         if c is None or not size:
             raise OnnxmodError(f"{model_path}: input size is not fixed; cannot size the images")
         h, w = int(size[0]), int(size[1])
-    x = load_images(list(images), int(c), (int(h), int(w)))
+    x = load_images(list(images), int(c), (int(h), int(w)))  # the one image path (onnxmod.data)
     sess = runtime.make_session(model, device=device, name=str(model_path))
     outs = [o.name for o in sess.get_outputs()]
     preds = []
@@ -178,5 +158,12 @@ def _predict_human(r: dict[str, Any]) -> str:
 @json_option
 @quiet_option
 def predict_cmd(model: Path, images: tuple[Path, ...], top: int, device: str, as_json: bool, quiet: bool) -> None:
-    """Label and top probabilities of each IMAGE (source, module or composed MODEL)."""
+    """Label and top probabilities of each IMAGE (source, module or composed MODEL).
+
+    Images are converted to RGB and resized (bilinear) to the model's input size.
+
+    \b
+    Example:
+      onnxmod predict r8_composed.onnx cat1.png dog2.jpg --top 2
+    """
     emit(predict(model, images, top=top, device=device), as_json, _predict_human)

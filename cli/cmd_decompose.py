@@ -2,67 +2,92 @@
 
 from __future__ import annotations
 
+import math
+
 import click
 
-from onnxmod.cli.common import device_option, emit, fmt_count, json_option, quiet_option, say
+from onnxmod.cli.common import (device_option, emit, float_list, fmt_count, force_option, json_option,
+                                quiet_option, say)
 from onnxmod.cli.main import cli
+from onnxmod.decompose import DecomposeSettings
 from onnxmod.errors import OnnxmodError
 
 
-def _floats(value: str | None, name: str) -> list[float] | None:
+_D = DecomposeSettings()  # the defaults shown in --help are the ones decompose uses
+
+
+def _class_list(value: str | None) -> list[str] | None:
     if value is None:
         return None
-    try:
-        return [float(v) for v in value.replace(",", " ").split()]
-    except ValueError:
-        raise OnnxmodError(f"{name}: expected numbers like 0.485,0.456,0.406, got '{value}'") from None
+    names = [c.strip() for c in value.split(",") if c.strip()]
+    if not names:
+        raise OnnxmodError(f"--classes: no class names or indices in '{value}' (leave it out for all classes)")
+    return names
 
 
 @cli.command("decompose")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--calib", required=True, type=click.Path(), help="Calibration data (CIFAR batches, image folder or .npz).")
 @click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False), default=None,
-              help="Output dir [default: <model stem>.modules].")
-@click.option("--classes", default=None, help="Comma-separated class names or indices (default: all).")
-@click.option("--samples-per-class", default=1000, show_default=True, type=int, help="Calibration images per class.")
-@click.option("--split", default="train", show_default=True, type=click.Choice(["train", "test"]))
-@click.option("--mean", default=None, help="Source input normalisation mean, e.g. 0.485,0.456,0.406.")
-@click.option("--std", default=None, help="Source input normalisation std.")
-@click.option("--scale", default=None, type=float, help="Multiply [0,1] pixels by this first (255 for 0..255 models).")
-@click.option("--target-macs", default=None, type=float,
-              help="Module MACs as a fraction of the source's: the size/accuracy knob [default: 0.5].")
-@click.option("--strategy", default=None, type=click.Choice(["uniform", "global"]),
+              show_default="<model stem>.modules in the current dir", help="Output dir.")
+@click.option("--classes", default=None, show_default="all", help="Comma-separated class names or indices.")
+@click.option("--samples-per-class", default=_D.samples_per_class, show_default=True, type=int,
+              help="Calibration images per class.")
+@click.option("--split", default=_D.split, show_default=True, type=click.Choice(["train", "test"]))
+@click.option("--mean", default=None, show_default="the model's onnxmod.preprocess, else 0",
+              help="Source input normalisation mean, e.g. 0.485,0.456,0.406.")
+@click.option("--std", default=None, show_default="the model's onnxmod.preprocess, else 1",
+              help="Source input normalisation std.")
+@click.option("--scale", default=None, type=float, show_default="the model's onnxmod.preprocess, else 1",
+              help="Multiply [0,1] pixels by this first (255 for 0..255 models).")
+@click.option("--target-macs", default=_D.target_macs, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="Module MACs as a fraction of the source's: the size/accuracy knob.")
+@click.option("--strategy", default=_D.strategy, show_default=True, type=click.Choice(["uniform", "global"]),
               help="Per-layer budget: same kept fraction per layer, or global importance per MAC.")
-@click.option("--fill", default=None, type=click.Choice(["linear", "mean", "zero"]),
+@click.option("--fill", default=_D.fill, show_default=True, type=click.Choice(["linear", "mean", "zero"]),
               help="What replaces removed channels in the layers that read them.")
-@click.option("--depth-slope", default=None, type=float,
-              help="Uniform budget: how much more late layers keep than early ones (0 = same fraction).")
-@click.option("--shared-depth", default=None, type=float,
+@click.option("--depth-slope", default=_D.depth_slope, show_default=True, type=float,
+              help="Uniform budget: how much more late layers keep than early ones (0 = same fraction; in (-2, 2)).")
+@click.option("--shared-depth", default=_D.shared_depth, show_default=True, type=click.FloatRange(0, 1),
               help="Layers in this first fraction of the depth are chosen once for all classes, so a composed "
                    "model computes them once (1 = every layer shared).")
-@click.option("--channel-multiple", default=None, type=int, help="Round kept channel counts to this multiple.")
-@click.option("--refit-images", default=None, type=int,
+@click.option("--channel-multiple", default=_D.channel_multiple, show_default=True, type=click.IntRange(min=1),
+              help="Round kept channel counts to this multiple.")
+@click.option("--refit-images", default=_D.refit_images, show_default=True, type=click.IntRange(min=0),
               help="Re-fit each module's class row by least squares on this many calibration images (0: off).")
-@click.option("--reconstruct/--no-reconstruct", default=None,
+@click.option("--reconstruct/--no-reconstruct", default=_D.reconstruct, show_default=True,
               help="Re-fit every Conv, layer by layer, to reproduce the source's activations (least squares, "
                    "no training): about +2-3 pt composed top-1 at the default size for ~0.5x a plain pass more "
-                   "time [default: off].")
-@click.option("--repair/--no-repair", default=None,
+                   "time.")
+@click.option("--repair/--no-repair", default=_D.repair, show_default=True,
               help="Distil the pruned modules against the source on the calibration images (torch; CUDA when "
-                   "--device allows) [default: on]. --no-repair keeps the training-free path.")
-@click.option("--repair-epochs", default=None, type=float,
-              help="Repair budget: passes over the calibration images (at least 200 optimiser steps) [default: 8].")
-@click.option("--batch-size", default=256, show_default=True, type=int)
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--force", is_flag=True, help="Replace an existing output dir.")
+                   "--device allows). --no-repair keeps the training-free path.")
+@click.option("--repair-epochs", default=_D.repair_epochs, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Repair budget: passes over the calibration images (at least 200 optimiser steps).")
+@click.option("--batch-size", default=_D.batch_size, show_default=True, type=click.IntRange(min=1))
+@click.option("--seed", default=_D.seed, show_default=True, type=click.IntRange(min=0))
+@force_option
 @device_option
 @json_option
 @quiet_option
 def decompose_cmd(model, calib, out_dir, classes, samples_per_class, split, mean, std, scale, target_macs, strategy,
-                  fill, depth_slope, shared_depth, channel_multiple, refit_images, reconstruct, repair, repair_epochs, batch_size, seed, force, device, as_json, quiet):
-    """Cut MODEL into one physically smaller module per class."""
-    from onnxmod.decompose import DecomposeSettings, decompose
+                  fill, depth_slope, shared_depth, channel_multiple, refit_images, reconstruct, repair, repair_epochs,
+                  batch_size, seed, force, device, as_json, quiet):
+    """Cut MODEL into one physically smaller module per class.
 
+    Writes DIR/module_<kkk>_<name>.onnx per class and DIR/manifest.json.
+
+    \b
+    Example:
+      onnxmod decompose sample_graphs/resnet8_cifar10.onnx \\
+          --calib sample_graphs/cifar10_calib.npz -o r8.modules
+      onnxmod decompose resnet56.onnx --calib cifar10/ --classes cat,dog
+      onnxmod decompose resnet56.onnx --calib cifar10/ --no-repair   # training-free, fast
+    """
+    from onnxmod.decompose import decompose
+
+    if scale is not None and not (math.isfinite(scale) and scale > 0):
+        raise OnnxmodError(f"--scale must be a finite number > 0, got {scale}")
     settings = DecomposeSettings(samples_per_class=samples_per_class, split=split, batch_size=batch_size, seed=seed)
     knobs = {"target_macs": target_macs, "strategy": strategy, "fill": fill, "depth_slope": depth_slope,
              "shared_depth": shared_depth,
@@ -73,8 +98,8 @@ def decompose_cmd(model, calib, out_dir, classes, samples_per_class, split, mean
             setattr(settings, name, value)
     manifest = decompose(
         model, calib, out_dir,
-        classes=[c for c in classes.split(",") if c.strip()] if classes else None,
-        settings=settings, mean=_floats(mean, "--mean"), std=_floats(std, "--std"), scale=scale,
+        classes=_class_list(classes),
+        settings=settings, mean=float_list(mean, "--mean"), std=float_list(std, "--std"), scale=scale,
         device=device, force=force, quiet=quiet,
     )
     for u in manifest["unsupported"]:

@@ -40,14 +40,24 @@ def render(r: dict[str, Any]) -> str:
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--data", "data", required=True, type=click.Path(path_type=Path), help="CIFAR batches dir, image folder or .npz.")
 @click.option("--split", type=click.Choice(["train", "test"]), default="test", show_default=True)
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate at most N images.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, show_default="all",
+              help="Evaluate at most N images.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @device_option
 @json_option
 @quiet_option
 def eval_cmd(model: Path, data: Path, split: str, limit: int | None, batch_size: int, device: str,
              as_json: bool, quiet: bool) -> None:
-    """Top-1 (and top-5) accuracy and per-class recall of MODEL on labelled data."""
+    """Top-1 (and top-5) accuracy and per-class recall of MODEL on labelled data.
+
+    For a module: binary accuracy and AUC of its class. A composed model's classes are
+    matched to the data's labels by name. Images are resized to the model's input size.
+
+    \b
+    Example:
+      onnxmod eval r8_composed.onnx --data sample_graphs/cifar10_test.npz
+      onnxmod eval r8.modules/module_003_cat.onnx --data cifar10/ --limit 2000 --json
+    """
     # the model is loaded (and checked) before the data is read
     result = evaluate(model, data, split=split, device=device, batch_size=batch_size, limit=limit, quiet=quiet)
     emit(result, as_json, render)

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import click
 
-from onnxmod.cli.common import emit, json_option, quiet_option, say
+from onnxmod import outputs
+from onnxmod.modelio import require_file
+from onnxmod.cli.common import emit, float_list, force_option, json_option, quiet_option, say
 from onnxmod.cli.main import cli
 from onnxmod.errors import OnnxmodError
 
@@ -18,10 +20,9 @@ ARCHS = {"resnet8": 8, "resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56
 
 def _read_classes(path: str) -> list[str]:
     p = Path(path)
+    require_file(p, "a text file of class names")
     try:
         text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise OnnxmodError(f"{p}: no such file") from None
     except (OSError, UnicodeDecodeError) as e:
         raise OnnxmodError(f"{p}: cannot read class names ({type(e).__name__})") from None
     names = [line.strip() for line in text.splitlines() if line.strip()]
@@ -33,34 +34,30 @@ def _read_classes(path: str) -> list[str]:
     return names
 
 
-def _parse_floats(text: str | None, what: str, n: int) -> tuple[float, ...] | None:
-    if text is None:
-        return None
-    try:
-        vals = tuple(float(v) for v in text.replace(",", " ").split())
-    except ValueError:
-        raise OnnxmodError(f"--{what}: expected {n} numbers, got {text!r}") from None
-    if len(vals) != n:
-        raise OnnxmodError(f"--{what}: expected {n} numbers, got {len(vals)}")
-    return vals
-
-
 @cli.command("export")
 @click.argument("arch", type=click.Choice(sorted(ARCHS, key=ARCHS.get)), metavar="ARCH")
 @click.option("--weights", "-w", required=True, type=click.Path(dir_okay=False), help="PyTorch checkpoint (.th/.pt).")
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="Where to write the .onnx file.")
-@click.option("--classes", "classes_file", type=click.Path(dir_okay=False), help="Class names, one per line (default: CIFAR-10).")
+@click.option("--classes", "classes_file", type=click.Path(dir_okay=False), show_default="the CIFAR-10 names",
+              help="Class names, one per line.")
 @click.option("--exporter", type=click.Choice(["legacy", "dynamo"]), default="legacy", show_default=True)
-@click.option("--mean", default=None, help="Per-channel mean, e.g. '0.485,0.456,0.406' (default: ImageNet).")
-@click.option("--std", default=None, help="Per-channel std, e.g. '0.229,0.224,0.225' (default: ImageNet).")
+@click.option("--mean", default=None, show_default="ImageNet: 0.485,0.456,0.406", help="Per-channel mean.")
+@click.option("--std", default=None, show_default="ImageNet: 0.229,0.224,0.225", help="Per-channel std.")
+@force_option
 @json_option
 @quiet_option
-def export_cmd(arch, weights, output, classes_file, exporter, mean, std, as_json, quiet):
+def export_cmd(arch, weights, output, classes_file, exporter, mean, std, force, as_json, quiet):
     """Export a CIFAR ResNet checkpoint (ARCH: resnet20|32|44|56|110, or resnet8) to ONNX.
 
     The written model takes `input` float32 [N,3,32,32] in [0,1] (normalisation
     inside the graph) and outputs `logits` [N,K].
+
+    \b
+    Example:
+      onnxmod export resnet20 --weights resnet20.th -o resnet20.onnx
+      onnxmod export resnet8 -w r8.th -o r8.onnx --classes names.txt --exporter dynamo
     """
+    outputs.check_output(output, inputs=[weights, classes_file], force=force)
     try:
         import torch  # noqa: F401
 
@@ -70,8 +67,8 @@ def export_cmd(arch, weights, output, classes_file, exporter, mean, std, as_json
         raise OnnxmodError(f"export needs PyTorch ({e.name or e}): pip install onnxmod[torch]") from None
 
     classes = _read_classes(classes_file) if classes_file else list(CIFAR10_CLASSES)
-    mean_v = _parse_floats(mean, "mean", 3) or DEFAULT_MEAN
-    std_v = _parse_floats(std, "std", 3) or DEFAULT_STD
+    mean_v = tuple(float_list(mean, "--mean", 3) or DEFAULT_MEAN)
+    std_v = tuple(float_list(std, "--std", 3) or DEFAULT_STD)
     if any(s == 0 for s in std_v):
         raise OnnxmodError("--std: values must be non-zero")
 

@@ -88,6 +88,66 @@ def _shape_str(shape) -> str:
     return "?" if shape is None else "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _words(d: Any) -> str:
+    """A metadata value nobody planned for, as 'key value, ...' rather than a Python repr."""
+    if isinstance(d, dict):
+        return ", ".join(f"{k.replace('_', ' ')} {_words(v)}" for k, v in d.items())
+    if isinstance(d, float):
+        return f"{d:.4g}"
+    return str(d)
+
+
+def _module_lines(info: dict[str, Any]) -> list[str]:
+    """Source, kept fraction and calibration of a module, in words."""
+    lines = []
+    src = info.get("source")
+    if isinstance(src, dict):
+        size = [f"{fmt_count(src[k])} {unit}" for k, unit in (("params", "params"), ("flops", "MACs")) if _num(src.get(k))]
+        idx = info.get("class_index")
+        which = f", class {idx} of {src.get('num_classes')}" if idx is not None else ""
+        lines.append(f"  source    {src.get('name')} ({str(src.get('sha256'))[:12]}){which}"
+                     + (f"; {', '.join(size)}" if size else ""))
+    kept = info.get("kept")
+    if isinstance(kept, dict) and _num(kept.get("param_fraction")) and _num(kept.get("flop_fraction")):
+        text = f"  kept      {kept['param_fraction']:.1%} of the source's params, {kept['flop_fraction']:.1%} of its MACs"
+        ch = kept.get("channels")
+        if isinstance(ch, dict) and _num(ch.get("kept")) and _num(ch.get("total")):
+            text += f"; {ch['kept']} of {ch['total']} channels"
+        how = []
+        if _num(kept.get("target_macs")):
+            how.append(f"target {kept['target_macs']:.0%} of the MACs")
+        if kept.get("strategy"):
+            how.append(f"{kept['strategy']} budget")
+        if kept.get("fill"):
+            how.append("removed channels replaced by their least-squares estimate" if kept["fill"] == "linear"
+                       else f"removed channels filled with their {kept['fill']}" if kept["fill"] == "mean"
+                       else "removed channels read as zero")
+        if kept.get("reconstructed"):
+            how.append("re-fitted layer by layer")
+        lines.append(text + (f" ({', '.join(how)})" if how else ""))
+    elif kept is not None:
+        lines.append(f"  kept      {_words(kept)}")
+    cal = info.get("calibration")
+    if isinstance(cal, dict) and _num(cal.get("a")) and _num(cal.get("b")):
+        b = cal["b"]
+        text = f"  score     sigmoid({cal['a']:.3f} * logit {'-' if b < 0 else '+'} {abs(b):.3f})"
+        detail = [f"{cal.get('method', 'platt').capitalize()} scaling"]
+        if _num(cal.get("samples")):
+            detail.append(f"fitted on {cal['samples']} images")
+        if _num(cal.get("nll_before")) and _num(cal.get("nll_after")):
+            detail.append(f"log-loss {cal['nll_before']:.3f} -> {cal['nll_after']:.3f}")
+        if _num(cal.get("temperature")):
+            detail.append(f"source temperature {cal['temperature']:.3f}")
+        lines.append(text + f" ({', '.join(detail)})")
+    elif cal is not None:
+        lines.append(f"  score     {_words(cal)}")
+    return lines
+
+
 def render(info: dict[str, Any]) -> str:
     lines = [f"{info['file']}", f"  kind      {info['kind']}"]
     for title, key in (("input", "inputs"), ("output", "outputs")):
@@ -103,12 +163,8 @@ def render(info: dict[str, Any]) -> str:
     macs = info["macs"]
     lines.append(f"  MACs      {fmt_count(macs)} ({macs:,}) per image" if macs is not None else
                  f"  MACs      unknown ({info.get('macs_error', '')})")
-    if info.get("kept"):
-        kept = info["kept"]
-        if isinstance(kept, dict):
-            pf, ff = kept.get("param_fraction"), kept.get("flop_fraction")
-            lines.append(f"  kept      params {pf:.1%}, FLOPs {ff:.1%}" if isinstance(pf, (int, float)) and isinstance(ff, (int, float))
-                         else f"  kept      {kept}")
+    if info.get("kind") == "module":
+        lines.extend(_module_lines(info))
     if info.get("kind") == "composed":
         comp = info.get("compose") or {}
         if info.get("module_macs_sum"):
@@ -121,8 +177,6 @@ def render(info: dict[str, Any]) -> str:
             size = f", source MACs {fmt_count(s['macs'])}" if s.get("macs") else ""
             lines.append(f"  source    {s.get('name')} ({str(s.get('sha256'))[:12]}): "
                          f"{len(s.get('classes', []))} classes{size}")
-    if info.get("calibration") is not None:
-        lines.append(f"  calibration {info['calibration']}")
     lines.append(f"  opset     {info['opset']}  (IR {info['ir_version']}{', ' + info['producer'] if info['producer'] else ''})")
     lines.append(f"  file      {info['file_size']:,} bytes, {info['nodes']} nodes")
     return "\n".join(lines)
@@ -133,5 +187,14 @@ def render(info: dict[str, Any]) -> str:
 @json_option
 @quiet_option
 def info_cmd(file: Path, as_json: bool, quiet: bool) -> None:
-    """Kind, classes, inputs/outputs, params and MACs of an ONNX model."""  # nothing to hush: --quiet for uniformity
+    """Kind, classes, inputs/outputs, params and MACs of an ONNX model.
+
+    For a module also the fraction of the source it kept and its calibration; for a
+    composed model its sources and how much computation its modules share.
+
+    \b
+    Example:
+      onnxmod info r8.modules/module_003_cat.onnx
+      onnxmod info r8_composed.onnx --json
+    """  # nothing to hush: --quiet for uniformity
     emit(model_info(file), as_json, render)

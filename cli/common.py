@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from typing import Any, Callable
 
 import click
 
+from onnxmod.errors import OnnxmodError
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable result on stdout.")
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars or chatter on stderr.")
+force_option = click.option(
+    "--force", is_flag=True,
+    help="Replace an existing output. Never an input, nor a directory onnxmod did not write.")
 device_option = click.option(
     "--device",
     type=click.Choice(["auto", "cpu", "cuda"]),
@@ -17,6 +23,21 @@ device_option = click.option(
     show_default=True,
     help="Where ONNX Runtime runs graphs: auto uses CUDA only when its provider really loads.",
 )
+
+
+def float_list(text: str | None, option: str, count: int | None = None) -> list[float] | None:
+    """``'0.485,0.456,0.406'`` (commas or spaces) -> finite floats; None when not given."""
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in text.replace(",", " ").split()]
+    except ValueError:
+        raise OnnxmodError(f"{option}: expected numbers like 0.485,0.456,0.406, got '{text}'") from None
+    if not values or (count is not None and len(values) != count):
+        raise OnnxmodError(f"{option}: expected {count or 'some'} numbers, got {len(values)}")
+    if not all(math.isfinite(v) for v in values):
+        raise OnnxmodError(f"{option}: values must be finite numbers, got '{text}'")
+    return values
 
 
 def emit(result: dict[str, Any], as_json: bool, human: Callable[[dict[str, Any]], str] | str) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import signal
 import sys
+import threading
 
 import click
 
@@ -10,10 +13,20 @@ from onnxmod import __version__
 from onnxmod.errors import OnnxmodError
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(__version__, prog_name="onnxmod")
 def cli() -> None:
-    """Cut CNN classifiers (ONNX) into per-class modules; reuse and replace them."""
+    """Cut CNN classifiers (ONNX) into per-class modules; reuse and replace them.
+
+    \b
+    Example (the bundled sample):
+      onnxmod decompose sample_graphs/resnet8_cifar10.onnx \\
+          --calib sample_graphs/cifar10_calib.npz -o r8.modules
+      onnxmod compose r8.modules -o r8_composed.onnx
+      onnxmod eval r8_composed.onnx --data sample_graphs/cifar10_test.npz
+
+    Run `onnxmod COMMAND --help` for each command's options and an example.
+    """
 
 
 def _register() -> None:
@@ -27,27 +40,86 @@ def _register() -> None:
     )
 
 
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM, raised in the main thread so that every ``except BaseException`` cleanup runs.
+
+    Not a KeyboardInterrupt, so click does not turn it into an Abort (which prints a blank line first).
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _on_signal(signum, frame) -> None:
+    # a second signal must not cut the cleanup short
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+class _StderrWarnings(logging.Handler):
+    """``onnxmod`` logger warnings (e.g. stale temp outputs) as ``onnxmod: warning: ...`` lines, unless --quiet."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        ctx = click.get_current_context(silent=True)
+        if ctx is not None and ctx.params.get("quiet"):
+            return
+        click.echo(f"onnxmod: warning: {record.getMessage()}", err=True)
+
+
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
+
+
+def _fail(message: str, code: int = 2) -> None:
+    click.echo(f"onnxmod: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _interrupted(e: BaseException) -> None:
+    from onnxmod import outputs
+
+    outputs.sweep_own_temps()  # also those created a moment before the signal, outside any cleanup block
+    why = "terminated (SIGTERM)" if getattr(e, "signum", None) == signal.SIGTERM else "interrupted"
+    _fail(f"{why}; temporary outputs removed", 130)
+
+
 def main(argv: list[str] | None = None) -> None:
     _register()
     # the commands register on `onnxmod.cli.main.cli`; under `python -m` this file is __main__
     from onnxmod.cli.main import cli as group
 
+    log = logging.getLogger("onnxmod")
+    if not any(isinstance(h, _StderrWarnings) for h in log.handlers):
+        log.addHandler(_StderrWarnings(logging.WARNING))
+        log.propagate = False
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = ({sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+                if in_main_thread else {})
     try:
         group.main(args=argv, prog_name="onnxmod", standalone_mode=False)
     except OnnxmodError as e:
-        click.echo(f"onnxmod: error: {e}", err=True)
-        sys.exit(2)
-    except click.exceptions.Abort:
-        click.echo("onnxmod: aborted", err=True)
-        sys.exit(130)
-    except click.ClickException as e:
+        _fail(str(e))
+    except (Interrupted, KeyboardInterrupt) as e:
+        _interrupted(e)
+    except click.exceptions.Abort as e:  # click turns a KeyboardInterrupt into Abort
+        _interrupted(e.__cause__ or e)
+    except _NO_ARGS_IS_HELP as e:  # bare `onnxmod`: the help, as click shows it
         e.show()
         sys.exit(e.exit_code)
+    except click.UsageError as e:
+        hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+        _fail(f"{e.format_message()}{hint}", 2)
+    except click.ClickException as e:
+        _fail(e.format_message(), 2)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        click.echo("onnxmod: interrupted", err=True)
-        sys.exit(130)
+    except OSError as e:  # the environment, not the input: disk full, permission denied...
+        where = f"{e.filename}: " if e.filename else ""
+        _fail(f"{where}{e.strerror or e}")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     sys.exit(0)
 
 

@@ -1,6 +1,6 @@
 """Export any ``torch.nn.Module`` image classifier to an onnxmod source model.
 
-The written graph follows the canonical input of DESIGN.md: one input ``input``
+The written graph follows the canonical input of docs/DESIGN.md: one input ``input``
 float32 ``[N, C, H, W]`` (N dynamic) with pixel values in ``[0, 1]``; the model's own
 preprocessing ``(x * scale - mean) / std`` is a small prologue inside the graph; one
 output ``logits`` ``[N, K]``. Metadata: ``onnxmod.kind = source``, ``onnxmod.classes``

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from onnxmod.errors import OnnxmodError
+from onnxmod.modelio import require_file
 
 CIFAR10_CLASSES = [
     "airplane",
@@ -144,10 +145,8 @@ def resnet110(num_classes: int = 10) -> ResNetCifar:
 
 def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     p = Path(path)
-    if not p.exists():
-        raise OnnxmodError(f"{p}: no such file")
-    if p.is_dir():
-        raise OnnxmodError(f"{p}: is a directory, expected a checkpoint file")
+    require_file(p, "a checkpoint file")
+    _check_checkpoint_format(p)
     try:
         obj: Any = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:
@@ -164,6 +163,29 @@ def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     ):
         raise OnnxmodError(f"{p}: not a state_dict checkpoint (expected {{'state_dict': ...}} or a plain state_dict)")
     return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in obj.items()}
+
+
+def _check_checkpoint_format(p: Path) -> None:
+    """torch.save writes a zip archive (or, before torch 1.6, a pickle); say plainly what else it is."""
+    try:
+        with open(p, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise OnnxmodError(f"{p}: cannot read ({e.strerror or type(e).__name__})") from None
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return
+    if not head:
+        raise OnnxmodError(f"{p}: empty file, not a PyTorch checkpoint")
+    try:
+        import onnx
+
+        is_onnx = len(onnx.load(str(p), load_external_data=False).graph.node) > 0
+    except Exception:
+        is_onnx = False
+    if is_onnx:
+        raise OnnxmodError(f"{p}: is an ONNX model, not a PyTorch checkpoint (--weights takes a .th/.pt file "
+                           "saved with torch.save)")
+    raise OnnxmodError(f"{p}: not a PyTorch checkpoint (torch.save writes a zip archive or a pickle)")
 
 
 def _first(items: list[str], n: int = 5) -> str:

@@ -110,8 +110,12 @@ def _input_info(model: onnx.ModelProto, where: str) -> tuple[tuple[int, int, int
     return (int(chw[0]), int(chw[1]), int(chw[2])), batch
 
 
-def load_member(module: ModuleArg, where: str | None = None) -> Member:
-    """Load and check one module (path or ModelProto)."""
+def load_member(module: ModuleArg, where: str | None = None, verify: bool | None = None) -> Member:
+    """Load and check one module (path or ModelProto).
+
+    ``verify`` (default: for files): also the full ONNX checker and one run on CPU, so a
+    broken or tampered file is blamed on the file before it is merged.
+    """
     if isinstance(module, onnx.ModelProto):
         model, path = module, None
         where = where or (module.graph.name or "<module>")
@@ -120,11 +124,27 @@ def load_member(module: ModuleArg, where: str | None = None) -> Member:
         where = where or str(path)
         model = modelio.load_model(path)
     spec = ModuleSpec.from_model(model, where)
+    verify = path is not None if verify is None else verify
+    if verify:
+        modelio.check_input(model, where)
     outs = [o.name for o in model.graph.output]
     if LOGIT not in outs:
         raise OnnxmodError(f"{where}: module has no '{LOGIT}' output (outputs: {outs})")
     chw, batch = _input_info(model, where)
+    if verify:
+        _runs(model, chw, where)
     return Member(model, spec, where, modelio.model_sha256(model), path, chw, batch)
+
+
+def _runs(model: onnx.ModelProto, chw: tuple[int, int, int], where: str) -> None:
+    """One image through the module on CPU: weights of the wrong shape pass the ONNX checker but not a run."""
+    from onnxmod import runtime
+
+    try:
+        runtime.run(runtime.make_session(model, device="cpu", name=where), np.zeros((1, *chw), np.float32), [LOGIT])
+    except OnnxmodError as e:
+        why = str(e).removeprefix(f"{where}: ")
+        raise OnnxmodError(f"{where}: invalid module: {why}") from None
 
 
 def module_files(directory: str | os.PathLike) -> list[Path]:
@@ -603,10 +623,11 @@ def _base_members(base: Any) -> tuple[list[Member], bool]:
         kind = modelio.model_kind(composed)
         if kind != "composed":
             raise OnnxmodError(f"{p}: is a {kind} model; replace takes a module dir or a composed model")
+        modelio.check_input(composed, where)
     rename = bool((modelio.get_meta(composed, COMPOSE) or {}).get("rename", False))
     mods = extract_modules(composed)
     classes = modelio.get_meta(composed, modelio.CLASSES) or []
-    return [load_member(m, f"{where}[{classes[i]['name'] if i < len(classes) else i}]")
+    return [load_member(m, f"{where}[{classes[i]['name'] if i < len(classes) else i}]", verify=True)
             for i, m in enumerate(mods)], rename
 
 
@@ -646,5 +667,8 @@ def replace(
     display = _class_names(members, True, None)
     idx = _find_class(members, display, which)
     new = load_member(module)
+    if new.spec.class_name != members[idx].spec.class_name:
+        raise OnnxmodError(f"{new.where}: is a module of class '{new.spec.class_name}', but class "
+                           f"'{display[idx]}' is being replaced; give a '{members[idx].spec.class_name}' module")
     members[idx] = new
     return _compose_members(members, rename or base_rename, None)

@@ -1,6 +1,6 @@
 """Labelled image datasets for ``--calib`` / ``--data``.
 
-Formats (DESIGN.md "Data"):
+Formats (docs/DESIGN.md "Data"):
 
 * CIFAR python batches: a dir with ``batches.meta`` + ``data_batch_*`` / ``test_batch``
   (CIFAR-10), or ``meta`` + ``train`` / ``test`` (CIFAR-100, fine labels), or a parent
@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -27,7 +28,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from onnxmod.errors import OnnxmodError
-from onnxmod.modelio import atomic_path
+from onnxmod.modelio import atomic_path, require_file
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 SPLITS = ("train", "test")
@@ -60,8 +61,9 @@ class Dataset:
         return (f"<{type(self).__name__} {self.path} n={len(self)} classes={self.num_classes} "
                 f"size={self.image_size} channels={self.channels}>")
 
-    # subclasses: images at sorted-or-not indices -> float32 NCHW in [0, 1] at native size
-    def _load(self, idx: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
+    # subclasses: images at sorted-or-not indices -> float32 NCHW in [0, 1] at native size, or at
+    # ``size`` when a subclass can resize while reading (iter_batches resizes whatever differs)
+    def _load(self, idx: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:  # pragma: no cover
         raise NotImplementedError
 
     def select(self, limit: int | None = None, indices: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
@@ -99,7 +101,7 @@ class Dataset:
         target = tuple(int(s) for s in size) if size is not None else None
         for start in range(0, len(idx), batch_size):
             chunk = idx[start:start + batch_size]
-            x = self._load(chunk)
+            x = self._load(chunk, target)
             if target is not None and tuple(x.shape[2:]) != target:
                 x = resize_batch(x, target)
             yield np.ascontiguousarray(x, dtype=np.float32), self.labels[chunk]
@@ -145,10 +147,68 @@ def _get(d: dict, key: str):
     return d.get(key.encode())
 
 
+class _Refused(pickle.UnpicklingError):
+    """A pickle asked for something a CIFAR batch never holds."""
+
+
+def _plain_dtype(*args):
+    dt = np.dtype(*args)
+    if dt.hasobject:
+        raise _Refused(f"an array of Python objects (dtype {dt})")
+    return dt
+
+
+def _ndarray_only(subtype, *args):
+    if subtype is not np.ndarray:
+        raise _Refused(f"an array subclass {subtype!r}")
+    return _np_multiarray._reconstruct(subtype, *args)
+
+
+def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
+    # how Python 3 writes bytes into a protocol-2 pickle: _codecs.encode(text, "latin1")
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise _Refused(f"_codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
+def _np_frombuffer(buf, dtype, shape, order):
+    if not isinstance(dtype, np.dtype) or dtype.hasobject:
+        raise _Refused(f"an array of dtype {dtype!r}")
+    return np.frombuffer(buf, dtype=dtype).reshape(shape, order=order)
+
+
+_np_multiarray = (np._core if hasattr(np, "_core") else np.core).multiarray  # numpy 2 name, numpy 1 fallback
+# what a CIFAR python batch is made of (numpy 1 and 2 module names): plain arrays and dtypes
+_CIFAR_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _ndarray_only,
+    ("numpy._core.multiarray", "_reconstruct"): _ndarray_only,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): _plain_dtype,
+    ("numpy.core.multiarray", "scalar"): _np_multiarray.scalar,
+    ("numpy._core.multiarray", "scalar"): _np_multiarray.scalar,
+    ("_codecs", "encode"): _latin1_bytes,
+    ("numpy.core.numeric", "_frombuffer"): _np_frombuffer,  # pickle protocol 5
+    ("numpy._core.numeric", "_frombuffer"): _np_frombuffer,
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, strings, numbers and plain numpy arrays; nothing that can run code."""
+
+    def find_class(self, module: str, name: str):
+        found = _CIFAR_GLOBALS.get((module, name))
+        if found is None:
+            raise _Refused(f"{module}.{name}")
+        return found
+
+
 def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
-            d = pickle.load(f, encoding="bytes")
+            d = _CifarUnpickler(f, encoding="bytes").load()
+    except _Refused as e:
+        raise OnnxmodError(f"{path}: refused to unpickle: it asks for {e}, which a CIFAR batch never holds "
+                           "(data files may not run code)") from None
     except Exception as e:
         raise OnnxmodError(f"{path}: cannot read CIFAR batch ({type(e).__name__})") from None
     if not isinstance(d, dict):
@@ -228,7 +288,7 @@ class CifarDataset(Dataset):
         self.image_size = (int(self._data.shape[2]), int(self._data.shape[3]))
         self.channels = 3
 
-    def _load(self, idx: np.ndarray) -> np.ndarray:
+    def _load(self, idx: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
         return self._data[idx].astype(np.float32) / np.float32(255.0)
 
 
@@ -241,6 +301,43 @@ def _list_images(d: Path) -> list[Path]:
 
 def _subdirs(d: Path) -> list[Path]:
     return sorted((p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
+
+
+def read_image(path: str | os.PathLike, channels: int = 3) -> np.ndarray:
+    """One image file -> float32 ``[C, H, W]`` in [0, 1] at its own size (RGB, or L for 1 channel).
+
+    Every command reads images through here (and resizes with :func:`resize_batch`), so
+    ``eval`` on an image folder and ``predict`` see the same numbers for the same file.
+    Images so large that decoding them could exhaust memory (Pillow's decompression-bomb
+    limit) are refused.
+    """
+    p = Path(path)
+    require_file(p, "an image file")
+    if channels not in (1, 3):
+        raise OnnxmodError(f"{p}: models taking {channels} channels cannot be fed images (1 or 3 only)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(p) as img:
+                img.load()
+                if img.mode == "P" and "transparency" in img.info:  # Pillow warns converting these straight to RGB
+                    img = img.convert("RGBA")
+                img = img.convert("L" if channels == 1 else "RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise OnnxmodError(f"{p}: refused: {str(e).split(',')[0]} (a possible decompression bomb)") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
+        raise OnnxmodError(f"{p}: cannot read image ({type(e).__name__})") from None
+    a = np.asarray(img, dtype=np.float32) / np.float32(255.0)
+    return (a[None] if a.ndim == 2 else a.transpose(2, 0, 1)).copy()
+
+
+def load_images(paths: Sequence[str | os.PathLike], channels: int, size: tuple[int, int]) -> np.ndarray:
+    """Image files -> float32 ``[N, C, H, W]`` in [0, 1], each resized to ``size`` = (H, W) when it differs."""
+    out = np.empty((len(paths), channels, int(size[0]), int(size[1])), np.float32)
+    for i, p in enumerate(paths):
+        chw = read_image(p, channels)
+        out[i] = resize_batch(chw[None], size)[0] if chw.shape[1:] != tuple(out.shape[2:]) else chw
+    return out
 
 
 class FolderDataset(Dataset):
@@ -259,30 +356,13 @@ class FolderDataset(Dataset):
         self.classes = classes
         self.files = files
         self.labels = np.asarray(labels, dtype=np.int64)
-        first = self._open(files[0])
-        self.image_size = (first.height, first.width)
+        first = read_image(files[0])
+        self.image_size = (int(first.shape[1]), int(first.shape[2]))
         self.channels = 3
 
-    @staticmethod
-    def _open(f: Path) -> Image.Image:
-        try:
-            img = Image.open(f)
-            img.load()
-            return img.convert("RGB")
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-            raise OnnxmodError(f"{f}: cannot read image ({type(e).__name__})") from None
-
-    def _load(self, idx: np.ndarray) -> np.ndarray:
-        h, w = self.image_size
-        out = np.empty((len(idx), 3, h, w), np.float32)
-        for k, i in enumerate(idx):
-            img = self._open(self.files[int(i)])
-            a = np.asarray(img, dtype=np.float32) / np.float32(255.0)  # HWC
-            chw = a.transpose(2, 0, 1)
-            if chw.shape[1:] != (h, w):  # images of another size: bring to the set's size
-                chw = resize_batch(chw[None], (h, w))[0]
-            out[k] = chw
-        return out
+    def _load(self, idx: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
+        # each file is resized once, straight to the wanted size, exactly as `predict` does
+        return load_images([self.files[int(i)] for i in idx], self.channels, size or self.image_size)
 
 
 # --------------------------------------------------------------------------- npz
@@ -353,7 +433,7 @@ class NpzDataset(Dataset):
         self.labels = labels
         self.classes = classes
 
-    def _load(self, idx: np.ndarray) -> np.ndarray:
+    def _load(self, idx: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
         x = self._x[idx]
         if self._nhwc:
             return x.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
@@ -391,6 +471,8 @@ def open_dataset(path: str | os.PathLike, split: str = "test") -> Dataset:
         if p.suffix.lower() == ".npz":
             return NpzDataset(p)
         raise OnnxmodError(f"{p}: unknown data format (expected a .npz file, a CIFAR batches dir or an image folder)")
+    if not p.is_dir():
+        raise OnnxmodError(f"{p}: is not a regular file or a directory (a pipe or device?)")
     kind = _cifar_kind(p)
     if kind:
         return CifarDataset(p, kind, split)

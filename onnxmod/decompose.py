@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from onnxmod import calibrate, channels, graphio, modelio, reconstruct, runtime, scoring, surgery
+from onnxmod import calibrate, channels, graphio, modelio, outputs, reconstruct, runtime, scoring, surgery
 from onnxmod.cost import count_macs, count_params
 from onnxmod.data import Dataset, open_dataset
 from onnxmod.errors import OnnxmodError, UnsupportedOpError
@@ -81,6 +80,16 @@ class DecomposeSettings:
             raise OnnxmodError(f"platt_images must be >= 2, got {self.platt_images}")
         if self.samples_per_class < 1:
             raise OnnxmodError(f"--samples-per-class must be >= 1, got {self.samples_per_class}")
+        if self.channel_multiple < 1:
+            raise OnnxmodError(f"--channel-multiple must be >= 1, got {self.channel_multiple}")
+        if not 0.0 <= self.shared_depth <= 1.0:
+            raise OnnxmodError(f"--shared-depth is a fraction of the depth, in [0, 1], got {self.shared_depth}")
+        if not -2.0 < self.depth_slope < 2.0:  # every layer must keep a positive fraction: 1 -/+ slope/2 > 0
+            raise OnnxmodError(f"--depth-slope must be in (-2, 2), got {self.depth_slope}")
+        if self.batch_size < 1 or self.cov_images < 1:
+            raise OnnxmodError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.seed < 0:
+            raise OnnxmodError(f"--seed must be >= 0, got {self.seed}")
 
 
 # --------------------------------------------------------------------------- source
@@ -135,7 +144,7 @@ def prepare_source(
     scale: float | None = None,
     data_classes: Sequence[str] | None = None,
 ) -> PreparedSource:
-    """Load a source classifier and give it the canonical input (DESIGN.md).
+    """Load a source classifier and give it the canonical input (docs/DESIGN.md).
 
     Preprocessing comes from ``--mean/--std/--scale`` when given, else from the
     source's ``onnxmod.preprocess`` metadata (already in the graph), else none.
@@ -321,8 +330,7 @@ def decompose(
     settings.validate()
     model_path = Path(model_path)
     out = Path(out_dir) if out_dir is not None else Path.cwd() / f"{model_path.stem}.modules"
-    if out.exists() and not force:
-        raise OnnxmodError(f"{out}: already exists (use --force to replace it)")
+    outputs.check_output(out, inputs=[model_path, calib], force=force, directory=True)
     modelio.load_model(model_path)  # clear error for missing / not-ONNX before reading data
     dataset = open_dataset(calib, split=settings.split)
     src = prepare_source(model_path, mean, std, scale, data_classes=dataset.classes)
@@ -365,9 +373,7 @@ def decompose(
     rng = np.random.default_rng(settings.seed + 2)
     all_channels = sum(g.size for g in selector.groups)
 
-    parent = out.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=str(parent)))
+    tmp = outputs.temp_dir(out)
     try:
         modules = []
         refit_s = writing_s = 0.0
@@ -448,7 +454,7 @@ def decompose(
                         "writing_s": writing_s, "total_s": time.perf_counter() - t_start},
         }
         modelio.write_text_atomic(tmp / "manifest.json", json.dumps(manifest, indent=2))
-        _replace_dir(tmp, out)
+        outputs.replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -487,15 +493,3 @@ def _balanced_positions(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     per = max(1, n // len(classes))
     pos = [rng.permutation(np.nonzero(labels == c)[0])[:per] for c in classes]
     return np.sort(np.concatenate(pos))
-
-
-def _replace_dir(new: Path, dest: Path) -> None:
-    """Move ``new`` to ``dest``; an existing ``dest`` (--force) is swapped out then deleted."""
-    new.chmod(0o755)
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        os.replace(dest, old)
-        os.replace(new, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, dest)

@@ -25,7 +25,7 @@ ModelArg = onnx.ModelProto | str | os.PathLike
 def _load(model: ModelArg) -> tuple[onnx.ModelProto, str]:
     if isinstance(model, onnx.ModelProto):
         return model, model.graph.name or "<model>"
-    return modelio.load_model(model), str(model)
+    return modelio.load_model(model, check=True), str(model)
 
 
 def model_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
@@ -95,7 +95,7 @@ def evaluate_source(
     Also used for composed models (``kind="composed"``, ``output="probs"``): any
     ``[N, K]`` output whose argmax is the predicted class.
 
-    Result keys (DESIGN.md): model, kind, n, top1, top5 (None when K < 5), per_class
+    Result keys (docs/DESIGN.md): model, kind, n, top1, top5 (None when K < 5), per_class
     {name: recall}; plus skipped (images of data classes the model lacks), skipped_classes,
     per_class_n, matched_by ("name" | "index"), num_classes, device.
     """

@@ -15,9 +15,10 @@ from typing import Any, Iterator
 
 import onnx
 
+from onnxmod import outputs
 from onnxmod.errors import OnnxmodError
 
-# metadata keys (DESIGN.md)
+# metadata keys (docs/DESIGN.md)
 KIND = "onnxmod.kind"
 CLASSES = "onnxmod.classes"
 PREPROCESS = "onnxmod.preprocess"
@@ -30,20 +31,67 @@ FORMAT_VERSION = "onnxmod.format_version"
 FORMAT = "1"
 
 
-def load_model(path: str | os.PathLike) -> onnx.ModelProto:
-    """Read an ONNX file; raise OnnxmodError (not a traceback) when it is missing or not ONNX."""
-    p = Path(path)
+def require_file(p: Path, what: str = "a file") -> None:
+    """A readable input must be a regular file: not missing, a directory, or a FIFO/device that blocks reads."""
     if not p.exists():
         raise OnnxmodError(f"{p}: no such file")
     if p.is_dir():
-        raise OnnxmodError(f"{p}: is a directory, expected an .onnx file")
+        raise OnnxmodError(f"{p}: is a directory, expected {what}")
+    if not p.is_file():
+        raise OnnxmodError(f"{p}: is not a regular file (a pipe or device?), expected {what}")
+
+
+def load_model(path: str | os.PathLike, check: bool = False) -> onnx.ModelProto:
+    """Read an ONNX file; raise OnnxmodError (not a traceback) when it is missing or not ONNX.
+
+    ``check``: also run the full ONNX checker, so a broken graph is blamed on the file
+    before anything runs it.
+    """
+    p = Path(path)
+    require_file(p, "an .onnx file")
     try:
-        model = onnx.load(str(p))
+        model = onnx.load(str(p), load_external_data=False)
     except Exception as e:  # protobuf DecodeError and friends
         raise OnnxmodError(f"{p}: not an ONNX model ({type(e).__name__})") from None
     if len(model.graph.node) == 0 or len(model.graph.output) == 0:
         raise OnnxmodError(f"{p}: not an ONNX model (empty graph)")
+    _load_external_data(model, p)
+    if check:
+        check_input(model, str(p))
     return model
+
+
+def _load_external_data(model: onnx.ModelProto, p: Path) -> None:
+    """Pull tensors stored beside the model into it; only files inside the model's own directory."""
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    base = p.resolve().parent
+    external = [t for t in _get_all_tensors(model) if uses_external_data(t)]
+    for t in external:
+        loc = ExternalDataInfo(t).location
+        target = (base / loc).resolve()
+        if os.path.isabs(loc) or base not in target.parents:
+            raise OnnxmodError(f"{p}: tensor '{t.name}' keeps its data in '{loc}', outside the model's "
+                               "directory; refused")
+        if not target.is_file():
+            raise OnnxmodError(f"{p}: tensor '{t.name}' keeps its data in '{loc}', which is missing")
+    if external:
+        try:
+            onnx.load_external_data_for_model(model, str(base))
+        except Exception as e:
+            raise OnnxmodError(f"{p}: cannot read its external data ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+
+
+def check_input(model: onnx.ModelProto, where: str) -> None:
+    """Full ONNX checker on a model the user gave: a broken file is the file's fault, named with the checker's reason."""
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as e:
+        raise OnnxmodError(f"{where}: invalid ONNX model ({_first_line(e)})") from None
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -115,8 +163,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     Readers never see a half-written file, and a failure leaves nothing behind.
     """
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=str(p.parent))
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=outputs.temp_prefix(p), suffix=".tmp", dir=str(p.parent))
+    except OSError as e:
+        raise OnnxmodError(f"{p}: cannot write in {p.parent} ({e.strerror or type(e).__name__})") from None
     os.close(fd)
     try:
         yield Path(tmp)

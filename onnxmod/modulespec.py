@@ -34,7 +34,7 @@ class SourceInfo:
     sha256: str
     num_classes: int
     params: int
-    flops: int  # MACs, as DESIGN.md's `onnxmod.source` calls them
+    flops: int  # MACs, as docs/DESIGN.md's `onnxmod.source` calls them
 
 
 @dataclass

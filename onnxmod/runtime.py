@@ -117,6 +117,19 @@ def choose_providers(device: str = "auto", available: Sequence[str] | None = Non
     return [CPU]
 
 
+def providers(device: str = "auto") -> list[str]:
+    """Execution providers to give a plain ``onnxruntime.InferenceSession`` (public helper).
+
+    ``auto``: ``["CUDAExecutionProvider", "CPUExecutionProvider"]`` where the CUDA provider
+    really loads and runs, else ``["CPUExecutionProvider"]``; the probe is silent, unlike
+    asking ORT for CUDA on a machine without CUDA libraries. ``cpu`` / ``cuda`` as for
+    ``--device``. Example::
+
+        sess = onnxruntime.InferenceSession("fixed.onnx", providers=onnxmod.runtime.providers())
+    """
+    return choose_providers(device)
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     for line in text.splitlines():
@@ -155,9 +168,11 @@ def make_session(
             raise OnnxmodError(f"{p}: is a directory, expected an .onnx file")
         payload = str(p)
     try:
-        return ort.InferenceSession(payload, so, providers=providers)
+        session = ort.InferenceSession(payload, so, providers=providers)
     except Exception as e:
         raise OnnxmodError(f"{label}: onnxruntime cannot load it: {_first_line(e)}") from None
+    session.onnxmod_label = label  # what run() errors call the model
+    return session
 
 
 def session_device(session: ort.InferenceSession) -> str:
@@ -174,12 +189,16 @@ def input_name(session: ort.InferenceSession) -> str:
 
 def run(session: ort.InferenceSession, x: np.ndarray, output_names: Sequence[str] | None = None) -> list[np.ndarray]:
     """One run with the single input fed ``x``; ORT run errors (shape mismatch...) become OnnxmodError."""
+    options = ort.RunOptions()
+    options.log_severity_level = 4  # a failing run raises (and becomes one error line); ORT need not log it too
     try:
-        return session.run(list(output_names) if output_names else None, {input_name(session): x})
+        return session.run(list(output_names) if output_names else None, {input_name(session): x}, options)
     except OnnxmodError:
         raise
     except Exception as e:
-        raise OnnxmodError(f"onnxruntime failed on input of shape {list(x.shape)}: {_first_line(e)}") from None
+        label = getattr(session, "onnxmod_label", None)
+        where = f"{label}: " if label else ""
+        raise OnnxmodError(f"{where}onnxruntime failed on input of shape {list(x.shape)}: {_first_line(e)}") from None
 
 
 def run_batches(

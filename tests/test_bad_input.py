@@ -1,0 +1,596 @@
+"""The bad-input table (issue 12): every command against broken files, data, options and outputs.
+
+Each case runs the CLI in-process and asserts exit code 2, exactly one stderr line
+``onnxmod: error: ...`` naming what is wrong, no traceback, nothing left behind, and
+every file of the inputs and of the working directory byte-for-byte unchanged. Signals
+during writes run the CLI in a subprocess. Only sample_graphs/ and tiny files are used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxmod.cli.main import main
+from onnxmod.compose import compose
+from onnxmod.data import write_npz
+from onnxmod.decompose import DecomposeSettings, decompose
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLES = REPO / "sample_graphs"
+MARKER = "pwned"  # the evil pickles create a file of this name if they ever run
+
+
+# --------------------------------------------------------------------------- input files
+def _png_header_only(w: int, h: int) -> bytes:
+    """A PNG whose header claims w x h (what Pillow's decompression-bomb check reads first)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b""))
+
+
+class _Evil:
+    """Unpickling this runs a shell command that creates MARKER in the current directory."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _unsupported_model() -> onnx.ModelProto:
+    """Conv -> GAP -> Gemm -> CumSum over the class axis: output rows cannot be selected through CumSum."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), "G"),
+             numpy_helper.from_array(np.array(1, np.int64), "axis")]
+    nodes = [helper.make_node("Conv", ["input", "W"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("GlobalAveragePool", ["c"], ["g"], name="gap"),
+             helper.make_node("Flatten", ["g"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "G"], ["z"], name="fc"),
+             helper.make_node("CumSum", ["z", "axis"], ["logits"], name="mix_rows")]
+    g = helper.make_graph(nodes, "unsupported", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def _tamper(src: Path, dst: Path) -> None:
+    """Drop one input channel of the first Conv's weight: a structurally broken graph, still valid protobuf."""
+    m = onnx.load(str(src))
+    inits = {t.name: i for i, t in enumerate(m.graph.initializer)}
+    conv = next(n for n in m.graph.node if n.op_type == "Conv")
+    i = inits[conv.input[1]]
+    w = numpy_helper.to_array(m.graph.initializer[i])
+    m.graph.initializer[i].CopyFrom(numpy_helper.from_array(w[:, :-1].copy(), conv.input[1]))
+    onnx.save(m, str(dst))
+
+
+def _external(src: Path, dst: Path, location: str) -> None:
+    m = onnx.load(str(src))
+    t = m.graph.initializer[0]
+    t.ClearField("raw_data")
+    t.data_location = TensorProto.EXTERNAL
+    t.external_data.add(key="location", value=location)
+    onnx.save(m, str(dst))
+
+
+def _cifar_dir(d: Path, batch: bytes | None = None) -> Path:
+    d.mkdir()
+    with open(d / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [b"cat", b"dog"]}, f, protocol=2)
+    (d / "test_batch").write_bytes(batch if batch is not None else b"")
+    return d
+
+
+@pytest.fixture(scope="module")
+def inp(tmp_path_factory) -> Path:
+    """Every input file the table uses, built once (cases must leave all of them unchanged)."""
+    d = tmp_path_factory.mktemp("inputs")
+    shutil.copy(SAMPLES / "resnet8_cifar10.onnx", d / "r8.onnx")
+    shutil.copy(SAMPLES / "resnet8_cifar10.th", d / "r8.th")
+    shutil.copy(SAMPLES / "cifar10_calib.npz", d / "calib.npz")
+    decompose(d / "r8.onnx", d / "calib.npz", d / "r8.modules", classes=["cat", "dog", "ship"],
+              settings=DecomposeSettings(samples_per_class=10, refit_images=0), quiet=True, device="cpu")
+    mods = d / "r8.modules"
+    onnx.save(compose([mods / "module_003_cat.onnx", mods / "module_005_dog.onnx"]), str(d / "catdog.onnx"))
+    _tamper(mods / "module_003_cat.onnx", d / "tampered_cat.onnx")
+    _tamper(d / "catdog.onnx", d / "tampered_catdog.onnx")
+    _external(d / "r8.onnx", d / "escape.onnx", "../../../etc/passwd")
+    _external(d / "r8.onnx", d / "absolute.onnx", "/etc/passwd")
+    _external(d / "r8.onnx", d / "missing_ext.onnx", "weights.bin")
+    raw = (d / "r8.onnx").read_bytes()
+    (d / "truncated.onnx").write_bytes(raw[: len(raw) // 2])
+    (d / "empty.onnx").write_bytes(b"")
+    (d / "text.onnx").write_text("hello, I am not a model\n")
+    onnx.save(_unsupported_model(), str(d / "unsupported.onnx"))
+    rng = np.random.default_rng(0)
+    write_npz(d / "tiny4.npz", rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8), np.repeat(np.arange(4), 4),
+              ["a", "b", "c", "d"])
+    x = rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    np.savez(d / "noy.npz", x=x)
+    np.savez(d / "badlabel.npz", x=x, y=np.array([0, 1, 2, 3, 4, 5, 6, 12]), classes=np.array(["c%d" % i for i in range(10)]))
+    np.savez(d / "floatlabel.npz", x=x, y=np.linspace(0, 1, 8))
+    np.savez(d / "rank3.npz", x=x[:, :, :, 0], y=np.zeros(8, np.int64))
+    np.savez(d / "otherclasses.npz", x=x, y=np.zeros(8, np.int64), classes=np.array(["unicorn", "yeti"]))
+    (d / "truncated.npz").write_bytes((d / "calib.npz").read_bytes()[:500])
+    (d / "data.txt").write_text("1,2,3\n")
+    (d / "emptydir").mkdir()
+    flat = d / "flatimages"
+    flat.mkdir()
+    from PIL import Image
+
+    img = Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    img.save(flat / "a.png")
+    img.save(d / "good.png")
+    folder = d / "folder"
+    (folder / "cat").mkdir(parents=True)
+    img.save(folder / "cat" / "a.png")
+    (folder / "cat" / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    (d / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    (d / "empty.png").write_bytes(b"")
+    (d / "bomb.png").write_bytes(_png_header_only(20000, 20000))
+    (d / "bomb_warning.png").write_bytes(_png_header_only(10000, 10000))
+    _cifar_dir(d / "cifar_evil", pickle.dumps(_Evil(d / MARKER), protocol=2))
+    _cifar_dir(d / "cifar_truncated", pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1]})[:-40])
+    torch = pytest.importorskip("torch")
+    torch.save(_Evil(d / MARKER), d / "evil.th")
+    (d / "dup_classes.txt").write_text("cat\ndog\ncat\n")
+    (d / "emptymods").mkdir()
+    broken = d / "brokenmods"
+    broken.mkdir()
+    (broken / "manifest.json").write_text("{ not json")
+    return d
+
+
+def snapshot(*roots: Path) -> dict[str, str]:
+    """Every file (hidden ones included) under ``roots`` -> sha256 of its bytes."""
+    out = {}
+    for root in roots:
+        for dirpath, dirnames, files in os.walk(root):
+            for name in files + [x for x in dirnames if os.path.islink(os.path.join(dirpath, x))]:
+                p = os.path.join(dirpath, name)
+                out[p] = hashlib.sha256(Path(p).read_bytes()).hexdigest() if os.path.isfile(p) else "link"
+            for name in dirnames:
+                out[os.path.join(dirpath, name) + "/"] = "dir"
+    return out
+
+
+# --------------------------------------------------------------------------- the table
+@dataclass
+class Case:
+    id: str
+    args: Callable[[Path, Path], list]  # (inputs dir, working dir) -> argv
+    expect: str  # substring of the error line
+    setup: Callable[[Path, Path], None] | None = None  # prepares the working dir (its files must survive)
+
+
+def _project(inp: Path, cwd: Path) -> None:
+    """A user's project dir: their model, their notes, and a manifest.json of their own."""
+    p = cwd / "proj"
+    p.mkdir()
+    shutil.copy(inp / "r8.onnx", p / "model.onnx")
+    (p / "notes.txt").write_text("my notes\n")
+    (p / "manifest.json").write_text('{"modules": []}')
+
+
+def _user_dir(inp: Path, cwd: Path) -> None:
+    (cwd / "mine").mkdir()
+    (cwd / "mine" / "notes.txt").write_text("not onnxmod's\n")
+
+
+def _modules_plus_notes(inp: Path, cwd: Path) -> None:
+    shutil.copytree(inp / "r8.modules", cwd / "old.modules")
+    (cwd / "old.modules" / "notes.txt").write_text("added by the user\n")
+
+
+def _modules_plus_empty_dir(inp: Path, cwd: Path) -> None:
+    shutil.copytree(inp / "r8.modules", cwd / "old.modules")
+    (cwd / "old.modules" / "extra").mkdir()
+
+
+def _linked_modules(inp: Path, cwd: Path) -> None:
+    shutil.copytree(inp / "r8.modules", cwd / "real.modules")
+    (cwd / "link.modules").symlink_to("real.modules")
+
+
+def _existing(name: str):
+    def setup(inp: Path, cwd: Path) -> None:
+        (cwd / name).write_text("precious\n")
+    return setup
+
+
+def _regular_file(inp: Path, cwd: Path) -> None:
+    (cwd / "afile").write_text("a regular file\n")
+
+
+def _a_dir(inp: Path, cwd: Path) -> None:
+    (cwd / "adir").mkdir()
+
+
+def _fifo(inp: Path, cwd: Path) -> None:
+    """A named pipe: reading it would block forever, replacing it would replace a device-like file."""
+    os.mkfifo(cwd / "pipe")
+
+
+R8 = "r8.onnx"
+CALIB = "calib.npz"
+DEC = ["decompose", "--quiet"]
+
+CASES = [
+    # ---- not a model / broken model files
+    Case("info-missing", lambda i, c: ["info", i / "nope.onnx"], "no such file"),
+    Case("info-empty-file", lambda i, c: ["info", i / "empty.onnx"], "not an ONNX model"),
+    Case("info-truncated", lambda i, c: ["info", i / "truncated.onnx"], "not an ONNX model"),
+    Case("info-text-file", lambda i, c: ["info", i / "text.onnx"], "not an ONNX model"),
+    Case("info-png-as-model", lambda i, c: ["info", i / "good.png"], "not an ONNX model"),
+    Case("info-directory", lambda i, c: ["info", i / "emptydir"], "is a directory"),
+    Case("info-external-data-escape", lambda i, c: ["info", i / "escape.onnx"], "outside the model's directory"),
+    Case("info-external-data-absolute", lambda i, c: ["info", i / "absolute.onnx"], "outside the model's directory"),
+    Case("info-external-data-missing", lambda i, c: ["info", i / "missing_ext.onnx"], "which is missing"),
+    Case("eval-external-data-escape", lambda i, c: ["eval", i / "escape.onnx", "--data", i / CALIB, "-q"],
+         "outside the model's directory"),
+    Case("eval-model-missing", lambda i, c: ["eval", i / "nope.onnx", "--data", i / CALIB, "-q"], "no such file"),
+    Case("eval-truncated-model", lambda i, c: ["eval", i / "truncated.onnx", "--data", i / CALIB, "-q"], "not an ONNX model"),
+    Case("eval-tampered-module", lambda i, c: ["eval", i / "tampered_cat.onnx", "--data", i / CALIB, "-q"],
+         "tampered_cat.onnx"),
+    # ---- data
+    Case("eval-data-missing", lambda i, c: ["eval", i / R8, "--data", i / "nope", "-q"], "no such file"),
+    Case("eval-empty-folder", lambda i, c: ["eval", i / R8, "--data", i / "emptydir", "-q"], "empty folder"),
+    Case("eval-images-without-labels", lambda i, c: ["eval", i / R8, "--data", i / "flatimages", "-q"], "without labels"),
+    Case("eval-npz-without-y", lambda i, c: ["eval", i / R8, "--data", i / "noy.npz", "-q"], "no labels"),
+    Case("eval-npz-label-out-of-range", lambda i, c: ["eval", i / R8, "--data", i / "badlabel.npz", "-q"],
+         "label 12 out of range"),
+    Case("eval-npz-float-labels", lambda i, c: ["eval", i / R8, "--data", i / "floatlabel.npz", "-q"],
+         "labels must be integers"),
+    Case("eval-npz-rank3", lambda i, c: ["eval", i / R8, "--data", i / "rank3.npz", "-q"], "must be 4-D"),
+    Case("eval-npz-truncated", lambda i, c: ["eval", i / R8, "--data", i / "truncated.npz", "-q"], "cannot read .npz"),
+    Case("eval-data-unknown-format", lambda i, c: ["eval", i / R8, "--data", i / "data.txt", "-q"], "unknown data format"),
+    Case("eval-corrupt-image-in-folder", lambda i, c: ["eval", i / R8, "--data", i / "folder", "-q"], "b.png: cannot read image"),
+    Case("eval-cifar-code-execution", lambda i, c: ["eval", i / R8, "--data", i / "cifar_evil", "-q"],
+         "refused to unpickle: it asks for posix.system"),
+    Case("eval-cifar-truncated", lambda i, c: ["eval", i / R8, "--data", i / "cifar_truncated", "-q"],
+         "test_batch: cannot read CIFAR batch"),
+    Case("eval-classes-disjoint", lambda i, c: ["eval", i / R8, "--data", i / "otherclasses.npz", "-q"], "none of the data"),
+    Case("eval-limit-zero", lambda i, c: ["eval", i / R8, "--data", i / CALIB, "--limit", "0"], "--limit"),
+    Case("eval-bad-split", lambda i, c: ["eval", i / R8, "--data", i / CALIB, "--split", "val"], "--split"),
+    # ---- predict / images
+    Case("predict-corrupt-png", lambda i, c: ["predict", i / R8, i / "corrupt.png", "-q"], "corrupt.png: cannot read image"),
+    Case("predict-empty-image", lambda i, c: ["predict", i / R8, i / "empty.png", "-q"], "empty.png: cannot read image"),
+    Case("predict-text-as-image", lambda i, c: ["predict", i / R8, i / "data.txt", "-q"], "data.txt: cannot read image"),
+    Case("predict-image-missing", lambda i, c: ["predict", i / R8, i / "nope.png", "-q"], "no such file"),
+    Case("predict-decompression-bomb", lambda i, c: ["predict", i / R8, i / "bomb.png", "-q"], "decompression bomb"),
+    Case("predict-decompression-bomb-warning", lambda i, c: ["predict", i / R8, i / "bomb_warning.png", "-q"],
+         "decompression bomb"),
+    Case("predict-model-not-onnx", lambda i, c: ["predict", i / "text.onnx", i / "good.png", "-q"], "not an ONNX model"),
+    # ---- decompose: options
+    Case("decompose-channel-multiple-0", lambda i, c: [*DEC, i / R8, "--calib", i / CALIB, "--channel-multiple", "0"],
+         "--channel-multiple"),
+    Case("decompose-shared-depth-5", lambda i, c: [*DEC, i / R8, "--calib", i / CALIB, "--shared-depth", "5"],
+         "--shared-depth"),
+    Case("decompose-target-macs-0", lambda i, c: [*DEC, i / R8, "--calib", i / CALIB, "--target-macs", "0"],
+         "--target-macs"),
+    Case("decompose-depth-slope-3", lambda i, c: [*DEC, i / R8, "--calib", i / CALIB, "--depth-slope", "3"],
+         "--depth-slope must be in (-2, 2)"),
+    Case("decompose-samples-0", lambda i, c: [*DEC, i / R8, "--calib", i / CALIB, "--samples-per-class", "0"],
+         "--samples-per-class must be >= 1"),
+    Case("decompose-mean-count", lambda i, c: [*DEC, i / R8, "--calib", i / CALIB, "--mean", "0.5,0.5"],
+         "--mean/--std need 3 values"),
+    Case("decompose-mean-text", lambda i, c: [*DEC, i / R8, "--calib", i / CALIB, "--mean", "a,b,c"], "expected numbers"),
+    Case("decompose-unknown-class", lambda i, c: [*DEC, i / R8, "--calib", i / CALIB, "--classes", "unicorn"],
+         "class 'unicorn' is not one of"),
+    # ---- decompose: inputs
+    Case("decompose-unsupported-op", lambda i, c: [*DEC, i / "unsupported.onnx", "--calib", i / "tiny4.npz"],
+         "CumSum at node 'mix_rows'"),
+    Case("decompose-a-module", lambda i, c: [*DEC, i / "r8.modules" / "module_003_cat.onnx", "--calib", i / CALIB],
+         "decompose takes a source classifier"),
+    Case("decompose-calib-missing", lambda i, c: [*DEC, i / R8, "--calib", i / "nope.npz"], "no such file"),
+    Case("decompose-calib-code-execution", lambda i, c: [*DEC, i / R8, "--calib", i / "cifar_evil", "--split", "test"],
+         "refused to unpickle"),
+    Case("decompose-model-truncated", lambda i, c: [*DEC, i / "truncated.onnx", "--calib", i / CALIB], "not an ONNX model"),
+    # ---- decompose: outputs
+    Case("decompose-output-dot", lambda i, c: [*DEC, i / R8, "--calib", i / CALIB, "-o", ".", "--force"],
+         "is the current directory"),
+    Case("decompose-output-pwd", lambda i, c: [*DEC, i / R8, "--calib", i / CALIB, "-o", c, "--force"],
+         "is the current directory"),
+    Case("decompose-output-parent-of-cwd", lambda i, c: [*DEC, i / R8, "--calib", i / CALIB, "-o", "..", "--force"],
+         "is the current directory or holds it"),
+    Case("decompose-output-holds-model", lambda i, c: [*DEC, c / "proj" / "model.onnx", "--calib", i / CALIB,
+                                                      "-o", c / "proj", "--force"], "holds an input", _project),
+    Case("decompose-output-holds-calib", lambda i, c: [*DEC, i / R8, "--calib", i / CALIB, "-o", i, "--force"],
+         "holds an input"),
+    Case("decompose-output-not-onnxmod", lambda i, c: [*DEC, i / R8, "--calib", i / CALIB, "-o", "mine", "--force"],
+         "is not an onnxmod output", _user_dir),
+    Case("decompose-output-exists", lambda i, c: [*DEC, i / R8, "--calib", i / CALIB, "-o", "mine"],
+         "already exists (use --force", _user_dir),
+    Case("decompose-output-foreign-files", lambda i, c: [*DEC, i / R8, "--calib", i / CALIB, "-o", "old.modules",
+                                                        "--force"], "notes.txt", _modules_plus_notes),
+    Case("decompose-output-foreign-subdir", lambda i, c: [*DEC, i / R8, "--calib", i / CALIB, "-o", "old.modules",
+                                                         "--force"], "extra/", _modules_plus_empty_dir),
+    Case("decompose-output-symlink", lambda i, c: [*DEC, i / R8, "--calib", i / CALIB, "-o", "link.modules",
+                                                  "--force"], "is a symbolic link", _linked_modules),
+    Case("decompose-output-under-file", lambda i, c: [*DEC, i / R8, "--calib", i / CALIB, "-o", "afile/out"],
+         "is a file, not a directory", _regular_file),
+    Case("decompose-output-is-file", lambda i, c: [*DEC, i / R8, "--calib", i / CALIB, "-o", "afile", "--force"],
+         "afile", _regular_file),
+    Case("decompose-output-unwritable", lambda i, c: [*DEC, i / R8, "--calib", i / CALIB, "-o", "/proc/onnxmod.modules"],
+         "cannot write"),
+    # ---- compose
+    Case("compose-tampered-module", lambda i, c: ["compose", i / "r8.modules" / "module_005_dog.onnx",
+                                                  i / "tampered_cat.onnx", "-o", "x.onnx"],
+         "tampered_cat.onnx: invalid"),
+    Case("compose-a-source-model", lambda i, c: ["compose", i / R8, "-o", "x.onnx"], "not an onnxmod module"),
+    Case("compose-same-module-twice", lambda i, c: ["compose", i / "r8.modules" / "module_003_cat.onnx",
+                                                    i / "r8.modules" / "module_003_cat.onnx", "-o", "x.onnx"], "twice"),
+    Case("compose-not-onnx", lambda i, c: ["compose", i / "text.onnx", "-o", "x.onnx"], "not an ONNX model"),
+    Case("compose-empty-dir", lambda i, c: ["compose", i / "emptymods", "-o", "x.onnx"], "emptymods"),
+    Case("compose-broken-manifest", lambda i, c: ["compose", i / "brokenmods", "-o", "x.onnx"], "broken manifest"),
+    Case("compose-output-exists", lambda i, c: ["compose", i / "r8.modules", "-o", "x.onnx"],
+         "already exists (use --force", _existing("x.onnx")),
+    Case("compose-output-is-input", lambda i, c: ["compose", i / "r8.modules", "-o",
+                                                  i / "r8.modules" / "module_003_cat.onnx", "--force"], "is also an input"),
+    Case("compose-output-under-file", lambda i, c: ["compose", i / "r8.modules", "-o", "afile/x.onnx"],
+         "is a file, not a directory", _regular_file),
+    Case("compose-output-is-dir", lambda i, c: ["compose", i / "r8.modules", "-o", "adir", "--force"],
+         "is a directory", _a_dir),
+    Case("compose-output-dot", lambda i, c: ["compose", i / "r8.modules", "-o", ".", "--force"], "current directory"),
+    Case("compose-output-unwritable", lambda i, c: ["compose", i / "r8.modules", "-o", "/proc/x.onnx"], "cannot write"),
+    # ---- replace
+    Case("replace-class-mismatch", lambda i, c: ["replace", i / "r8.modules", "--class", "cat", "--with",
+                                                 i / "r8.modules" / "module_005_dog.onnx", "-o", "x.onnx"],
+         "is a module of class 'dog', but class 'cat' is being replaced"),
+    Case("replace-unknown-class", lambda i, c: ["replace", i / "catdog.onnx", "--class", "unicorn", "--with",
+                                                i / "r8.modules" / "module_003_cat.onnx", "-o", "x.onnx"],
+         "class 'unicorn' is not one of"),
+    Case("replace-index-out-of-range", lambda i, c: ["replace", i / "catdog.onnx", "--class", "9", "--with",
+                                                     i / "r8.modules" / "module_003_cat.onnx", "-o", "x.onnx"],
+         "out of range"),
+    Case("replace-tampered-module", lambda i, c: ["replace", i / "catdog.onnx", "--class", "cat", "--with",
+                                                  i / "tampered_cat.onnx", "-o", "x.onnx"],
+         "tampered_cat.onnx: invalid"),
+    Case("replace-tampered-base", lambda i, c: ["replace", i / "tampered_catdog.onnx", "--class", "cat", "--with",
+                                                i / "r8.modules" / "module_003_cat.onnx", "-o", "x.onnx"],
+         "tampered_catdog.onnx"),
+    Case("replace-base-is-source", lambda i, c: ["replace", i / R8, "--class", "cat", "--with",
+                                                 i / "r8.modules" / "module_003_cat.onnx", "-o", "x.onnx"],
+         "replace takes a module dir or a composed model"),
+    Case("replace-base-missing", lambda i, c: ["replace", i / "nope.onnx", "--class", "cat", "--with",
+                                               i / "r8.modules" / "module_003_cat.onnx", "-o", "x.onnx"], "no such file"),
+    Case("replace-output-is-base", lambda i, c: ["replace", i / "catdog.onnx", "--class", "cat", "--with",
+                                                 i / "r8.modules" / "module_003_cat.onnx", "-o", i / "catdog.onnx",
+                                                 "--force"], "is also an input"),
+    Case("replace-output-exists", lambda i, c: ["replace", i / "catdog.onnx", "--class", "cat", "--with",
+                                                i / "r8.modules" / "module_003_cat.onnx", "-o", "x.onnx"],
+         "already exists", _existing("x.onnx")),
+    # ---- export
+    Case("export-onnx-as-weights", lambda i, c: ["export", "resnet8", "--weights", i / R8, "-o", "x.onnx", "-q"],
+         "is an ONNX model, not a PyTorch checkpoint"),
+    Case("export-weights-missing", lambda i, c: ["export", "resnet8", "--weights", i / "nope.th", "-o", "x.onnx", "-q"],
+         "no such file"),
+    Case("export-weights-empty", lambda i, c: ["export", "resnet8", "--weights", i / "empty.onnx", "-o", "x.onnx", "-q"],
+         "empty file"),
+    Case("export-weights-text", lambda i, c: ["export", "resnet8", "--weights", i / "data.txt", "-o", "x.onnx", "-q"],
+         "not a PyTorch checkpoint"),
+    Case("export-weights-code-execution", lambda i, c: ["export", "resnet8", "--weights", i / "evil.th", "-o", "x.onnx",
+                                                        "-q"], "not unpickled for safety"),
+    Case("export-weights-wrong-arch", lambda i, c: ["export", "resnet20", "--weights", i / "r8.th", "-o", "x.onnx", "-q"],
+         "checkpoint does not fit the model"),
+    Case("export-duplicate-classes", lambda i, c: ["export", "resnet8", "--weights", i / "r8.th", "-o", "x.onnx",
+                                                   "--classes", i / "dup_classes.txt", "-q"], "duplicate class names"),
+    Case("export-output-exists", lambda i, c: ["export", "resnet8", "--weights", i / "r8.th", "-o", "x.onnx", "-q"],
+         "already exists (use --force", _existing("x.onnx")),
+    Case("export-output-is-weights", lambda i, c: ["export", "resnet8", "--weights", i / "r8.th", "-o", i / "r8.th",
+                                                   "--force", "-q"], "is also an input"),
+    Case("export-output-under-file", lambda i, c: ["export", "resnet8", "--weights", i / "r8.th", "-o", "afile/x.onnx",
+                                                   "-q"], "is a file, not a directory", _regular_file),
+    Case("export-bad-arch", lambda i, c: ["export", "resnet9", "--weights", i / "r8.th", "-o", "x.onnx"], "ARCH"),
+    Case("export-nan-std", lambda i, c: ["export", "resnet8", "--weights", i / "r8.th", "-o", "x.onnx", "--std",
+                                         "nan,1,1", "-q"], "--std: values must be finite"),
+    # ---- pipes and devices: never read (blocks), never replaced (not a regular file)
+    Case("info-pipe", lambda i, c: ["info", "pipe"], "not a regular file", _fifo),
+    Case("eval-data-pipe", lambda i, c: ["eval", i / R8, "--data", "pipe", "-q"], "not a regular file", _fifo),
+    Case("predict-image-pipe", lambda i, c: ["predict", i / R8, "pipe", "-q"], "not a regular file", _fifo),
+    Case("export-weights-pipe", lambda i, c: ["export", "resnet8", "--weights", "pipe", "-o", "x.onnx", "-q"],
+         "not a regular file", _fifo),
+    Case("compose-output-pipe", lambda i, c: ["compose", i / "r8.modules", "-o", "pipe", "--force"],
+         "is not a regular file; not replaced", _fifo),
+    Case("export-output-pipe", lambda i, c: ["export", "resnet8", "--weights", i / "r8.th", "-o", "pipe", "--force",
+                                             "-q"], "is not a regular file; not replaced", _fifo),
+    Case("decompose-output-pipe", lambda i, c: [*DEC, i / R8, "--calib", i / CALIB, "-o", "pipe", "--force"],
+         "pipe", _fifo),
+    Case("replace-output-inside-base-dir", lambda i, c: ["replace", i / "r8.modules", "--class", "cat", "--with",
+                                                         i / "r8.modules" / "module_003_cat.onnx", "-o",
+                                                         i / "r8.modules" / "manifest.json", "--force"],
+         "is part of an input"),
+    Case("decompose-nan-mean", lambda i, c: [*DEC, i / R8, "--calib", i / CALIB, "--mean", "nan,0.5,0.5"],
+         "--mean: values must be finite"),
+    Case("decompose-zero-scale", lambda i, c: [*DEC, i / R8, "--calib", i / CALIB, "--scale", "0"],
+         "--scale must be a finite number > 0"),
+    Case("decompose-empty-classes", lambda i, c: [*DEC, i / R8, "--calib", i / CALIB, "--classes", " , "],
+         "--classes: no class names"),
+    Case("export-zero-std", lambda i, c: ["export", "resnet8", "--weights", i / "r8.th", "-o", "x.onnx", "--std", "0,1,1",
+                                          "-q"], "--std"),
+]
+
+
+def _run_cli(capsys, argv: list) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as ei:
+        main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return ei.value.code, out, err
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case: Case, inp: Path, tmp_path: Path, monkeypatch, capsys):
+    cwd = tmp_path / "work"
+    cwd.mkdir()
+    if case.setup:
+        case.setup(inp, cwd)
+    monkeypatch.chdir(cwd)
+    before = snapshot(inp, cwd)
+    code, out, err = _run_cli(capsys, case.args(inp, cwd))
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("onnxmod: error: "), err
+    assert case.expect in lines[0], lines[0]
+    assert "Traceback" not in err and out == ""
+    assert snapshot(inp, cwd) == before  # nothing written, nothing changed, nothing deleted
+    assert not (inp / MARKER).exists() and not (cwd / MARKER).exists()  # no code ran from a data file
+
+
+def test_table_is_big_enough():
+    assert len(CASES) >= 50 and len({c.id for c in CASES}) == len(CASES)
+
+
+# --------------------------------------------------------------------------- --force done right
+def test_force_replaces_an_earlier_output_only(inp: Path, tmp_path: Path, monkeypatch, capsys):
+    """--force replaces what onnxmod wrote before (file or module dir), and nothing else of the dir."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(inp / "r8.modules", tmp_path / "old.modules")
+    (tmp_path / "keep.txt").write_text("the user's\n")
+    args = ["decompose", inp / R8, "--calib", inp / CALIB, "-o", "old.modules", "--classes", "cat", "--quiet",
+            "--samples-per-class", "5", "--refit-images", "0", "--force", "--json"]
+    code, _, err = _run_cli(capsys, args)
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "old.modules").iterdir()) == ["manifest.json", "module_003_cat.onnx"]
+    code, _, err = _run_cli(capsys, ["compose", "old.modules", "-o", "c.onnx", "-q"])
+    assert code == 0, err
+    first = (tmp_path / "c.onnx").read_bytes()
+    code, _, err = _run_cli(capsys, ["compose", inp / "r8.modules", "-o", "c.onnx", "-q", "--force"])
+    assert code == 0, err
+    assert (tmp_path / "c.onnx").read_bytes() != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.onnx", "keep.txt", "old.modules"]  # no temp left
+
+
+# --------------------------------------------------------------------------- stale temps
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_stale_temps_of_dead_runs_are_cleaned_live_ones_kept(inp: Path, tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    dead, live = _dead_pid(), os.getppid()
+    stale_dir = tmp_path / f".x.onnx.{dead}.abcd1234.tmp"
+    stale_dir.mkdir()
+    (stale_dir / "half.onnx").write_bytes(b"half")
+    stale_old = tmp_path / f".x.onnx.old-{dead}"
+    stale_old.write_bytes(b"old")
+    running = tmp_path / f".x.onnx.{live}.efgh5678.tmp"
+    running.write_bytes(b"another run in progress")
+    legacy = tmp_path / ".x.onnx.q1w2e3r4.tmp"
+    legacy.write_bytes(b"older onnxmod")
+    code, _, err = _run_cli(capsys, ["compose", inp / "r8.modules", "-o", "x.onnx"])
+    assert code == 0, err
+    assert not stale_dir.exists() and not stale_old.exists()
+    assert running.exists() and legacy.exists()
+    warnings = [line for line in err.splitlines() if line.startswith("onnxmod: warning:")]
+    assert len(warnings) == 1 and legacy.name in warnings[0] and "remove it by hand" in warnings[0]
+
+
+# --------------------------------------------------------------------------- signals during writes (subprocess)
+def _start_decompose(inp: Path, cwd: Path, out: str, *extra: str) -> subprocess.Popen:
+    argv = [sys.executable, "-m", "onnxmod.cli.main", "decompose", str(inp / R8), "--calib", str(inp / CALIB),
+            "-o", out, "--reconstruct", *extra]
+    return subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_temp(cwd: Path, out: str, proc: subprocess.Popen, timeout: float = 60.0) -> bool:
+    """Wait until the run's hidden temp output dir exists (it is writing); False if it ended first."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if any(p.name.startswith(f".{out}.") and p.name.endswith(".tmp") and p.is_dir() for p in cwd.iterdir()):
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.005)
+    return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_during_write_leaves_nothing(sig, inp: Path, tmp_path: Path):
+    before = snapshot(inp)
+    proc = _start_decompose(inp, tmp_path, "r8.modules")
+    assert _wait_for_temp(tmp_path, "r8.modules", proc), proc.communicate()
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    lines = err.splitlines()  # exactly one line: not even click's blank line before it
+    assert len(lines) == 1 and lines[0].startswith("onnxmod: error: "), err
+    assert ("terminated (SIGTERM)" if sig == signal.SIGTERM else "interrupted") in lines[0]
+    assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # no output, no temp
+    assert snapshot(inp) == before
+
+
+def test_sigterm_during_force_keeps_the_old_output(inp: Path, tmp_path: Path):
+    shutil.copytree(inp / "r8.modules", tmp_path / "r8.modules")
+    old = snapshot(tmp_path)
+    proc = _start_decompose(inp, tmp_path, "r8.modules", "--force")
+    assert _wait_for_temp(tmp_path, "r8.modules", proc), proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert snapshot(tmp_path) == old
+
+
+def test_sigkill_leftovers_are_cleaned_by_the_next_run(inp: Path, tmp_path: Path):
+    proc = _start_decompose(inp, tmp_path, "r8.modules")
+    assert _wait_for_temp(tmp_path, "r8.modules", proc), proc.communicate()
+    proc.kill()
+    proc.communicate(timeout=60)
+    left = [p.name for p in tmp_path.iterdir()]
+    assert left and all(n.startswith(".r8.modules.") for n in left)  # what a hard kill leaves
+    rerun = subprocess.run([sys.executable, "-m", "onnxmod.cli.main", "decompose", str(inp / R8), "--calib",
+                            str(inp / CALIB), "-o", "r8.modules", "--classes", "cat", "--samples-per-class", "5",
+                            "--refit-images", "0", "--quiet"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0 and rerun.stderr == "", rerun.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["r8.modules"]
+
+
+def test_interrupted_swap_gives_the_old_output_back(tmp_path: Path):
+    """Killed between parking the old output and moving the new one in: the next run restores the old one."""
+    from onnxmod import outputs
+
+    parked = tmp_path / f".r8.modules.old-{_dead_pid()}"
+    parked.mkdir()
+    (parked / "manifest.json").write_text("{}")
+    outputs.clean_stale(tmp_path / "r8.modules")
+    assert [p.name for p in tmp_path.iterdir()] == ["r8.modules"]
+    assert (tmp_path / "r8.modules" / "manifest.json").read_text() == "{}"
+
+
+def test_own_temps_are_swept_even_outside_a_cleanup_block(tmp_path: Path):
+    """A signal can land right after a temp is created; the CLI's interrupt path sweeps this process's temps."""
+    from onnxmod import modelio, outputs
+
+    d = outputs.temp_dir(tmp_path / "a.modules")
+    with pytest.raises(KeyboardInterrupt), modelio.atomic_path(tmp_path / "b.onnx") as t:
+        t.write_bytes(b"half")
+        raise KeyboardInterrupt
+    other = tmp_path / f".a.modules.{_dead_pid()}.zzzz.tmp"  # not ours: left to clean_stale
+    other.mkdir()
+    assert d.exists()
+    outputs.sweep_own_temps()
+    assert [p.name for p in tmp_path.iterdir()] == [other.name]
