@@ -40,18 +40,32 @@ Batch = tuple[np.ndarray, np.ndarray]
 
 
 class Dataset:
-    """A labelled image set. Subclasses fill ``path``, ``classes``, ``labels``,
-    ``image_size`` (H, W), ``channels`` and implement :meth:`_load_uint8_or_float`."""
+    """An image set, labelled or not. Subclasses fill ``path``, ``classes``, ``labels``,
+    ``image_size`` (H, W), ``channels`` and implement :meth:`_load`."""
 
     path: Path
-    classes: list[str]
-    labels: np.ndarray  # int64 [N]
+    classes: list[str]  # [] when unlabelled
+    labels: np.ndarray  # int64 [N]; -1 everywhere when unlabelled
+    labelled: bool = True
     image_size: tuple[int, int]
     channels: int
     format: str = "?"
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    def with_labels(self, labels: np.ndarray, classes: list[str]) -> "Dataset":
+        """A copy labelled with ``labels`` (e.g. a model's own predictions) over ``classes``."""
+        import copy
+
+        out = copy.copy(self)
+        out.labels, out.classes, out.labelled = np.asarray(labels, dtype=np.int64), list(classes), True
+        return out
+
+    def require_labels(self, why: str) -> None:
+        if not self.labelled:
+            raise OnnxmodError(f"{self.path}: has no labels ({why} needs a class per image: "
+                               f"<class>/ sub-folders, or 'y' in the .npz)")
 
     @property
     def num_classes(self) -> int:
@@ -341,21 +355,24 @@ def load_images(paths: Sequence[str | os.PathLike], channels: int, size: tuple[i
 
 
 class FolderDataset(Dataset):
+    """``DIR/<class>/*.png|jpg``; or, unlabelled, ``DIR/*.png|jpg``."""
+
     format = "folder"
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, labelled: bool = True):
         self.path = path
         classes, files, labels = [], [], []
-        for sub in _subdirs(path):
+        for sub in _subdirs(path) if labelled else [path]:
             imgs = _list_images(sub)
             classes.append(sub.name)
             files.extend(imgs)
             labels.extend([len(classes) - 1] * len(imgs))
         if not files:
             raise OnnxmodError(f"{path}: no images found (expected {path}/<class>/*.png|jpg)")
-        self.classes = classes
+        self.labelled = labelled
+        self.classes = classes if labelled else []
         self.files = files
-        self.labels = np.asarray(labels, dtype=np.int64)
+        self.labels = np.asarray(labels, dtype=np.int64) if labelled else np.full(len(files), -1, dtype=np.int64)
         first = read_image(files[0])
         self.image_size = (int(first.shape[1]), int(first.shape[2]))
         self.channels = 3
@@ -382,10 +399,8 @@ class NpzDataset(Dataset):
         try:
             if "x" not in z.files:
                 raise OnnxmodError(f"{path}: no 'x' array (keys: {', '.join(z.files) or 'none'})")
-            if "y" not in z.files:
-                raise OnnxmodError(f"{path}: no labels: 'y' array missing (keys: {', '.join(z.files)})")
             x = z["x"]
-            y = z["y"]
+            y = z["y"] if "y" in z.files else None  # unlabelled
             classes = None
             if "classes" in z.files:
                 c = z["classes"]
@@ -416,6 +431,14 @@ class NpzDataset(Dataset):
             self.image_size = (int(x.shape[2]), int(x.shape[3]))
         else:
             raise OnnxmodError(f"{path}: 'x' must be uint8 (N,H,W,C) or float (N,C,H,W), got dtype {x.dtype}")
+        self._x = x
+        if y is None:
+            if not x.shape[0]:
+                raise OnnxmodError(f"{path}: no images")
+            self.labelled = False
+            self.labels = np.full(x.shape[0], -1, dtype=np.int64)
+            self.classes = classes or []
+            return
         y = np.asarray(y)
         if y.ndim != 1:
             raise OnnxmodError(f"{path}: 'y' must be 1-D [N], got shape {list(y.shape)}")
@@ -429,7 +452,6 @@ class NpzDataset(Dataset):
             labels = _check_labels(y, len(classes), path)
         if not labels.size:
             raise OnnxmodError(f"{path}: no images")
-        self._x = x
         self.labels = labels
         self.classes = classes
 
@@ -501,7 +523,7 @@ def _open_folder(p: Path) -> Dataset:
     subs = _subdirs(p)
     if not subs:
         if any(e.is_file() and e.suffix.lower() in IMAGE_EXTS for e in p.iterdir()):
-            raise OnnxmodError(f"{p}: images without labels (expected {p}/<class>/*.png|jpg)")
+            return FolderDataset(p, labelled=False)
         if not any(not e.name.startswith(".") for e in p.iterdir()):
             raise OnnxmodError(f"{p}: empty folder")
         raise OnnxmodError(f"{p}: unknown data layout (expected CIFAR batches, {p}/<class>/*.png|jpg, or a .npz)")

@@ -195,8 +195,10 @@ def prepare_source(
     k = k_dims[1].dim_value if len(k_dims) == 2 else 0
     if not k:
         raise OnnxmodError(f"{p}: output '{g.output[0].name}' must be logits [N, K] with static K")
+    if not classes and data_classes is None:  # unlabelled data, no names in the model: name classes by index
+        classes = [str(i) for i in range(k)]
     if not classes:
-        if data_classes is None or len(data_classes) != k:
+        if len(data_classes) != k:
             raise OnnxmodError(f"{p}: has no onnxmod.classes metadata and the data's classes "
                                f"({0 if data_classes is None else len(data_classes)}) don't match its {k} outputs")
         classes = list(data_classes)
@@ -221,6 +223,29 @@ def resolve_classes(requested: Sequence[str] | None, classes: list[str]) -> list
         else:
             raise OnnxmodError(f"class '{r}' is not one of the model's classes: {', '.join(classes)}")
     return sorted(set(out))
+
+
+UNSEEN = "(not labelled)"  # pseudo-class of unlabelled images the source was not run on
+
+
+def label_with_source(dataset: Dataset, src: PreparedSource, settings: DecomposeSettings, device: str,
+                      quiet: bool) -> Dataset:
+    """Unlabelled calibration data: the source's own predictions become the labels.
+
+    The source runs on a random ``samples_per_class x K`` of the images (all when fewer);
+    the others get a pseudo-class that is none of the source's, so they are never drawn.
+    """
+    k = len(src.classes)
+    rng = np.random.default_rng(settings.seed + 7)
+    pool = np.sort(rng.permutation(len(dataset))[: settings.samples_per_class * k])
+    sess = runtime.make_session(src.model, device=device, name="source")
+    preds = [runtime.run(sess, x)[0].argmax(axis=1)
+             for x, _ in progress(dataset.iter_batches(settings.batch_size, size=src.input_chw[1:], indices=pool),
+                                  total=dataset.num_batches(settings.batch_size, indices=pool),
+                                  desc="labelling with the source", quiet=quiet, unit="batch")]
+    labels = np.full(len(dataset), k, dtype=np.int64)
+    labels[pool] = np.concatenate(preds)
+    return dataset.with_labels(labels, [*src.classes, UNSEEN])
 
 
 def calibration_indices(dataset: Dataset, label_map: np.ndarray, per_class: int, seed: int) -> np.ndarray:
@@ -333,8 +358,10 @@ def decompose(
     outputs.check_output(out, inputs=[model_path, calib], force=force, directory=True)
     modelio.load_model(model_path)  # clear error for missing / not-ONNX before reading data
     dataset = open_dataset(calib, split=settings.split)
-    src = prepare_source(model_path, mean, std, scale, data_classes=dataset.classes)
+    src = prepare_source(model_path, mean, std, scale, data_classes=dataset.classes if dataset.labelled else None)
     wanted = resolve_classes(classes, src.classes)
+    if not dataset.labelled:
+        dataset = label_with_source(dataset, src, settings, device, quiet)
 
     label_map = np.array([src.classes.index(c) if c in src.classes else -1 for c in dataset.classes], dtype=np.int64)
     if (label_map < 0).all():
@@ -444,7 +471,8 @@ def decompose(
                        "macs": src.macs, "classes": src.classes, "preprocess": src.preprocess,
                        "temperature": temperature},
             "modules": modules,
-            "settings": {**asdict(settings), "calib": str(calib), "calibration_images": int(len(idx))},
+            "settings": {**asdict(settings), "calib": str(calib), "calibration_images": int(len(idx)),
+                         "calibration_labels": "source predictions" if UNSEEN in dataset.classes else "data"},
             "unsupported": [{"node": n, "op": o, "why": w} for n, o, w in analysis.unsupported],
             # groups whose channels each class chooses for itself (the rest: one choice for all classes)
             "class_specific_groups": [g.id for g in selector.groups if not selector.is_shared(g.id, settings.shared_depth)],

@@ -102,6 +102,7 @@ def evaluate_source(
     model, label = _load(model_path_or_proto)
     label = name or label
     ds = dataset if isinstance(dataset, Dataset) else open_dataset(dataset, split)
+    ds.require_labels("eval")
     c, h, w = input_chw(model)
     size = (h, w) if h is not None and w is not None else None
 
@@ -226,6 +227,7 @@ def evaluate_module(
     label = name or label
     spec = ModuleSpec.from_model(model, label)
     ds = dataset if isinstance(dataset, Dataset) else open_dataset(dataset, split)
+    ds.require_labels("eval")
     if spec.class_name not in ds.classes:
         raise OnnxmodError(f"{ds.path}: has no class '{spec.class_name}' (the module's class); "
                            f"data classes: {', '.join(ds.classes[:10])}{'...' if len(ds.classes) > 10 else ''}")

@@ -235,3 +235,34 @@ def test_shared_depth_one_shares_every_layer(tmp_path):
     info = compose_info(compose([tmp_path / "m"]))
     one = max(m["macs"] for m in man["modules"])
     assert info["macs"] < one * 1.01 < info["module_macs_sum"]
+
+
+@pytest.mark.parametrize("layout", ["npz", "folder"])
+def test_unlabelled_calibration_uses_the_sources_predictions(tmp_path, layout):
+    """An npz without `y`, or a folder of images without class sub-folders, calibrates with the
+    source's own predictions as labels; eval refuses such data."""
+    from PIL import Image
+
+    from onnxmod.compose import compose
+    from onnxmod.evaluate import evaluate_source
+
+    z = np.load(CALIB)
+    x = z["x"][::3]  # 200 images
+    if layout == "npz":
+        data = tmp_path / "unlabelled.npz"
+        np.savez(data, x=x)
+    else:
+        data = tmp_path / "photos"
+        data.mkdir()
+        for i, img in enumerate(x):
+            Image.fromarray(img).save(data / f"{i:04d}.png")
+    settings = DecomposeSettings(samples_per_class=20, repair_epochs=1, repair_min_steps=5)
+    man = decompose(SAMPLE, data, tmp_path / "m", classes=["cat", "ship"], settings=settings, quiet=True, device="cpu")
+    assert man["settings"]["calibration_labels"] == "source predictions"
+    # the images it calibrated on are the source's predicted cats and ships, 20 of each at most
+    src_pred = run(onnx.load(SAMPLE), x.transpose(0, 3, 1, 2).astype(np.float32) / 255)[0].argmax(axis=1)
+    assert man["settings"]["calibration_images"] == sum(min(20, int((src_pred == k).sum())) for k in range(10))
+    composed = compose([tmp_path / "m"])
+    onnx.checker.check_model(composed, full_check=True)
+    with pytest.raises(Exception, match="has no labels"):
+        evaluate_source(SAMPLE, data, quiet=True)
