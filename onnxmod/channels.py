@@ -161,6 +161,28 @@ class ChannelAnalysis:
             raise ValueError(f"graph output {t.name} has no channel axis")
         return g
 
+    def pinned_by(self, tensor: str) -> tuple[str, str, str]:
+        """(node, op, why) of the not-understood node nearest to ``tensor``, walking back from it
+        (breadth first) -- the one that pins it, not the first one in the graph."""
+        producer = {o.name: n for n in self.graph.nodes for o in n.outputs}
+        why = {n: w for n, _, w in self.unsupported}
+        frontier, seen = [tensor], {tensor}
+        while frontier:
+            nxt = []
+            for t in frontier:
+                node = producer.get(t)
+                if node is None:
+                    continue
+                if node.name in why:  # a barrier on channel tensors (shape arithmetic does not count)
+                    return node.name, node.op, why[node.name]
+                for i in node.inputs:
+                    if i.name not in seen and not isinstance(i, gs.Constant):
+                        seen.add(i.name)
+                        nxt.append(i.name)
+            frontier = nxt
+        g = self.group_of(tensor)
+        return tensor, "?", (g.pinned[0] if g is not None and g.pinned else "no channel axis")
+
     def derivations_resolved(self) -> list[Derivation]:
         return [Derivation(d.node, self.find(d.src), self.find(d.dst), d.index) for d in self.derivations]
 

@@ -27,6 +27,7 @@ from onnxmod.calibrate import ActivationStats
 from onnxmod.channels import ChannelAnalysis, ChannelGroup
 
 STRATEGIES = ("global", "uniform")
+MAC_SLACK = 0.02  # uniform budget below the target by more than this fraction of the source's MACs: top up
 GLOBAL_FLOOR = 0.6  # "global" keeps at least this fraction of every layer (without it whole layers vanish)
 
 
@@ -208,19 +209,21 @@ class Selector:
         base = a.full_keep()
         base[self.out_group.id][:] = False
         base[self.out_group.id][k] = True
+        if target >= 1.0:  # keep everything: no channel rounding may take any away
+            return a.close(base)
 
         if strategy == "uniform":
             order = {gid: np.argsort(-v, kind="stable") for gid, v in imp.items()}
 
             tied_ids = {g.id for g in self.groups if tied(g)}
 
-            def build(frac: float) -> dict[int, np.ndarray]:
+            def build(frac: float, mult: int = multiple) -> dict[int, np.ndarray]:
                 keep = {g: m.copy() for g, m in base.items()}
                 for gid, o in order.items():
                     if gid in tied_ids and not prune_tied:
                         continue
                     f = min(1.0, frac * (1.0 + depth_slope * (self.depth[gid] - 0.5)))
-                    n = _round_to(f * o.size, multiple, o.size)
+                    n = _round_to(f * o.size, mult, o.size)
                     keep[gid][:] = False
                     keep[gid][o[:n]] = True
                 return a.close(keep)
@@ -245,16 +248,51 @@ class Selector:
                 return a.close(keep)
 
             lo, hi = 0.0, 1.0
-        if target >= 1.0:
-            return build(hi)
         goal = target * self.total_macs
-        for _ in range(20):  # bisection on the kept fraction of channels
+        keep = self._bisect(build, lo, hi, goal)
+        if strategy != "uniform":
+            return keep
+        # rounding to `multiple` moves every small group at once: the bisection alone can land far
+        # below the target (16-channel groups jump 8 -> 16 together). Top up, then try finer roundings.
+        skip = set() if prune_tied else tied_ids
+        mult = multiple
+        while self.macs(keep) < goal - MAC_SLACK * self.total_macs and mult >= 1:
+            cand = keep if mult == multiple else self._bisect(lambda f, m=mult: build(f, m), lo, hi, goal)
+            cand = self._top_up(cand, goal, order, skip, mult)
+            if self.macs(cand) > self.macs(keep):
+                keep = cand
+            mult //= 2
+        return keep
+
+    def _bisect(self, build, lo: float, hi: float, goal: float) -> dict[int, np.ndarray]:
+        """The keep-masks of the largest kept fraction in [lo, hi] whose MACs are within ``goal``."""
+        for _ in range(20):
             mid = (lo + hi) / 2
             if self.macs(build(mid)) > goal:
                 hi = mid
             else:
                 lo = mid
         return build(lo)
+
+    def _top_up(self, keep: dict[int, np.ndarray], goal: float, order: dict[int, np.ndarray], skip: set[int],
+                multiple: int) -> dict[int, np.ndarray]:
+        """Give back channels, ``multiple`` at a time and deepest group first, while the MACs stay
+        within ``goal``."""
+        step = max(1, multiple)
+        gids = sorted((g for g in order if g not in skip), key=lambda g: (-self.depth[g], g))
+        changed = True
+        while changed:
+            changed = False
+            for gid in gids:
+                n, size = int(keep[gid].sum()), order[gid].size
+                if n >= size:
+                    continue
+                trial = {g: m.copy() for g, m in keep.items()}
+                trial[gid][order[gid][:min(size, (n // step + 1) * step)]] = True
+                trial = self.a.close(trial)
+                if self.macs(trial) <= goal:
+                    keep, changed = trial, True
+        return keep
 
     def _marginal_macs(self, gid: int, keep: dict[int, np.ndarray]) -> float:
         total = 0.0
