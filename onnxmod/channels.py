@@ -52,6 +52,7 @@ class ChannelGroup:
     is_output: bool = False  # holds a graph output: its channels are output rows
     producers: list[str] = field(default_factory=list)  # nodes whose weight rows make channels
     consumers: list[tuple[str, str]] = field(default_factory=list)  # (node, tensor) summing channels
+    gates: list[str] = field(default_factory=list)  # producers whose channels only scale others (SE gates)
 
     @property
     def removable(self) -> bool:
@@ -89,6 +90,7 @@ class ChannelAnalysis:
         self.derivations: list[Derivation] = []
         self.node_rule: dict[str, str] = {}  # node name -> rule applied (for surgery)
         self.unsupported: list[tuple[str, str, str]] = []  # (node, op, why)
+        self.gate_producers: set[str] = set()  # Conv/Gemm making a squeeze-excitation gate
 
     # ---------------------------------------------------------------- union-find
     def _new(self, size: int, pinned: str | None = None) -> int:
@@ -131,7 +133,7 @@ class ChannelAnalysis:
             r = self.find(g.id)
             out.setdefault(r, self._groups[r])
         for root in out.values():
-            root.tensors, root.producers, root.consumers = [], [], []
+            root.tensors, root.producers, root.consumers, root.gates = [], [], [], []
         for t, tc in self.tensors.items():
             out[self.find(tc.group)].tensors.append(t)
         for name, rule in self.node_rule.items():
@@ -142,6 +144,8 @@ class ChannelAnalysis:
                     out[self.find(self.tensors[x].group)].consumers.append((name, x))
                 y = node.outputs[0].name
                 out[self.find(self.tensors[y].group)].producers.append(name)
+                if name in self.gate_producers:
+                    out[self.find(self.tensors[y].group)].gates.append(name)
         return sorted(out.values(), key=lambda g: g.id)
 
     def group_of(self, tensor: str) -> ChannelGroup | None:
@@ -160,6 +164,16 @@ class ChannelAnalysis:
         if g is None:
             raise ValueError(f"graph output {t.name} has no channel axis")
         return g
+
+    def summary(self) -> dict[str, int | float]:
+        """Channels the weights make (groups with producers, class rows excluded): how many,
+        how many pinned (never removed) and how many tied (several producers, a residual stream
+        or a gate)."""
+        made = [g for g in self.groups if g.producers and not g.is_output]
+        total = sum(g.size for g in made)
+        pinned = sum(g.size for g in made if g.pinned)
+        tied = sum(g.size for g in made if not g.pinned and len(set(g.producers) - set(g.gates)) > 1)
+        return {"total": total, "pinned": pinned, "tied": tied, "pinned_fraction": pinned / max(total, 1)}
 
     def pinned_by(self, tensor: str) -> tuple[str, str, str]:
         """(node, op, why) of the not-understood node nearest to ``tensor``, walking back from it
@@ -347,11 +361,29 @@ class ChannelAnalysis:
             return
         if len({g.block for g in groups}) != 1:
             return self._barrier(node, "operands flattened differently")
+        self._note_gate(node, groups)
         gid = groups[0].group
         for g in groups[1:]:
             gid = self._union(gid, g.group, f"{node.op} '{node.name}'")
         self.node_rule[node.name] = "same"
         self.tensors[y.name] = TensorChannels(gid, groups[0].block)
+
+    def _note_gate(self, node: gs.Node, groups: list[TensorChannels]) -> None:
+        """``Mul(x [N, C, H, W], g [N, C, 1, 1])``: squeeze-excitation. The Convs making ``g``
+        scale x's channels; they do not make a second stream added to x (not a residual tie)."""
+        if node.op != "Mul" or len(groups) != 2 or self.find(groups[0].group) == self.find(groups[1].group):
+            return
+        shapes = [self._shape(t) for t in node.inputs]
+        if any(s is None or len(s) != 4 for s in shapes):
+            return
+        for gate, other in ((0, 1), (1, 0)):
+            if tuple(shapes[gate][2:]) == (1, 1) and tuple(shapes[other][2:]) != (1, 1):
+                root = self.find(groups[gate].group)
+                for name, rule in self.node_rule.items():
+                    if rule in ("conv", "gemm", "matmul"):
+                        y = self.nodes[name].outputs[0].name
+                        if y in self.tensors and self.find(self.tensors[y].group) == root:
+                            self.gate_producers.add(name)
 
     @staticmethod
     def _const_broadcast_ok(v: np.ndarray, out_rank: int | None, channels: int | None) -> bool:

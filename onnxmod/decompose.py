@@ -429,6 +429,7 @@ def decompose(
             "modules": modules,
             "settings": {**asdict(settings), "calib": str(calib), "calibration_images": int(len(idx))},
             "unsupported": [{"node": n, "op": o, "why": w} for n, o, w in analysis.unsupported],
+            "channels": analysis.summary(),
             "timings": {"calibration_s": stats.seconds, "reconstruct_s": reconstruct_s, "refit_s": refit_s,
                         "writing_s": writing_s, "total_s": time.perf_counter() - t_start},
         }

@@ -17,7 +17,13 @@ Stages, in order:
 4. ``dynamic_batch``: a fixed batch becomes dynamic; ``Reshape`` constants that
    carry that batch (``[1, 256]``) are rewritten to ``[-1, 256]``. Checked in
    onnxruntime: batch 2 of the rewrite == two batch-1 runs of the original.
-5. ``strip_softmax``: a trailing Softmax/LogSoftmax over the class axis (with
+5. ``static_reshapes``: ``Reshape`` targets computed from ``Shape`` subgraphs (Paddle's and
+   tf2onnx's flatten: Shape -> Slice -> Concat) are evaluated in onnxruntime at batch 1
+   and 2 and replaced by constants (``-1`` for the batch), so shapes are known downstream.
+6. ``transpose_flatten``: ``Transpose(perm=[0, 2, 3, 1]) -> flatten -> MatMul/Gemm`` (Keras'
+   ``Flatten`` reads NHWC order) becomes ``Flatten`` of the NCHW map with the classifier's
+   weight rows permuted to match: exact, and the last conv group is no longer pinned.
+7. ``strip_softmax``: a trailing Softmax/LogSoftmax over the class axis (with
    Identity/Cast/positive-scalar-Mul after it, Paddle's ``scale``) is removed, so the
    output is logits (same argmax; the composed model's softmax gives the same
    probabilities back).
@@ -67,6 +73,8 @@ def canonical_input(
     _to_nchw(m, where, layout, steps)
     _fix_input_size(m, where, input_size, data_size, steps)
     m = _dynamic_batch(m, where, steps)
+    _static_reshapes(m, where, steps)
+    _transpose_flatten(m, steps)
     _strip_softmax(m, steps)
     return m, steps
 
@@ -290,6 +298,121 @@ def _check_batch_rewrite(original: onnx.ModelProto, rewritten: onnx.ModelProto, 
     if got.shape != ref.shape or not np.allclose(got, ref, atol=1e-4, rtol=1e-4):
         raise OnnxmodError(f"{where}: the batch is fixed at {batch} and could not be made dynamic "
                            f"(a batch of {2 * batch} no longer gives per-image results)")
+
+
+def _static_reshapes(m: onnx.ModelProto, where: str, steps: list[Step]) -> None:
+    from onnxmod import runtime
+
+    g = m.graph
+    targets = [n for n in g.node if n.op_type == "Reshape" and len(n.input) > 1
+               and _constant_value(g, n.input[1]) is None]
+    if not targets:
+        return
+    probe = onnx.ModelProto()
+    probe.CopyFrom(m)
+    names = list(dict.fromkeys(n.input[1] for n in targets))
+    probe.graph.output.extend(helper.make_tensor_value_info(t, onnx.TensorProto.INT64, None) for t in names)
+    sess = runtime.make_session(probe, device="cpu", name=where)
+    dims = _dims(image_input(m))
+    rng = np.random.default_rng(0)
+    runs = [runtime.run(sess, rng.random((b, *dims[1:]), dtype=np.float32), names) for b in (1, 2)]
+    done = []
+    for node in targets:
+        i = names.index(node.input[1])
+        new = _batch_free_shape(runs[0][i], runs[1][i], allowzero=bool(_attr(node, "allowzero", 0)))
+        if new is None:
+            continue
+        const = f"{node.input[1]}__static"
+        if const not in {t.name for t in g.initializer}:
+            g.initializer.append(numpy_helper.from_array(new, const))
+        node.input[1] = const
+        done.append(node.name)
+    _drop_dead_nodes(m)
+    if done:
+        steps.append({"step": "static_reshapes", "reshapes": done})
+
+
+def _batch_free_shape(at1: np.ndarray, at2: np.ndarray, allowzero: bool) -> np.ndarray | None:
+    """The Reshape target valid for every batch, from its values at batch 1 and 2 (None: can't say)."""
+    at1, at2 = np.asarray(at1, dtype=np.int64).ravel(), np.asarray(at2, dtype=np.int64).ravel()
+    if at1.shape != at2.shape:
+        return None
+    varying = np.nonzero(at1 != at2)[0]
+    if varying.size == 0:
+        return at1
+    if varying.size != 1 or at1[varying[0]] != 1 or at2[varying[0]] != 2:
+        return None
+    out = at1.copy()
+    if -1 not in at1:
+        out[varying[0]] = -1
+    elif varying[0] == 0 and not allowzero:
+        out[0] = 0  # copy the input's batch dim
+    else:
+        return None
+    return out
+
+
+def _drop_dead_nodes(m: onnx.ModelProto) -> None:
+    """Remove nodes nothing reads (the shape arithmetic a constant replaced)."""
+    g = m.graph
+    while True:
+        used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+        dead = [n for n in g.node if not any(o in used for o in n.output)]
+        if not dead:
+            return
+        for n in dead:
+            g.node.remove(n)
+
+
+def _transpose_flatten(m: onnx.ModelProto, steps: list[Step]) -> None:
+    from onnxmod import graphio
+
+    g = m.graph
+    shapes = graphio.static_shapes(m)
+    done = []
+    for t in [n for n in g.node if n.op_type == "Transpose" and list(_attr(n, "perm", [])) == TO_NHWC]:
+        flat = _only_consumer(g, t.output[0])
+        fc = _only_consumer(g, flat.output[0]) if flat is not None else None
+        xs, ys = shapes.get(t.input[0]), shapes.get(flat.output[0]) if flat is not None else None
+        if (fc is None or flat.op_type not in ("Reshape", "Flatten") or xs is None or ys is None
+                or len(xs) != 4 or None in xs[1:] or len(ys) != 2 or ys[1] != int(np.prod(xs[1:]))
+                or (flat.op_type == "Flatten" and _attr(flat, "axis", 1) != 1)):
+            continue
+        weight = _classifier_weight(g, fc)
+        if weight is None:
+            continue
+        init, rows_first = weight
+        w = numpy_helper.to_array(init)
+        _, c, h, wd = xs
+        # row of NHWC feature (y, x, ch) -> row of NCHW feature (ch, y, x)
+        nhwc_row = np.arange(h * wd * c).reshape(h, wd, c).transpose(2, 0, 1).ravel()
+        w = w[nhwc_row] if rows_first else w[:, nhwc_row]
+        init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(w), init.name))
+        flat.input[:] = [t.input[0]]
+        flat.op_type = "Flatten"
+        del flat.attribute[:]
+        flat.attribute.append(helper.make_attribute("axis", 1))
+        g.node.remove(t)
+        done.append({"transpose": t.name, "flatten": flat.name, "weights": init.name})
+    if done:
+        steps.append({"step": "transpose_flatten", "rewrites": done})
+
+
+def _only_consumer(g: onnx.GraphProto, tensor: str) -> onnx.NodeProto | None:
+    cons = _consumers(g, tensor)
+    return cons[0] if len(cons) == 1 and tensor not in {o.name for o in g.output} else None
+
+
+def _classifier_weight(g: onnx.GraphProto, fc: onnx.NodeProto) -> tuple[onnx.TensorProto, bool] | None:
+    """(the weight initializer of a MatMul/Gemm reading features as A, rows are features?)"""
+    if fc.op_type not in ("MatMul", "Gemm") or len(fc.input) < 2:
+        return None
+    if fc.op_type == "Gemm" and _attr(fc, "transA", 0):
+        return None
+    init = next((i for i in g.initializer if i.name == fc.input[1]), None)
+    if init is None or len(init.dims) != 2 or len(_consumers(g, init.name)) != 1:
+        return None
+    return init, not (fc.op_type == "Gemm" and _attr(fc, "transB", 0))
 
 
 def _strip_softmax(m: onnx.ModelProto, steps: list[Step]) -> None:

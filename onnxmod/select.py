@@ -65,8 +65,9 @@ def _same_factor(node: gs.Node, size: int) -> np.ndarray | float:
 
 
 def tied(group: ChannelGroup) -> bool:
-    """A group several nodes produce (a residual stream): ``uniform`` keeps it whole by default."""
-    return len(group.producers) > 1
+    """A group several nodes produce (a residual stream): ``uniform`` keeps it whole by default.
+    Squeeze-excitation gates do not count: they scale the stream, they are not added to it."""
+    return len(set(group.producers) - set(group.gates)) > 1
 
 
 def prunable_groups(analysis: ChannelAnalysis, strategy: str, prune_tied: bool = False) -> list[int]:
