@@ -24,6 +24,7 @@ def _register() -> None:
         cmd_eval,
         cmd_export,
         cmd_info,
+        cmd_ops,
     )
 
 

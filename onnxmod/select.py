@@ -23,45 +23,13 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxmod import ops
 from onnxmod.calibrate import ActivationStats
 from onnxmod.channels import ChannelAnalysis, ChannelGroup
 
 STRATEGIES = ("global", "uniform")
 MAC_SLACK = 0.02  # uniform budget below the target by more than this fraction of the source's MACs: top up
 GLOBAL_FLOOR = 0.6  # "global" keeps at least this fraction of every layer (without it whole layers vanish)
-
-
-def _abs_weight_per_channel(a: ChannelAnalysis, node: gs.Node) -> np.ndarray:
-    """[out channels, in channels] sum of |weights| linking them (Flatten blocks summed)."""
-    w = np.abs(np.asarray(node.inputs[1].values, dtype=np.float64))
-    rule = a.node_rule[node.name]
-    if rule == "conv":
-        m = w.reshape(w.shape[0], w.shape[1], -1).sum(axis=2)
-    elif rule == "convtranspose":
-        m = w.reshape(w.shape[0], w.shape[1], -1).sum(axis=2).T
-    elif rule == "gemm":
-        m = w if int(node.attrs.get("transB", 0)) else w.T
-    else:  # matmul [F, M]
-        m = w.T
-    block = a.tensors[node.inputs[0].name].block
-    if block > 1:
-        m = m.reshape(m.shape[0], -1, block).sum(axis=2)
-    return m
-
-
-def _same_factor(node: gs.Node, size: int) -> np.ndarray | float:
-    """How a per-channel shift scales through a channel-preserving op (BatchNorm, Mul/Div by const)."""
-    if node.op == "BatchNormalization":
-        scale, var = (np.asarray(node.inputs[i].values, dtype=np.float64) for i in (1, 4))
-        return np.abs(scale) / np.sqrt(var + float(node.attrs.get("epsilon", 1e-5)))
-    if node.op in ("Mul", "Div"):
-        for t in node.inputs:
-            if isinstance(t, gs.Constant):
-                v = np.abs(np.asarray(t.values, dtype=np.float64)).ravel()
-                if v.size in (1, size):
-                    v = v if node.op == "Mul" else 1.0 / np.maximum(v, 1e-12)
-                    return v if v.size == size else float(v[0])
-    return 1.0
 
 
 def tied(group: ChannelGroup) -> bool:
@@ -84,11 +52,15 @@ class Selector:
         self.stats = stats
         self.groups = [g for g in analysis.groups if g.removable and not g.is_output]
         self.out_group = analysis.output_group()
-        self.reducers = [n for n in analysis.graph.nodes if analysis.node_rule.get(n.name) in
-                         ("conv", "convtranspose", "gemm", "matmul", "depthwise")]
-        self.weights = {n.name: _abs_weight_per_channel(analysis, n) for n in self.reducers
-                        if analysis.node_rule[n.name] != "depthwise"}
-        self._mac_terms = [self._mac_term(n) for n in self.reducers]
+        # nodes with MACs (their rule in onnxmod.ops says how many per kept channel pair)
+        self.reducers = [n for n in analysis.graph.nodes
+                         if ops.rule(analysis.node_rule.get(n.name)).mac_term(analysis, n) is not None]
+        self.weights = {n.name: w for n in self.reducers
+                        if (w := ops.rule(analysis.node_rule[n.name]).abs_weights(analysis, n)) is not None}
+        self._mac_terms = [ops.rule(analysis.node_rule[n.name]).mac_term(analysis, n) for n in self.reducers]
+        self.derivs_by_node: dict[str, list] = {}
+        for d in analysis.derivations:
+            self.derivs_by_node.setdefault(d.node, []).append(d)
         order = {n.name: i for i, n in enumerate(analysis.graph.nodes)}
         first = {g.id: min((order[p] for p in g.producers), default=0) for g in self.groups}
         lo, hi = min(first.values(), default=0), max(first.values(), default=1)
@@ -97,23 +69,6 @@ class Selector:
         self._shared: dict[int, np.ndarray] | None = None  # class-agnostic importance, on first use
 
     # ------------------------------------------------------------------ MACs
-    def _mac_term(self, node: gs.Node) -> tuple[int, int | None, float]:
-        """(in group, out group or None, MACs per kept (in, out) channel pair)."""
-        a = self.a
-        x, y = node.inputs[0].name, node.outputs[0].name
-        gin, gout = a.find(a.tensors[x].group), a.find(a.tensors[y].group)
-        block = a.tensors[x].block
-        rule = a.node_rule[node.name]
-        w = np.asarray(node.inputs[1].values)
-        if rule in ("gemm", "matmul"):
-            return gin, gout, float(block)
-        out_shape = node.outputs[0].shape
-        spatial = float(np.prod([d for d in out_shape[2:]])) if out_shape is not None else 1.0
-        taps = float(np.prod(w.shape[2:]))
-        if rule == "depthwise":
-            return gin, None, taps * spatial
-        return gin, gout, taps * spatial
-
     def macs(self, keep: dict[int, np.ndarray]) -> float:
         total = 0.0
         for gin, gout, f in self._mac_terms:
@@ -129,9 +84,6 @@ class Selector:
         out_t = a.graph.outputs[0].name
         s[out_t] = np.zeros(self.out_group.size)
         s[out_t][k] = 1.0
-        derivs: dict[str, list] = {}
-        for d in a.derivations:
-            derivs.setdefault(d.node, []).append(d)
 
         def add(t: gs.Tensor, v: np.ndarray | float) -> None:
             tc = a.tensors.get(t.name)
@@ -145,31 +97,7 @@ class Selector:
             outs = [s[o.name] for o in node.outputs if o.name in s]
             if not outs:
                 continue
-            so = outs[0]
-            rule = a.node_rule.get(node.name)
-            if node.name in self.weights:
-                add(node.inputs[0], self.weights[node.name].T @ so)
-            elif rule == "depthwise":
-                w = np.abs(np.asarray(node.inputs[1].values, dtype=np.float64))
-                add(node.inputs[0], so * w.reshape(w.shape[0], -1).sum(axis=1))
-            elif rule in ("pad_channels", "slice_channels", "concat_channels"):
-                for i, d in enumerate(derivs[node.name]):
-                    t = node.inputs[i] if rule == "concat_channels" else node.inputs[0]
-                    if t.name not in a.tensors:
-                        continue
-                    size = a.channels(t.name)
-                    v = np.zeros(size)
-                    ok = d.index >= 0
-                    np.add.at(v, d.index[ok], so[ok])
-                    add(t, v)
-            elif rule == "same":
-                f = _same_factor(node, so.size)
-                for t in node.inputs:
-                    if not isinstance(t, gs.Constant):
-                        add(t, so * f)
-            else:  # barrier: spread the mean sensitivity
-                for t in node.inputs:
-                    add(t, float(np.mean(so)))
+            ops.rule(a.node_rule.get(node.name)).back(self, node, outs[0], add)
         return s
 
     def importance(self, k: int) -> dict[int, np.ndarray]:
