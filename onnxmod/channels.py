@@ -82,6 +82,7 @@ class ChannelAnalysis:
         self.node_rule: dict[str, str] = {}  # node name -> rule applied (for surgery)
         self.unsupported: list[tuple[str, str, str]] = []  # (node, op, why)
         self.gate_producers: set[str] = set()  # Conv/Gemm making a squeeze-excitation gate
+        self.equal_blocks: list[tuple[int, int]] = []  # (group, blocks): each block keeps as many channels
 
     # ---------------------------------------------------------------- union-find
     def new_group(self, size: int, pinned: str | None = None) -> int:
@@ -158,11 +159,13 @@ class ChannelAnalysis:
 
     def summary(self) -> dict[str, int | float]:
         """Channels the weights make (groups with producers, class rows excluded): how many,
-        how many pinned (never removed) and how many tied (several producers, a residual stream
-        or a gate)."""
+        how many pinned (never removed, directly or through an index map from a pinned group)
+        and how many tied (several producers that are not gates: a residual stream)."""
         made = [g for g in self.groups if g.producers and not g.is_output]
         total = sum(g.size for g in made)
-        pinned = sum(g.size for g in made if g.pinned)
+        # pinned: what stays when everything removable goes (pins reach producers through index maps)
+        least = self.close({g.id: np.zeros(g.size, dtype=bool) for g in self.groups})
+        pinned = sum(int(least[g.id].sum()) - (0 if g.pinned else 1) for g in made)
         tied = sum(g.size for g in made if not g.pinned and len(set(g.producers) - set(g.gates)) > 1)
         return {"total": total, "pinned": pinned, "tied": tied, "pinned_fraction": pinned / max(total, 1)}
 
@@ -217,6 +220,12 @@ class ChannelAnalysis:
                 before = keep[d.src][src_needed]
                 if not before.all():
                     keep[d.src][src_needed] = True
+                    changed = True
+            for gid, blocks in self.equal_blocks:  # grouped Conv: every conv group keeps as many
+                per = keep[self.find(gid)].reshape(blocks, -1)  # a view: writes go to keep
+                counts = per.sum(axis=1)
+                for b in np.nonzero(counts < counts.max())[0]:  # add the first channels not kept
+                    per[b, np.nonzero(~per[b])[0][:counts.max() - counts[b]]] = True
                     changed = True
         return keep
 

@@ -17,9 +17,14 @@ Stages, in order:
 4. ``dynamic_batch``: a fixed batch becomes dynamic; ``Reshape`` constants that
    carry that batch (``[1, 256]``) are rewritten to ``[-1, 256]``. Checked in
    onnxruntime: batch 2 of the rewrite == two batch-1 runs of the original.
-5. ``static_reshapes``: ``Reshape`` targets computed from ``Shape`` subgraphs (Paddle's and
-   tf2onnx's flatten: Shape -> Slice -> Concat) are evaluated in onnxruntime at batch 1
-   and 2 and replaced by constants (``-1`` for the batch), so shapes are known downstream.
+5. ``static_reshapes``: ``Reshape`` targets and ``Slice`` bounds computed from ``Shape``
+   subgraphs (Paddle's and tf2onnx's flatten: Shape -> Slice -> Concat; the legacy
+   exporter's ``chunk``) are evaluated in onnxruntime at batch 1 and 2 and replaced by
+   constants (``-1`` for the batch), so shapes are known downstream.
+   ``split_to_slices``: ``Split`` on the channel axis becomes one ``Slice`` per output
+   (each an index map the analysis already knows). ``channel_shuffle``: ShuffleNet's
+   ``Reshape [N, g, C/g, H, W] -> Transpose(0, 2, 1, 3, 4) -> Reshape [N, C, H, W]``
+   becomes one ``Gather(axis=1)`` with the permutation (an index map too).
 6. ``transpose_flatten``: ``Transpose(perm=[0, 2, 3, 1]) -> flatten -> MatMul/Gemm`` (Keras'
    ``Flatten`` reads NHWC order) becomes ``Flatten`` of the NCHW map with the classifier's
    weight rows permuted to match: exact, and the last conv group is no longer pinned.
@@ -74,6 +79,8 @@ def canonical_input(
     _fix_input_size(m, where, input_size, data_size, steps)
     m = _dynamic_batch(m, where, steps)
     _static_reshapes(m, where, steps)
+    _split_to_slices(m, steps)
+    _shuffle_to_gather(m, steps)
     _transpose_flatten(m, steps)
     _strip_softmax(m, steps)
     return m, steps
@@ -300,36 +307,45 @@ def _check_batch_rewrite(original: onnx.ModelProto, rewritten: onnx.ModelProto, 
                            f"(a batch of {2 * batch} no longer gives per-image results)")
 
 
+SHAPE_INPUTS = {"Reshape": (1,), "Slice": (1, 2, 3, 4)}  # inputs that are shape arithmetic
+
+
 def _static_reshapes(m: onnx.ModelProto, where: str, steps: list[Step]) -> None:
+    """Reshape targets and Slice bounds computed from ``Shape`` (the legacy exporter's
+    ``x.view(x.size(0), ...)`` and ``chunk``, Paddle's and tf2onnx's flatten) -> constants,
+    from their values at batch 1 and 2 in onnxruntime (a Reshape's batch entry becomes -1)."""
     from onnxmod import runtime
 
     g = m.graph
-    targets = [n for n in g.node if n.op_type == "Reshape" and len(n.input) > 1
-               and _constant_value(g, n.input[1]) is None]
+    targets = [(n, i) for n in g.node for i in SHAPE_INPUTS.get(n.op_type, ())
+               if i < len(n.input) and n.input[i] and _constant_value(g, n.input[i]) is None]
     if not targets:
         return
     probe = onnx.ModelProto()
     probe.CopyFrom(m)
-    names = list(dict.fromkeys(n.input[1] for n in targets))
+    names = list(dict.fromkeys(n.input[i] for n, i in targets))
     probe.graph.output.extend(helper.make_tensor_value_info(t, onnx.TensorProto.INT64, None) for t in names)
     sess = runtime.make_session(probe, device="cpu", name=where)
     dims = _dims(image_input(m))
     rng = np.random.default_rng(0)
     runs = [runtime.run(sess, rng.random((b, *dims[1:]), dtype=np.float32), names) for b in (1, 2)]
     done = []
-    for node in targets:
-        i = names.index(node.input[1])
-        new = _batch_free_shape(runs[0][i], runs[1][i], allowzero=bool(_attr(node, "allowzero", 0)))
+    for node, i in targets:
+        k = names.index(node.input[i])
+        if node.op_type == "Reshape":
+            new = _batch_free_shape(runs[0][k], runs[1][k], allowzero=bool(_attr(node, "allowzero", 0)))
+        else:  # Slice bounds must not depend on the batch
+            new = runs[0][k] if np.array_equal(runs[0][k], runs[1][k]) else None
         if new is None:
             continue
-        const = f"{node.input[1]}__static"
+        const = f"{node.input[i]}__static"
         if const not in {t.name for t in g.initializer}:
-            g.initializer.append(numpy_helper.from_array(new, const))
-        node.input[1] = const
+            g.initializer.append(numpy_helper.from_array(np.asarray(new, dtype=np.int64), const))
+        node.input[i] = const
         done.append(node.name)
     _drop_dead_nodes(m)
     if done:
-        steps.append({"step": "static_reshapes", "reshapes": done})
+        steps.append({"step": "static_reshapes", "nodes": list(dict.fromkeys(done))})
 
 
 def _batch_free_shape(at1: np.ndarray, at2: np.ndarray, allowzero: bool) -> np.ndarray | None:
@@ -362,6 +378,72 @@ def _drop_dead_nodes(m: onnx.ModelProto) -> None:
             return
         for n in dead:
             g.node.remove(n)
+
+
+def _split_to_slices(m: onnx.ModelProto, steps: list[Step]) -> None:
+    from onnxmod import graphio
+
+    g = m.graph
+    splits = [n for n in g.node if n.op_type == "Split"]
+    if not splits:
+        return
+    shapes = graphio.static_shapes(m)
+    done = []
+    for n in splits:
+        xs = shapes.get(n.input[0])
+        if xs is None or len(xs) < 2 or xs[1] is None or int(_attr(n, "axis", 0)) % len(xs) != 1:
+            continue
+        sizes = _constant_value(g, n.input[1]) if len(n.input) > 1 and n.input[1] else _attr(n, "split")
+        c, parts = int(xs[1]), len(n.output)
+        if sizes is None:
+            if c % parts:
+                continue
+            sizes = [c // parts] * parts
+        sizes = [int(v) for v in np.asarray(sizes).ravel()]
+        if sum(sizes) != c or len(sizes) != parts:
+            continue
+        at = list(g.node).index(n)
+        g.node.remove(n)
+        offset = 0
+        for k, (out, size) in enumerate(zip(n.output, sizes)):
+            base = f"{n.name}__slice{k}"
+            g.initializer.extend(numpy_helper.from_array(np.array([v], dtype=np.int64), f"{base}_{what}")
+                                 for what, v in (("starts", offset), ("ends", offset + size), ("axes", 1)))
+            g.node.insert(at + k, helper.make_node("Slice", [n.input[0], f"{base}_starts", f"{base}_ends",
+                                                             f"{base}_axes"], [out], name=base))
+            offset += size
+        done.append(n.name)
+    if done:
+        steps.append({"step": "split_to_slices", "splits": done})
+
+
+def _shuffle_to_gather(m: onnx.ModelProto, steps: list[Step]) -> None:
+    from onnxmod import graphio
+
+    g = m.graph
+    shapes = graphio.static_shapes(m)
+    done = []
+    for first in [n for n in g.node if n.op_type == "Reshape"]:
+        xs, ys = shapes.get(first.input[0]), shapes.get(first.output[0])
+        t = _only_consumer(g, first.output[0])
+        last = _only_consumer(g, t.output[0]) if t is not None else None
+        if (last is None or t.op_type != "Transpose" or last.op_type != "Reshape" or xs is None or ys is None
+                or len(xs) != 4 or len(ys) != 5 or None in xs[1:] or None in ys[1:]
+                or list(_attr(t, "perm", [])) != [0, 2, 1, 3, 4] or shapes.get(last.output[0]) != xs
+                or ys[1] * ys[2] != xs[1] or tuple(ys[3:]) != tuple(xs[2:])):
+            continue
+        groups, c = int(ys[1]), int(xs[1])
+        perm = np.arange(c).reshape(groups, c // groups).T.ravel()  # output channel j = input channel perm[j]
+        name = f"{first.name}__shuffle"
+        g.initializer.append(numpy_helper.from_array(perm.astype(np.int64), f"{name}_perm"))
+        at = list(g.node).index(first)
+        for n in (first, t, last):
+            g.node.remove(n)
+        g.node.insert(at, helper.make_node("Gather", [first.input[0], f"{name}_perm"], [last.output[0]], axis=1,
+                                           name=name))
+        done.append({"reshape": first.name, "transpose": t.name, "groups": groups})
+    if done:
+        steps.append({"step": "channel_shuffle", "shuffles": done})
 
 
 def _transpose_flatten(m: onnx.ModelProto, steps: list[Step]) -> None:

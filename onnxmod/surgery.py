@@ -87,6 +87,16 @@ class _Surgeon:
             return kept, removed, a, c
         return kept, removed, None, np.asarray(f, dtype=np.float64)[removed]
 
+    def fill_subset(self, tensor: str, kept: np.ndarray, removed: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+        """(A, c) for ``removed`` channels estimated from ``kept`` ones only (a grouped Conv's
+        block): x_R ~= A x_K + c."""
+        f = self.fill.get(tensor)
+        if f is None:
+            return None, np.zeros(removed.size)
+        if isinstance(f, LinearFill):
+            return f.coefficients(kept, removed)
+        return None, np.asarray(f, dtype=np.float64)[removed]
+
     def fold(self, node: gs.Node, wc: np.ndarray, out_axis: int, b: np.ndarray | None):
         """Fold removed input channels of channel-major weights ``wc`` [C, ...] into the kept ones
         and the bias; returns (wc restricted to kept inputs and outputs, bias or None)."""

@@ -1,7 +1,7 @@
 """The op registry: one module per op family, and the tables built from them.
 
 Each family module (``elementwise``, ``pool``, ``reshape``, ``conv``, ``linear``,
-``pad``, ``slicing``, ``concat``, ``barrier``) exports ``FAMILIES`` (what the channel
+``pad``, ``slicing``, ``gather``, ``concat``, ``barrier``) exports ``FAMILIES`` (what the channel
 analysis does with an op, plus the human description ``onnxmod ops`` prints) and
 ``RULES`` (how surgery, selection and MAC accounting treat the nodes the analysis
 tagged). Adding an op family = one new module here, listed in ``_MODULES``, plus its
@@ -10,10 +10,10 @@ test. See :mod:`onnxmod.ops.base` for the contract.
 
 from __future__ import annotations
 
-from onnxmod.ops import barrier, concat, conv, elementwise, linear, pad, pool, reshape, slicing
+from onnxmod.ops import barrier, concat, conv, elementwise, gather, linear, pad, pool, reshape, slicing
 from onnxmod.ops.base import Family, Rule
 
-_MODULES = (elementwise, pool, reshape, conv, linear, pad, slicing, concat, barrier)
+_MODULES = (elementwise, pool, reshape, conv, linear, pad, slicing, gather, concat, barrier)
 
 FAMILIES: tuple[Family, ...] = tuple(f for m in _MODULES for f in m.FAMILIES)
 RULES: dict[str, Rule] = {r.name: r for m in _MODULES for r in m.RULES}
