@@ -1,9 +1,10 @@
 """Zoo benchmark: every third-party model of sample_graphs/zoo through decompose.
 
-    python bench/zoo.py            # ~10 s; writes bench/results/zoo.json and the results
+    python bench/zoo.py            # ~1 min; writes bench/results/zoo.json and the results
                                    # table of sample_graphs/zoo/README.md (between its markers)
 
-Per model: the front-end rewrites, keep-all exactness (max |module logit - source logit|
+Models: sample_graphs/zoo/*.onnx and the torch zoo (make_torch_zoo.py, both exporters,
+generated into a temp dir). Per model: the front-end rewrites, keep-all exactness (max |module logit - source logit|
 over 64 CIFAR-10 test images, and max |composed probs - the original file's probs|), the
 module MAC fractions at the zoo target (0.65), the pinned and tied fractions of the conv
 channels, and decompose wall time. CPU, default settings otherwise.
@@ -98,7 +99,11 @@ def main() -> None:
     zoo = _zoo()
     results = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, spec in zoo.MODELS.items():
+        specs = dict(zoo.MODELS)
+        for arch in zoo.TORCH_ARCHS:  # generated: small torch modules through both exporters
+            for exporter in zoo.TORCH_EXPORTERS:
+                specs[f"torch_{arch}_{exporter}"] = zoo.torch_model(arch, exporter, Path(tmp))
+        for name, spec in specs.items():
             if not spec.path.exists():
                 print(f"skip {name}: {spec.path} absent ({spec.made_by} makes it)")
                 continue

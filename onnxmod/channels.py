@@ -164,8 +164,8 @@ class ChannelAnalysis:
         made = [g for g in self.groups if g.producers and not g.is_output]
         total = sum(g.size for g in made)
         # pinned: what stays when everything removable goes (pins reach producers through index maps)
-        least = self.close({g.id: np.zeros(g.size, dtype=bool) for g in self.groups})
-        pinned = sum(int(least[g.id].sum()) - (0 if g.pinned else 1) for g in made)
+        least = self.close({g.id: np.zeros(g.size, dtype=bool) for g in self.groups}, minimum=False)
+        pinned = sum(int(least[g.id].sum()) for g in made)
         tied = sum(g.size for g in made if not g.pinned and len(set(g.producers) - set(g.gates)) > 1)
         return {"total": total, "pinned": pinned, "tied": tied, "pinned_fraction": pinned / max(total, 1)}
 
@@ -199,17 +199,17 @@ class ChannelAnalysis:
         """A keep-mask per root group, all True."""
         return {g.id: np.ones(g.size, dtype=bool) for g in self.groups}
 
-    def close(self, keep: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+    def close(self, keep: dict[int, np.ndarray], minimum: bool = True) -> dict[int, np.ndarray]:
         """Enforce the dependencies on ``keep`` (in place, returned).
 
         Pinned groups keep everything; a group keeps at least one channel (ONNX
-        has no empty Conv); a kept channel derived from another group's channel
+        has no empty Conv; ``minimum=False`` drops that rule, to see what pins force); a kept channel derived from another group's channel
         keeps that one too. Iterates to a fixpoint.
         """
         for g in self.groups:
             if g.pinned:
                 keep[g.id][:] = True
-            elif not keep[g.id].any():
+            elif minimum and not keep[g.id].any():
                 keep[g.id][0] = True
         derivs = self.derivations_resolved()
         changed = True

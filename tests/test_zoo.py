@@ -50,13 +50,21 @@ def _decompose(calib: Path, out: Path, target: float, spec) -> dict:
     return json.loads((out / "manifest.json").read_text())
 
 
-@pytest.fixture(scope="module", params=sorted(MODELS))
+TORCH = [f"torch_{arch}_{exporter}" for arch in ZOO.TORCH_ARCHS for exporter in ZOO.TORCH_EXPORTERS]
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS) + TORCH)
 def zoo(request, tmp_path_factory):
     name = request.param
-    spec = MODELS[name]
+    tmp = tmp_path_factory.mktemp(name)
+    if name in MODELS:
+        spec = MODELS[name]
+    else:  # the torch zoo is generated: small torch modules through both exporters
+        pytest.importorskip("torch")
+        arch, exporter = name[len("torch_"):].rsplit("_", 1)
+        spec = ZOO.torch_model(arch, exporter, tmp)
     if not spec.path.exists():
         pytest.skip(f"{spec.path} absent: sample_graphs/zoo/{spec.made_by} makes it")
-    tmp = tmp_path_factory.mktemp(name)
     calib = ZOO.calibration(spec, tmp / "calib.npz")
     full = _decompose(calib, tmp / "full", 1.0, spec)
     small = _decompose(calib, tmp / "small", TARGET, spec)
@@ -71,7 +79,7 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 def test_every_module_passes_the_full_checker(zoo):
     _, _, _, tmp, full, small = zoo
     for run_dir, manifest in (("full", full), ("small", small)):
-        assert len(manifest["modules"]) == MODELS[zoo[0]].classes
+        assert len(manifest["modules"]) == zoo[1].classes
         for entry in manifest["modules"]:
             onnx.checker.check_model(onnx.load(tmp / run_dir / entry["file"]), full_check=True)
 
@@ -110,7 +118,9 @@ def test_frontend_rewrites_are_recorded(zoo):
         "keras_gap_softmax": ["nhwc_input", "strip_softmax"],
         "keras_flatten_softmax": ["nhwc_input", "static_reshapes", "transpose_flatten", "strip_softmax"],
         "paddle_ppocr_cls": ["input_size", "static_reshapes", "strip_softmax"],
-    }[name]
+        "torch_shuffle_legacy": ["static_reshapes", "channel_shuffle"],
+        "torch_shuffle_dynamo": ["split_to_slices", "channel_shuffle"],
+    }.get(name, [])
     assert steps == expected
     module = onnx.load(tmp / "small" / small["modules"][0]["file"])
     meta = {p.key: p.value for p in module.metadata_props}

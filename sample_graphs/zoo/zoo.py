@@ -29,10 +29,11 @@ class ZooModel:
     input_size: tuple[int, int] | None = None  # --input-size (the original's H/W are dynamic)
     max_pinned: float = 0.0  # pinned fraction of the conv channels (README: why, when > 0)
     mac_range: tuple[float, float] = (TARGET - 0.05, TARGET + 0.05)  # module MAC fraction at TARGET
+    folder: Path = HERE  # generated models (the torch zoo) live elsewhere
 
     @property
     def path(self) -> Path:
-        return HERE / self.file
+        return self.folder / self.file
 
     def decompose_args(self) -> list[str]:
         return ["--input-size", ",".join(map(str, self.input_size))] if self.input_size else []
@@ -46,6 +47,23 @@ MODELS = {
     "paddle_ppocr_cls": ZooModel("paddle_ppocr_cls.onnx", 2, "fetch_paddle_cls.py", softmax=True,
                                  input_size=(48, 192)),
 }
+
+
+TORCH_ARCHS = ("bottleneck", "mobilenet", "se", "grouped", "shuffle", "dense", "fire", "vgg_head")
+TORCH_EXPORTERS = ("legacy", "dynamo")
+
+
+def torch_model(arch: str, exporter: str, out: Path) -> ZooModel:
+    """Export the torch zoo's ``arch`` (make_torch_zoo.py) into ``out`` and describe it."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("onnxmod_make_torch_zoo", HERE / "make_torch_zoo.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    path = mod.write(arch, exporter, out)
+    return ZooModel(path.name, len(mod.CLASSES), "make_torch_zoo.py", folder=out)
 
 
 def calibration(spec: ZooModel, out: Path, n: int = 300) -> Path:
