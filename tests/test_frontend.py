@@ -226,3 +226,26 @@ g (float[N, 3, 8, 8] x0) => (float[N, 5] z) {{
     with pytest.raises(UnsupportedOpError, match="LpNormalization at node") as e:
         decompose(src, calib, tmp_path / "out", quiet=True, settings=DecomposeSettings(samples_per_class=4))
     assert "Transpose" not in str(e.value)
+
+
+def test_cli_layout_flag_and_clean_refusal(tmp_path, capsys):
+    from onnxmod.cli.main import main
+
+    src = _write(tmp_path, _model(NHWC_NO_TRANSPOSE), "nhwc.onnx")
+    x = (np.random.default_rng(3).random((30, 8, 8, 3)) * 255).astype(np.uint8)
+    calib = write_npz(tmp_path / "calib.npz", x, np.arange(30) % 5, [f"c{i}" for i in range(5)])
+    args = ["decompose", str(src), "--calib", str(calib), "-o", str(tmp_path / "out"), "--samples-per-class", "6",
+            "--quiet"]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("onnxmod: error:") and "--layout" in err[0]
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit) as e:
+        main(args + ["--layout", "nhwc", "--input-size", "8,8", "--json"])
+    assert e.value.code == 0
+    manifest = json.loads(capsys.readouterr().out)
+    assert manifest["source"]["frontend"][0]["detected_from"] == "--layout nhwc"
+    with pytest.raises(SystemExit) as e:
+        main(args + ["--input-size", "8x"])
+    assert e.value.code == 2 and "--input-size" in capsys.readouterr().err
