@@ -279,8 +279,11 @@ def _rewrite_batch_reshapes(m: onnx.ModelProto, batch: int) -> list[str]:
         if shape is None or shape.ndim != 1 or shape.size < 2 or int(shape[0]) != batch:
             continue
         new = shape.astype(np.int64).copy()
-        new[0] = 0 if (-1 in new[1:] or _attr(n, "allowzero", 0)) else -1
-        if new[0] == 0 and _attr(n, "allowzero", 0):
+        if -1 not in new[1:]:
+            new[0] = -1  # the batch is whatever is left
+        elif not _attr(n, "allowzero", 0):
+            new[0] = 0  # another -1 already: copy the input's batch dim
+        else:
             continue
         name = f"{n.name or f'Reshape_{i}'}__dynamic_shape"
         m.graph.initializer.append(numpy_helper.from_array(new, name))
