@@ -28,8 +28,6 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxmod import graphio, ops
-from onnxmod.ops.pad import pad_amounts  # noqa: F401  (re-exported: older imports)
-from onnxmod.ops.slicing import slice_spec  # noqa: F401
 
 
 @dataclass

@@ -60,15 +60,15 @@ NCHW_HEAD = """
     f = Flatten <axis = 1> (p)
 """
 
-IR3 = f"""<ir_version: 3, opset_import: ["" : 8]>
-g (float[1, 3, 8, 8] x) => (float[1, 5] y) {{
+IR3 = """<ir_version: 3, opset_import: ["" : 8]>
+g (float[1, 3, 8, 8] x) => (float[1, 5] y) {
     c = Conv <pads = [1, 1, 1, 1]> (x, W, B)
     r = Relu (c)
     s = MaxPool <kernel_shape = [2, 2], strides = [2, 2]> (r)
     f = Reshape (s, SHAPE)
     m = MatMul (f, FC64)
     y = Add (m, FCB)
-}}"""
+}"""
 
 NHWC_SOFTMAX = f"""<ir_version: 8, opset_import: ["" : 13]>
 g (float[N, 8, 8, 3] x_nhwc) => (float[N, 5] probs) {{

@@ -7,7 +7,7 @@ calibration labels are their own predictions on CIFAR-10 images (:func:`calibrat
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
