@@ -67,6 +67,10 @@ class Selector:
         self.depth = {gid: (v - lo) / max(hi - lo, 1) for gid, v in first.items()}  # 0 first .. 1 last
         self.total_macs = self.macs(analysis.full_keep())
         self._shared: dict[int, np.ndarray] | None = None  # class-agnostic importance, on first use
+        self.blocks: dict[int, int] = {}  # group -> blocks of a grouped Conv reading or making it
+        for gid, b in analysis.equal_blocks:
+            root = analysis.find(gid)
+            self.blocks[root] = max(self.blocks.get(root, 1), b)
 
     # ------------------------------------------------------------------ MACs
     def macs(self, keep: dict[int, np.ndarray]) -> float:
@@ -152,6 +156,10 @@ class Selector:
                     if gid in tied_ids and not prune_tied:
                         continue
                     f = min(1.0, frac * (1.0 + depth_slope * (self.depth[gid] - 0.5)))
+                    if gid in self.blocks:  # a grouped Conv's side: the same count, the best, in every group
+                        per = o.size // self.blocks[gid]
+                        keep[gid] = self._blocked_top(imp[gid], gid, _round_to(f * per, 1, per))
+                        continue
                     n = _round_to(f * o.size, mult, o.size)
                     keep[gid][:] = False
                     keep[gid][o[:n]] = True
@@ -187,11 +195,19 @@ class Selector:
         mult = multiple
         while self.macs(keep) < goal - MAC_SLACK * self.total_macs and mult >= 1:
             cand = keep if mult == multiple else self._bisect(lambda f, m=mult: build(f, m), lo, hi, goal)
-            cand = self._top_up(cand, goal, order, skip, mult)
+            cand = self._top_up(cand, goal, order, skip, mult, imp)
             if self.macs(cand) > self.macs(keep):
                 keep = cand
             mult //= 2
         return keep
+
+    def _blocked_top(self, importance: np.ndarray, gid: int, per_block: int) -> np.ndarray:
+        """Mask keeping the ``per_block`` most important channels of each of ``gid``'s blocks."""
+        blocks = importance.reshape(self.blocks[gid], -1)
+        mask = np.zeros(blocks.shape, dtype=bool)
+        top = np.argsort(-blocks, axis=1, kind="stable")[:, :per_block]
+        np.put_along_axis(mask, top, True, axis=1)
+        return mask.ravel()
 
     def _bisect(self, build, lo: float, hi: float, goal: float) -> dict[int, np.ndarray]:
         """The keep-masks of the largest kept fraction in [lo, hi] whose MACs are within ``goal``."""
@@ -204,7 +220,7 @@ class Selector:
         return build(lo)
 
     def _top_up(self, keep: dict[int, np.ndarray], goal: float, order: dict[int, np.ndarray], skip: set[int],
-                multiple: int) -> dict[int, np.ndarray]:
+                multiple: int, imp: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
         """Give back channels, ``multiple`` at a time and deepest group first, while the MACs stay
         within ``goal``."""
         step = max(1, multiple)
@@ -217,7 +233,10 @@ class Selector:
                 if n >= size:
                     continue
                 trial = {g: m.copy() for g, m in keep.items()}
-                trial[gid][order[gid][:min(size, (n // step + 1) * step)]] = True
+                if gid in self.blocks:  # one more channel in every group of the grouped Conv
+                    trial[gid] |= self._blocked_top(imp[gid], gid, n // self.blocks[gid] + 1)
+                else:
+                    trial[gid][order[gid][:min(size, (n // step + 1) * step)]] = True
                 trial = self.a.close(trial)
                 if self.macs(trial) <= goal:
                     keep, changed = trial, True
