@@ -424,6 +424,8 @@ def _shuffle_to_gather(m: onnx.ModelProto, steps: list[Step]) -> None:
     from onnxmod import graphio
 
     g = m.graph
+    if not any(n.op_type == "Transpose" and list(_attr(n, "perm", [])) == [0, 2, 1, 3, 4] for n in g.node):
+        return  # no channel shuffle: skip the shape inference
     shapes = graphio.static_shapes(m)
     done = []
     for first in [n for n in g.node if n.op_type == "Reshape"]:
@@ -453,9 +455,12 @@ def _transpose_flatten(m: onnx.ModelProto, steps: list[Step]) -> None:
     from onnxmod import graphio
 
     g = m.graph
+    transposes = [n for n in g.node if n.op_type == "Transpose" and list(_attr(n, "perm", [])) == TO_NHWC]
+    if not transposes:
+        return
     shapes = graphio.static_shapes(m)
     done = []
-    for t in [n for n in g.node if n.op_type == "Transpose" and list(_attr(n, "perm", [])) == TO_NHWC]:
+    for t in transposes:
         flat = _only_consumer(g, t.output[0])
         fc = _only_consumer(g, flat.output[0]) if flat is not None else None
         xs, ys = shapes.get(t.input[0]), shapes.get(flat.output[0]) if flat is not None else None
