@@ -122,7 +122,11 @@ class Selector:
     def shared_importance(self) -> dict[int, np.ndarray]:
         """Importance averaged over all classes (cached): the same choice for every module."""
         if self._shared is None:
-            per = [self.importance(k) for k in range(self.out_group.size)]
+            # a class no calibration image is relevant to has zero variance, so zero importance:
+            # skip its backward pass (1000-class sources calibrated on a few classes' images)
+            zero = {g.id: np.zeros(g.size) for g in self.groups}
+            count = self.stats.count
+            per = [self.importance(k) if count is None or count[k] > 0 else zero for k in range(self.out_group.size)]
             self._shared = {g.id: np.mean([p[g.id] for p in per], axis=0) for g in self.groups}
         return self._shared
 
