@@ -25,6 +25,15 @@ def _class_list(value: str | None) -> list[str] | None:
     return names
 
 
+def _size(value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    parts = value.replace("x", ",").split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise OnnxmodError(f"--input-size: expected H,W like 48,192, got '{value}'")
+    return [int(p) for p in parts]
+
+
 @cli.command("decompose")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--calib", required=True, type=click.Path(), help="Calibration data (CIFAR batches, image folder or .npz).")
@@ -40,6 +49,11 @@ def _class_list(value: str | None) -> list[str] | None:
               help="Source input normalisation std.")
 @click.option("--scale", default=None, type=float, show_default="the model's onnxmod.preprocess, else 1",
               help="Multiply [0,1] pixels by this first (255 for 0..255 models).")
+@click.option("--layout", default=None, type=click.Choice(["nchw", "nhwc"]),
+              help="Layout of the source's image input [default: NHWC when a Transpose to NCHW follows the "
+                   "input, else NCHW]. The modules always take NCHW `input`.")
+@click.option("--input-size", default=None,
+              help="H,W for a source whose input height/width are dynamic [default: the calibration images' size].")
 @click.option("--target-macs", default=_D.target_macs, show_default=True, type=click.FloatRange(0, 1, min_open=True),
               help="Module MACs as a fraction of the source's: the size/accuracy knob.")
 @click.option("--strategy", default=_D.strategy, show_default=True, type=click.Choice(["uniform", "global"]),
@@ -70,7 +84,8 @@ def _class_list(value: str | None) -> list[str] | None:
 @device_option
 @json_option
 @quiet_option
-def decompose_cmd(model, calib, out_dir, classes, samples_per_class, split, mean, std, scale, target_macs, strategy,
+def decompose_cmd(model, calib, out_dir, classes, samples_per_class, split, mean, std, scale, layout, input_size,
+                  target_macs, strategy,
                   fill, depth_slope, shared_depth, channel_multiple, refit_images, reconstruct, repair, repair_epochs,
                   batch_size, seed, force, device, as_json, quiet):
     """Cut MODEL into one physically smaller module per class.
@@ -100,7 +115,7 @@ def decompose_cmd(model, calib, out_dir, classes, samples_per_class, split, mean
         model, calib, out_dir,
         classes=_class_list(classes),
         settings=settings, mean=float_list(mean, "--mean"), std=float_list(std, "--std"), scale=scale,
-        device=device, force=force, quiet=quiet,
+        device=device, force=force, quiet=quiet, layout=layout, input_size=_size(input_size),
     )
     for u in manifest["unsupported"]:
         say(f"warning: {u['op']} node '{u['node']}' is not understood; channels through it are kept ({u['why']})",

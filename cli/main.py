@@ -37,6 +37,7 @@ def _register() -> None:
         cmd_eval,
         cmd_export,
         cmd_info,
+        cmd_ops,
     )
 
 

@@ -12,10 +12,11 @@ from typing import Iterable
 import onnx
 from onnx import TensorProto
 
+from onnxmod import ops
 from onnxmod.errors import OnnxmodError
 
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
-MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+MAC_OPS = ops.mac_ops()  # ("Conv", "ConvTranspose", "Gemm", "MatMul"): the registry's families with MACs
 
 
 @dataclass

@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from onnxmod import calibrate, channels, graphio, modelio, outputs, reconstruct, runtime, scoring, surgery
+from onnxmod import calibrate, channels, frontend, graphio, modelio, outputs, reconstruct, runtime, scoring, surgery
 from onnxmod.cost import count_macs, count_params
 from onnxmod.data import Dataset, open_dataset
 from onnxmod.errors import OnnxmodError, UnsupportedOpError
@@ -103,6 +103,7 @@ class PreparedSource:
     input_chw: tuple[int, int, int]
     params: int
     macs: int
+    frontend_steps: list[dict[str, Any]] = field(default_factory=list)  # onnxmod.frontend rewrites, in order
 
 
 def _rename_tensor(graph: onnx.GraphProto, old: str, new: str) -> None:
@@ -143,10 +144,16 @@ def prepare_source(
     std: Sequence[float] | None = None,
     scale: float | None = None,
     data_classes: Sequence[str] | None = None,
+    layout: str | None = None,
+    input_size: Sequence[int] | None = None,
+    data_size: Sequence[int] | None = None,
 ) -> PreparedSource:
     """Load a source classifier and give it the canonical input (docs/DESIGN.md).
 
-    Preprocessing comes from ``--mean/--std/--scale`` when given, else from the
+    First the front-end (:mod:`onnxmod.frontend`: opset upgrade, NCHW, static H/W from
+    ``input_size`` or the calibration images' ``data_size``, dynamic batch, logits
+    instead of a trailing Softmax), recorded in ``frontend_steps``. Preprocessing comes from
+    ``--mean/--std/--scale`` when given, else from the
     source's ``onnxmod.preprocess`` metadata (already in the graph), else none.
     Class names from ``onnxmod.classes`` metadata, else from the data.
     """
@@ -155,12 +162,9 @@ def prepare_source(
     kind = modelio.model_kind(model)
     if kind != "source":
         raise OnnxmodError(f"{p}: is a {kind} model; decompose takes a source classifier")
+    model, front = frontend.canonical_input(model, str(p), layout, input_size, data_size)
     g = model.graph
-    inits = {i.name for i in g.initializer}
-    inputs = [i for i in g.input if i.name not in inits]
-    if len(inputs) != 1 or len(g.output) != 1:
-        raise OnnxmodError(f"{p}: expected one image input and one logits output, got "
-                           f"{len(inputs)} inputs and {len(g.output)} outputs")
+    inputs = [frontend.image_input(model)]
     dims = inputs[0].type.tensor_type.shape.dim
     chw = tuple(d.dim_value for d in dims[1:])
     if len(dims) != 4 or 0 in chw:
@@ -194,7 +198,13 @@ def prepare_source(
     k_dims = canon.graph.output[0].type.tensor_type.shape.dim
     k = k_dims[1].dim_value if len(k_dims) == 2 else 0
     if not k:
-        raise OnnxmodError(f"{p}: output '{g.output[0].name}' must be logits [N, K] with static K")
+        stop = frontend.where_shapes_stop(canon)
+        if stop is not None and stop.domain not in ("", "ai.onnx"):
+            raise UnsupportedOpError(stop.name, f"{stop.domain}::{stop.op_type}",
+                                     "custom-domain op: shapes cannot be inferred past it, so the output "
+                                     "cannot be read as logits [N, K]")
+        at = f"; shape inference stops at {stop.op_type} node '{stop.name}'" if stop is not None else ""
+        raise OnnxmodError(f"{p}: output '{g.output[0].name}' must be logits [N, K] with static K{at}")
     if not classes and data_classes is None:  # unlabelled data, no names in the model: name classes by index
         classes = [str(i) for i in range(k)]
     if not classes:
@@ -205,7 +215,7 @@ def prepare_source(
     if len(classes) != k:
         raise OnnxmodError(f"{p}: onnxmod.classes lists {len(classes)} names but the model has {k} outputs")
     return PreparedSource(canon, p.stem, modelio.file_sha256(p), classes, pre, chw,
-                          count_params(canon), count_macs(canon))
+                          count_params(canon), count_macs(canon), front)
 
 
 # --------------------------------------------------------------------------- classes
@@ -344,6 +354,8 @@ def decompose(
     device: str = "auto",
     force: bool = False,
     quiet: bool = False,
+    layout: str | None = None,
+    input_size: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Write one module per (selected) class and ``manifest.json`` into ``out_dir``.
 
@@ -358,7 +370,8 @@ def decompose(
     outputs.check_output(out, inputs=[model_path, calib], force=force, directory=True)
     modelio.load_model(model_path)  # clear error for missing / not-ONNX before reading data
     dataset = open_dataset(calib, split=settings.split)
-    src = prepare_source(model_path, mean, std, scale, data_classes=dataset.classes if dataset.labelled else None)
+    src = prepare_source(model_path, mean, std, scale, data_classes=dataset.classes if dataset.labelled else None,
+                         layout=layout, input_size=input_size, data_size=dataset.image_size)
     wanted = resolve_classes(classes, src.classes)
     if not dataset.labelled:
         dataset = label_with_source(dataset, src, settings, device, quiet)
@@ -375,7 +388,7 @@ def decompose(
     analysis = channels.analyze(src.model, canonical=True)
     out_group = analysis.output_group()
     if not out_group.removable:
-        node, op, why = next(((n, o, w) for n, o, w in analysis.unsupported), (src.model.graph.output[0].name, "?", ""))
+        node, op, why = analysis.pinned_by(src.model.graph.output[0].name)
         raise UnsupportedOpError(node, op, f"output rows cannot be selected through it ({why})")
     stats = calibrate.collect_stats(analysis, dataset, label_map, idx, src.input_chw[1:], device,
                                     settings.batch_size, quiet, settings.cov_images,
@@ -452,7 +465,7 @@ def decompose(
                 calibration=Calibration("platt", a, b, temperature, int(len(platt_pos)), nll0, nll1),
                 preprocess=src.preprocess,
             )
-            modelio.set_meta(module, spec.to_metadata())
+            modelio.set_meta(module, {**spec.to_metadata(), modelio.FRONTEND: src.frontend_steps})
             modelio.drop_meta(module, modelio.CLASSES)  # a module is about one class: class_name
             module.graph.name = f"{src.name}_{src.classes[k]}"
             fname = module_filename(k, src.classes[k])
@@ -469,13 +482,14 @@ def decompose(
             "format_version": modelio.FORMAT,
             "source": {"name": src.name, "file": str(model_path), "sha256": src.sha256, "params": src.params,
                        "macs": src.macs, "classes": src.classes, "preprocess": src.preprocess,
-                       "temperature": temperature},
+                       "temperature": temperature, "frontend": src.frontend_steps},
             "modules": modules,
             "settings": {**asdict(settings), "calib": str(calib), "calibration_images": int(len(idx)),
                          "calibration_labels": "source predictions" if UNSEEN in dataset.classes else "data"},
             "unsupported": [{"node": n, "op": o, "why": w} for n, o, w in analysis.unsupported],
             # groups whose channels each class chooses for itself (the rest: one choice for all classes)
             "class_specific_groups": [g.id for g in selector.groups if not selector.is_shared(g.id, settings.shared_depth)],
+            "channels": analysis.summary(),
             "repair": repair_report,
             "timings": {"calibration_s": stats.seconds, "reconstruct_s": reconstruct_s, "repair_s": repair_s,
                         "refit_s": refit_s,

@@ -28,6 +28,7 @@ SOURCE = "onnxmod.source"
 KEPT = "onnxmod.kept"
 CALIBRATION = "onnxmod.calibration"
 FORMAT_VERSION = "onnxmod.format_version"
+FRONTEND = "onnxmod.frontend"  # list of the front-end rewrites decompose made to read the source
 FORMAT = "1"
 
 

@@ -23,49 +23,19 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxmod import ops
 from onnxmod.calibrate import ActivationStats
 from onnxmod.channels import ChannelAnalysis, ChannelGroup
 
 STRATEGIES = ("global", "uniform")
+MAC_SLACK = 0.02  # uniform budget below the target by more than this fraction of the source's MACs: top up
 GLOBAL_FLOOR = 0.6  # "global" keeps at least this fraction of every layer (without it whole layers vanish)
 
 
-def _abs_weight_per_channel(a: ChannelAnalysis, node: gs.Node) -> np.ndarray:
-    """[out channels, in channels] sum of |weights| linking them (Flatten blocks summed)."""
-    w = np.abs(np.asarray(node.inputs[1].values, dtype=np.float64))
-    rule = a.node_rule[node.name]
-    if rule == "conv":
-        m = w.reshape(w.shape[0], w.shape[1], -1).sum(axis=2)
-    elif rule == "convtranspose":
-        m = w.reshape(w.shape[0], w.shape[1], -1).sum(axis=2).T
-    elif rule == "gemm":
-        m = w if int(node.attrs.get("transB", 0)) else w.T
-    else:  # matmul [F, M]
-        m = w.T
-    block = a.tensors[node.inputs[0].name].block
-    if block > 1:
-        m = m.reshape(m.shape[0], -1, block).sum(axis=2)
-    return m
-
-
-def _same_factor(node: gs.Node, size: int) -> np.ndarray | float:
-    """How a per-channel shift scales through a channel-preserving op (BatchNorm, Mul/Div by const)."""
-    if node.op == "BatchNormalization":
-        scale, var = (np.asarray(node.inputs[i].values, dtype=np.float64) for i in (1, 4))
-        return np.abs(scale) / np.sqrt(var + float(node.attrs.get("epsilon", 1e-5)))
-    if node.op in ("Mul", "Div"):
-        for t in node.inputs:
-            if isinstance(t, gs.Constant):
-                v = np.abs(np.asarray(t.values, dtype=np.float64)).ravel()
-                if v.size in (1, size):
-                    v = v if node.op == "Mul" else 1.0 / np.maximum(v, 1e-12)
-                    return v if v.size == size else float(v[0])
-    return 1.0
-
-
 def tied(group: ChannelGroup) -> bool:
-    """A group several nodes produce (a residual stream): ``uniform`` keeps it whole by default."""
-    return len(group.producers) > 1
+    """A group several nodes produce (a residual stream): ``uniform`` keeps it whole by default.
+    Squeeze-excitation gates do not count: they scale the stream, they are not added to it."""
+    return len(set(group.producers) - set(group.gates)) > 1
 
 
 def prunable_groups(analysis: ChannelAnalysis, strategy: str, prune_tied: bool = False) -> list[int]:
@@ -82,36 +52,27 @@ class Selector:
         self.stats = stats
         self.groups = [g for g in analysis.groups if g.removable and not g.is_output]
         self.out_group = analysis.output_group()
-        self.reducers = [n for n in analysis.graph.nodes if analysis.node_rule.get(n.name) in
-                         ("conv", "convtranspose", "gemm", "matmul", "depthwise")]
-        self.weights = {n.name: _abs_weight_per_channel(analysis, n) for n in self.reducers
-                        if analysis.node_rule[n.name] != "depthwise"}
-        self._mac_terms = [self._mac_term(n) for n in self.reducers]
+        # nodes with MACs (their rule in onnxmod.ops says how many per kept channel pair)
+        self.reducers = [n for n in analysis.graph.nodes
+                         if ops.rule(analysis.node_rule.get(n.name)).mac_term(analysis, n) is not None]
+        self.weights = {n.name: w for n in self.reducers
+                        if (w := ops.rule(analysis.node_rule[n.name]).abs_weights(analysis, n)) is not None}
+        self._mac_terms = [ops.rule(analysis.node_rule[n.name]).mac_term(analysis, n) for n in self.reducers]
+        self.derivs_by_node: dict[str, list] = {}
+        for d in analysis.derivations:
+            self.derivs_by_node.setdefault(d.node, []).append(d)
         order = {n.name: i for i, n in enumerate(analysis.graph.nodes)}
         first = {g.id: min((order[p] for p in g.producers), default=0) for g in self.groups}
         lo, hi = min(first.values(), default=0), max(first.values(), default=1)
         self.depth = {gid: (v - lo) / max(hi - lo, 1) for gid, v in first.items()}  # 0 first .. 1 last
         self.total_macs = self.macs(analysis.full_keep())
         self._shared: dict[int, np.ndarray] | None = None  # class-agnostic importance, on first use
+        self.blocks: dict[int, int] = {}  # group -> blocks of a grouped Conv reading or making it
+        for gid, b in analysis.equal_blocks:
+            root = analysis.find(gid)
+            self.blocks[root] = max(self.blocks.get(root, 1), b)
 
     # ------------------------------------------------------------------ MACs
-    def _mac_term(self, node: gs.Node) -> tuple[int, int | None, float]:
-        """(in group, out group or None, MACs per kept (in, out) channel pair)."""
-        a = self.a
-        x, y = node.inputs[0].name, node.outputs[0].name
-        gin, gout = a.find(a.tensors[x].group), a.find(a.tensors[y].group)
-        block = a.tensors[x].block
-        rule = a.node_rule[node.name]
-        w = np.asarray(node.inputs[1].values)
-        if rule in ("gemm", "matmul"):
-            return gin, gout, float(block)
-        out_shape = node.outputs[0].shape
-        spatial = float(np.prod([d for d in out_shape[2:]])) if out_shape is not None else 1.0
-        taps = float(np.prod(w.shape[2:]))
-        if rule == "depthwise":
-            return gin, None, taps * spatial
-        return gin, gout, taps * spatial
-
     def macs(self, keep: dict[int, np.ndarray]) -> float:
         total = 0.0
         for gin, gout, f in self._mac_terms:
@@ -127,9 +88,6 @@ class Selector:
         out_t = a.graph.outputs[0].name
         s[out_t] = np.zeros(self.out_group.size)
         s[out_t][k] = 1.0
-        derivs: dict[str, list] = {}
-        for d in a.derivations:
-            derivs.setdefault(d.node, []).append(d)
 
         def add(t: gs.Tensor, v: np.ndarray | float) -> None:
             tc = a.tensors.get(t.name)
@@ -143,31 +101,7 @@ class Selector:
             outs = [s[o.name] for o in node.outputs if o.name in s]
             if not outs:
                 continue
-            so = outs[0]
-            rule = a.node_rule.get(node.name)
-            if node.name in self.weights:
-                add(node.inputs[0], self.weights[node.name].T @ so)
-            elif rule == "depthwise":
-                w = np.abs(np.asarray(node.inputs[1].values, dtype=np.float64))
-                add(node.inputs[0], so * w.reshape(w.shape[0], -1).sum(axis=1))
-            elif rule in ("pad_channels", "slice_channels", "concat_channels"):
-                for i, d in enumerate(derivs[node.name]):
-                    t = node.inputs[i] if rule == "concat_channels" else node.inputs[0]
-                    if t.name not in a.tensors:
-                        continue
-                    size = a.channels(t.name)
-                    v = np.zeros(size)
-                    ok = d.index >= 0
-                    np.add.at(v, d.index[ok], so[ok])
-                    add(t, v)
-            elif rule == "same":
-                f = _same_factor(node, so.size)
-                for t in node.inputs:
-                    if not isinstance(t, gs.Constant):
-                        add(t, so * f)
-            else:  # barrier: spread the mean sensitivity
-                for t in node.inputs:
-                    add(t, float(np.mean(so)))
+            ops.rule(a.node_rule.get(node.name)).back(self, node, outs[0], add)
         return s
 
     def importance(self, k: int) -> dict[int, np.ndarray]:
@@ -188,7 +122,11 @@ class Selector:
     def shared_importance(self) -> dict[int, np.ndarray]:
         """Importance averaged over all classes (cached): the same choice for every module."""
         if self._shared is None:
-            per = [self.importance(k) for k in range(self.out_group.size)]
+            # a class no calibration image is relevant to has zero variance, so zero importance:
+            # skip its backward pass (1000-class sources calibrated on a few classes' images)
+            zero = {g.id: np.zeros(g.size) for g in self.groups}
+            count = self.stats.count
+            per = [self.importance(k) if count is None or count[k] > 0 else zero for k in range(self.out_group.size)]
             self._shared = {g.id: np.mean([p[g.id] for p in per], axis=0) for g in self.groups}
         return self._shared
 
@@ -211,19 +149,25 @@ class Selector:
         base = a.full_keep()
         base[self.out_group.id][:] = False
         base[self.out_group.id][k] = True
+        if target >= 1.0:  # keep everything: no channel rounding may take any away
+            return a.close(base)
 
         if strategy == "uniform":
             order = {gid: np.argsort(-v, kind="stable") for gid, v in imp.items()}
 
             tied_ids = {g.id for g in self.groups if tied(g)}
 
-            def build(frac: float) -> dict[int, np.ndarray]:
+            def build(frac: float, mult: int = multiple) -> dict[int, np.ndarray]:
                 keep = {g: m.copy() for g, m in base.items()}
                 for gid, o in order.items():
                     if gid in tied_ids and not prune_tied:
                         continue
                     f = min(1.0, frac * (1.0 + depth_slope * (self.depth[gid] - 0.5)))
-                    n = _round_to(f * o.size, multiple, o.size)
+                    if gid in self.blocks:  # a grouped Conv's side: the same count, the best, in every group
+                        per = o.size // self.blocks[gid]
+                        keep[gid] = self._blocked_top(imp[gid], gid, _round_to(f * per, 1, per))
+                        continue
+                    n = _round_to(f * o.size, mult, o.size)
                     keep[gid][:] = False
                     keep[gid][o[:n]] = True
                 return a.close(keep)
@@ -248,16 +192,62 @@ class Selector:
                 return a.close(keep)
 
             lo, hi = 0.0, 1.0
-        if target >= 1.0:
-            return build(hi)
         goal = target * self.total_macs
-        for _ in range(20):  # bisection on the kept fraction of channels
+        keep = self._bisect(build, lo, hi, goal)
+        if strategy != "uniform":
+            return keep
+        # rounding to `multiple` moves every small group at once: the bisection alone can land far
+        # below the target (16-channel groups jump 8 -> 16 together). Top up, then try finer roundings.
+        skip = set() if prune_tied else tied_ids
+        mult = multiple
+        while self.macs(keep) < goal - MAC_SLACK * self.total_macs and mult >= 1:
+            cand = keep if mult == multiple else self._bisect(lambda f, m=mult: build(f, m), lo, hi, goal)
+            cand = self._top_up(cand, goal, order, skip, mult, imp)
+            if self.macs(cand) > self.macs(keep):
+                keep = cand
+            mult //= 2
+        return keep
+
+    def _blocked_top(self, importance: np.ndarray, gid: int, per_block: int) -> np.ndarray:
+        """Mask keeping the ``per_block`` most important channels of each of ``gid``'s blocks."""
+        blocks = importance.reshape(self.blocks[gid], -1)
+        mask = np.zeros(blocks.shape, dtype=bool)
+        top = np.argsort(-blocks, axis=1, kind="stable")[:, :per_block]
+        np.put_along_axis(mask, top, True, axis=1)
+        return mask.ravel()
+
+    def _bisect(self, build, lo: float, hi: float, goal: float) -> dict[int, np.ndarray]:
+        """The keep-masks of the largest kept fraction in [lo, hi] whose MACs are within ``goal``."""
+        for _ in range(20):
             mid = (lo + hi) / 2
             if self.macs(build(mid)) > goal:
                 hi = mid
             else:
                 lo = mid
         return build(lo)
+
+    def _top_up(self, keep: dict[int, np.ndarray], goal: float, order: dict[int, np.ndarray], skip: set[int],
+                multiple: int, imp: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+        """Give back channels, ``multiple`` at a time and deepest group first, while the MACs stay
+        within ``goal``."""
+        step = max(1, multiple)
+        gids = sorted((g for g in order if g not in skip), key=lambda g: (-self.depth[g], g))
+        changed = True
+        while changed:
+            changed = False
+            for gid in gids:
+                n, size = int(keep[gid].sum()), order[gid].size
+                if n >= size:
+                    continue
+                trial = {g: m.copy() for g, m in keep.items()}
+                if gid in self.blocks:  # one more channel in every group of the grouped Conv
+                    trial[gid] |= self._blocked_top(imp[gid], gid, n // self.blocks[gid] + 1)
+                else:
+                    trial[gid][order[gid][:min(size, (n // step + 1) * step)]] = True
+                trial = self.a.close(trial)
+                if self.macs(trial) <= goal:
+                    keep, changed = trial, True
+        return keep
 
     def _marginal_macs(self, gid: int, keep: dict[int, np.ndarray]) -> float:
         total = 0.0
