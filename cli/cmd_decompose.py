@@ -25,6 +25,19 @@ def _class_list(value: str | None) -> list[str] | None:
     return names
 
 
+def _class_targets(values: tuple[str, ...]) -> dict[str, float]:
+    out = {}
+    for v in values:
+        name, sep, frac = v.rpartition("=")
+        try:
+            out[name.strip()] = float(frac)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise OnnxmodError(f"--class-target: expected NAME=FRACTION like cat=0.6, got '{v}'")
+    return out
+
+
 def _size(value: str | None) -> list[int] | None:
     if value is None:
         return None
@@ -56,6 +69,9 @@ def _size(value: str | None) -> list[int] | None:
               help="H,W for a source whose input height/width are dynamic [default: the calibration images' size].")
 @click.option("--target-macs", default=_D.target_macs, show_default=True, type=click.FloatRange(0, 1, min_open=True),
               help="Module MACs as a fraction of the source's: the size/accuracy knob.")
+@click.option("--class-target", "class_targets", multiple=True, metavar="NAME=FRACTION",
+              help="A different --target-macs for one class (repeatable), e.g. --class-target cat=0.6: "
+                   "a hard class can get a bigger module, an easy one a smaller.")
 @click.option("--strategy", default=_D.strategy, show_default=True, type=click.Choice(["uniform", "global"]),
               help="Per-layer budget: same kept fraction per layer, or global importance per MAC.")
 @click.option("--fill", default=_D.fill, show_default=True, type=click.Choice(["linear", "mean", "zero"]),
@@ -85,7 +101,7 @@ def _size(value: str | None) -> list[int] | None:
 @json_option
 @quiet_option
 def decompose_cmd(model, calib, out_dir, classes, samples_per_class, split, mean, std, scale, layout, input_size,
-                  target_macs, strategy,
+                  target_macs, class_targets, strategy,
                   fill, depth_slope, shared_depth, channel_multiple, refit_images, reconstruct, repair, repair_epochs,
                   batch_size, seed, force, device, as_json, quiet):
     """Cut MODEL into one physically smaller module per class.
@@ -108,6 +124,7 @@ def decompose_cmd(model, calib, out_dir, classes, samples_per_class, split, mean
              "shared_depth": shared_depth,
              "channel_multiple": channel_multiple, "refit_images": refit_images, "reconstruct": reconstruct,
              "repair": repair, "repair_epochs": repair_epochs}
+    settings.class_targets = _class_targets(class_targets)
     for name, value in knobs.items():
         if value is not None:
             setattr(settings, name, value)

@@ -64,7 +64,7 @@ class Dataset:
 
     def require_labels(self, why: str) -> None:
         if not self.labelled:
-            raise OnnxmodError(f"{self.path}: has no labels ({why} needs a class per image: "
+            raise OnnxmodError(f"{self.path}: images without labels ({why} needs a class per image: "
                                f"<class>/ sub-folders, or 'y' in the .npz)")
 
     @property

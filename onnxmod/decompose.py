@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -41,6 +41,7 @@ class DecomposeSettings:
     """Algorithm knobs (recorded in the manifest). Defaults chosen by bench/ measurements."""
 
     target_macs: float = 0.5  # module MACs as a fraction of the source's
+    class_targets: dict[str, float] = field(default_factory=dict)  # per-class target_macs (class name -> fraction)
     strategy: str = "uniform"  # per-layer budget: "uniform" fraction per group, or "global"
     fill: str = "linear"  # removed channels: least-squares estimate, class mean, or 0
     depth_slope: float = 0.4  # uniform budget: late layers keep (1 + slope/2)x, early (1 - slope/2)x
@@ -64,8 +65,14 @@ class DecomposeSettings:
     seed: int = 0
 
     def validate(self) -> None:
-        if not 0.0 < self.target_macs <= 1.0:
-            raise OnnxmodError(f"--target-macs must be in (0, 1], got {self.target_macs}")
+        for name, t in {"--target-macs": self.target_macs,
+                        **{f"--class-target {c}": v for c, v in self.class_targets.items()}}.items():
+            if not 0.0 < t <= 1.0:
+                raise OnnxmodError(f"{name} must be in (0, 1], got {t}")
+
+    def target_for(self, class_name: str) -> float:
+        """The MAC budget of one class's module (an easy class can be given a smaller one)."""
+        return self.class_targets.get(class_name, self.target_macs)
         if self.strategy not in STRATEGIES:
             raise OnnxmodError(f"--strategy must be one of {', '.join(STRATEGIES)}")
         if self.fill not in FILLS:
@@ -395,14 +402,19 @@ def decompose(
                                     groups=prunable_groups(analysis, settings.strategy))
     temperature = scoring.fit_temperature(stats.logits, stats.labels)
     selector = Selector(analysis, stats)
-    do_reconstruct = settings.reconstruct and settings.target_macs < 1.0
+    unknown = sorted(set(settings.class_targets) - set(src.classes))
+    if unknown:
+        raise OnnxmodError(f"--class-target: {', '.join(unknown)} not among the model's classes: {', '.join(src.classes)}")
+    targets = {k: settings.target_for(src.classes[k]) for k in wanted}
+    pruned = any(t < 1.0 for t in targets.values())
+    do_reconstruct = settings.reconstruct and pruned
 
     def images(positions: np.ndarray) -> np.ndarray | None:
         return (np.concatenate([x for x, _ in dataset.iter_batches(settings.batch_size, size=src.input_chw[1:],
                                                                     indices=idx[positions])])
                 if positions.size else None)
 
-    do_repair = settings.repair and settings.target_macs < 1.0
+    do_repair = settings.repair and pruned
     # layer-wise reconstruction and repair leave the source's class row right: no separate row re-fit
     refit_pos = _balanced_positions(stats.labels, 0 if do_reconstruct or do_repair else settings.refit_images,
                                     settings.seed)
@@ -417,7 +429,7 @@ def decompose(
     try:
         modules = []
         refit_s = writing_s = 0.0
-        keeps = [selector.keep_for(k, settings.target_macs, settings.strategy, settings.depth_slope,
+        keeps = [selector.keep_for(k, targets[k], settings.strategy, settings.depth_slope,
                                    multiple=settings.channel_multiple, shared_depth=settings.shared_depth)
                  for k in wanted]
         # lazily, so without reconstruction or repair each module is cut right before it is re-fitted and written
@@ -441,7 +453,7 @@ def decompose(
         for k, keep, small in progress(zip(wanted, keeps, smalls), total=len(wanted), desc="writing modules",
                                        quiet=quiet, unit="module"):
             refit = {"refit": False, "why": how or "disabled"}
-            if refit_x is not None and settings.target_macs < 1.0:
+            if refit_x is not None and targets[k] < 1.0:
                 # the images where class k is contested, plus a sample of the rest (re-weighted)
                 rel = refit_relevant[:, k] > 0
                 use = rel | (rng.random(rel.size) < REFIT_OTHERS)
@@ -460,7 +472,7 @@ def decompose(
                 source=SourceInfo(src.name, src.sha256, len(src.classes), src.params, src.macs),
                 kept={"param_fraction": params / max(src.params, 1), "flop_fraction": macs / max(src.macs, 1),
                       "channels": {"kept": kept_channels, "total": all_channels},
-                      "target_macs": settings.target_macs, "strategy": settings.strategy, "fill": settings.fill,
+                      "target_macs": targets[k], "strategy": settings.strategy, "fill": settings.fill,
                       "reconstructed": do_reconstruct, "repaired": do_repair},
                 calibration=Calibration("platt", a, b, temperature, int(len(platt_pos)), nll0, nll1),
                 preprocess=src.preprocess,

@@ -41,6 +41,7 @@ class RepairSettings:
     batch_size: int = 128
     lr: float = 1e-3  # Adam; cosine decay to 0 after a short warm-up
     temperature: float = 4.0  # KD softmax temperature
+    mse_weight: float = 0.25  # weight of the squared logit error next to the KL term (it anchors the logit scale)
     clip: float = 2.0  # gradient-norm clip (BN-folded graphs diverge without it)
     augment: bool = True  # random crop (padding H/8) + horizontal flip
     seed: int = 0
@@ -86,13 +87,13 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return out.permute(0, 3, 1, 2).contiguous()
 
 
-def distill_loss(z: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
+def distill_loss(z: torch.Tensor, t: torch.Tensor, temperature: float, mse_weight: float = 1.0) -> torch.Tensor:
     mse = F.mse_loss(z, t)
     if z.shape[1] < 2:
         return mse
     kl = F.kl_div(F.log_softmax(z / temperature, dim=1), F.log_softmax(t / temperature, dim=1),
                   reduction="batchmean", log_target=True)
-    return temperature ** 2 * kl + mse
+    return temperature ** 2 * kl + mse_weight * mse
 
 
 def repair(
@@ -139,7 +140,7 @@ def repair(
         with torch.no_grad():
             t = teacher(batch)[0].index_select(1, cls)
         z = student(batch)
-        loss = distill_loss(z, t, settings.temperature)
+        loss = distill_loss(z, t, settings.temperature, settings.mse_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, settings.clip)

@@ -35,3 +35,7 @@ def zero_channels(a: ChannelAnalysis, x: np.ndarray) -> dict[int, np.ndarray]:
             mask &= per == 0
         out[g.id] = mask
     return out
+
+# Repair (on by default) at a tiny budget, for fixtures whose subject is not repair itself:
+# the modules still go through the distillation code path, in seconds (tests/test_repair.py tests it).
+QUICK_REPAIR = {"repair_epochs": 1, "repair_min_steps": 10}

@@ -111,7 +111,7 @@ def inp(tmp_path_factory) -> Path:
     shutil.copy(SAMPLES / "resnet8_cifar10.th", d / "r8.th")
     shutil.copy(SAMPLES / "cifar10_calib.npz", d / "calib.npz")
     decompose(d / "r8.onnx", d / "calib.npz", d / "r8.modules", classes=["cat", "dog", "ship"],
-              settings=DecomposeSettings(samples_per_class=10, refit_images=0), quiet=True, device="cpu")
+              settings=DecomposeSettings(samples_per_class=10, refit_images=0, repair=False), quiet=True, device="cpu")
     mods = d / "r8.modules"
     onnx.save(compose([mods / "module_003_cat.onnx", mods / "module_005_dog.onnx"]), str(d / "catdog.onnx"))
     _tamper(mods / "module_003_cat.onnx", d / "tampered_cat.onnx")
@@ -469,7 +469,7 @@ def test_force_replaces_an_earlier_output_only(inp: Path, tmp_path: Path, monkey
     shutil.copytree(inp / "r8.modules", tmp_path / "old.modules")
     (tmp_path / "keep.txt").write_text("the user's\n")
     args = ["decompose", inp / R8, "--calib", inp / CALIB, "-o", "old.modules", "--classes", "cat", "--quiet",
-            "--samples-per-class", "5", "--refit-images", "0", "--force", "--json"]
+            "--samples-per-class", "5", "--refit-images", "0", "--no-repair", "--force", "--json"]
     code, _, err = _run_cli(capsys, args)
     assert code == 0, err
     assert sorted(p.name for p in (tmp_path / "old.modules").iterdir()) == ["manifest.json", "module_003_cat.onnx"]
@@ -564,7 +564,8 @@ def test_sigkill_leftovers_are_cleaned_by_the_next_run(inp: Path, tmp_path: Path
     assert left and all(n.startswith(".r8.modules.") for n in left)  # what a hard kill leaves
     rerun = subprocess.run([sys.executable, "-m", "onnxmod.cli.main", "decompose", str(inp / R8), "--calib",
                             str(inp / CALIB), "-o", "r8.modules", "--classes", "cat", "--samples-per-class", "5",
-                            "--refit-images", "0", "--quiet"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+                            "--refit-images", "0", "--no-repair", "--quiet"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
     assert rerun.returncode == 0 and rerun.stderr == "", rerun.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["r8.modules"]
 

@@ -21,6 +21,8 @@ from onnxmod.evaluate import evaluate
 from onnxmod.modulespec import Calibration, ModuleSpec, SourceInfo
 from onnxmod.scoring import binary_auc
 
+from engine_oracles import QUICK_REPAIR
+
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "sample_graphs"
 RESNET8 = SAMPLES / "resnet8_cifar10.onnx"
@@ -33,7 +35,7 @@ TINY_CLASSES = ["cat", "dog", "ship", "frog"]
 @pytest.fixture(scope="module")
 def r8_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("r8") / "r8.modules"
-    decompose(RESNET8, CALIB, out, settings=DecomposeSettings(samples_per_class=60), quiet=True, device="cpu")
+    decompose(RESNET8, CALIB, out, settings=DecomposeSettings(samples_per_class=60, **QUICK_REPAIR), quiet=True, device="cpu")
     return out
 
 
@@ -52,7 +54,7 @@ def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     out = {}
     for name in ("tiny_bn_folded", "tiny_residual"):
         out[name] = base / f"{name}.modules"
-        decompose(SAMPLES / f"{name}.onnx", npz, out[name], settings=DecomposeSettings(samples_per_class=20),
+        decompose(SAMPLES / f"{name}.onnx", npz, out[name], settings=DecomposeSettings(samples_per_class=20, **QUICK_REPAIR),
                   quiet=True, device="cpu")
     out["npz"] = npz
     return out

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
-from engine_oracles import run
+from engine_oracles import QUICK_REPAIR, run
 from onnxmod import modelio
 from onnxmod.cli.main import main
 from onnxmod.data import open_dataset
@@ -36,7 +36,7 @@ def _test_images(n: int = 200) -> tuple[np.ndarray, np.ndarray]:
 @pytest.fixture(scope="module")
 def default_modules(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("dec") / "r8.modules"
-    manifest = decompose(SAMPLE, CALIB, out, settings=DecomposeSettings(samples_per_class=40, refit_images=200),
+    manifest = decompose(SAMPLE, CALIB, out, settings=DecomposeSettings(samples_per_class=40, refit_images=200, **QUICK_REPAIR),
                          quiet=True)
     return out, manifest
 
@@ -199,7 +199,7 @@ def test_existing_output_needs_force(tmp_path, capsys):
 def test_input_file_is_not_modified(tmp_path, capsys):
     before = modelio.file_sha256(SAMPLE)
     code, _, _ = _cli(["decompose", str(SAMPLE), "--calib", str(CALIB), "-o", str(tmp_path / "m"), "-q",
-                       "--classes", "0", "--samples-per-class", "5", "--refit-images", "0"], capsys)
+                       "--classes", "0", "--samples-per-class", "5", "--refit-images", "0", "--no-repair"], capsys)
     assert code == 0
     assert modelio.file_sha256(SAMPLE) == before
 
@@ -216,7 +216,7 @@ def test_resnet56_default_decomposition(shared_data, tmp_path):
            mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
     out = tmp_path / "r56.modules"
     manifest = decompose(src, shared_data / "cifar10", out, quiet=True,
-                         settings=DecomposeSettings(samples_per_class=50, refit_images=100))
+                         settings=DecomposeSettings(samples_per_class=50, refit_images=100, repair=False))
     assert len(manifest["modules"]) == 10
     assert np.mean([m["mac_fraction"] for m in manifest["modules"]]) <= 0.65
     x = next(open_dataset(shared_data / "cifar10").iter_batches(16))[0]
@@ -230,7 +230,7 @@ def test_shared_depth_one_shares_every_layer(tmp_path):
     """--shared-depth 1: every module keeps the same channels, so composing them costs one module."""
     from onnxmod.compose import compose, compose_info
 
-    settings = DecomposeSettings(samples_per_class=30, refit_images=0, shared_depth=1.0, target_macs=0.6)
+    settings = DecomposeSettings(samples_per_class=30, refit_images=0, shared_depth=1.0, target_macs=0.6, **QUICK_REPAIR)
     man = decompose(SAMPLE, CALIB, tmp_path / "m", settings=settings, classes=["cat", "dog", "ship"], quiet=True)
     info = compose_info(compose([tmp_path / "m"]))
     one = max(m["macs"] for m in man["modules"])
@@ -264,5 +264,21 @@ def test_unlabelled_calibration_uses_the_sources_predictions(tmp_path, layout):
     assert man["settings"]["calibration_images"] == sum(min(20, int((src_pred == k).sum())) for k in range(10))
     composed = compose([tmp_path / "m"])
     onnx.checker.check_model(composed, full_check=True)
-    with pytest.raises(Exception, match="has no labels"):
+    with pytest.raises(Exception, match="without labels"):
         evaluate_source(SAMPLE, data, quiet=True)
+
+
+def test_per_class_targets(tmp_path, capsys):
+    """--class-target gives one class a different MAC budget; the others keep --target-macs."""
+    code, out, _ = _cli(["decompose", str(SAMPLE), "--calib", str(CALIB), "-o", str(tmp_path / "m"), "--classes",
+                         "cat,ship", "--samples-per-class", "20", "--no-repair", "--target-macs", "0.4",
+                         "--class-target", "cat=0.8", "--json", "-q"], capsys)
+    assert code == 0
+    fracs = {m["class_name"]: m["mac_fraction"] for m in json.loads(out)["modules"]}
+    assert fracs["cat"] == pytest.approx(0.8, abs=0.05) and fracs["ship"] == pytest.approx(0.4, abs=0.05)
+    spec = ModuleSpec.from_model(onnx.load(tmp_path / "m" / "module_003_cat.onnx"))
+    assert spec.kept["target_macs"] == 0.8
+    for bad, why in (("unicorn=0.5", "unicorn"), ("cat=1.5", "(0, 1]"), ("cat", "NAME=FRACTION")):
+        code, _, err = _cli(["decompose", str(SAMPLE), "--calib", str(CALIB), "-o", str(tmp_path / "n"),
+                             "--class-target", bad], capsys)
+        assert code == 2 and why in err and not (tmp_path / "n").exists()

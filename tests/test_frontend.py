@@ -235,7 +235,7 @@ def test_cli_layout_flag_and_clean_refusal(tmp_path, capsys):
     x = (np.random.default_rng(3).random((30, 8, 8, 3)) * 255).astype(np.uint8)
     calib = write_npz(tmp_path / "calib.npz", x, np.arange(30) % 5, [f"c{i}" for i in range(5)])
     args = ["decompose", str(src), "--calib", str(calib), "-o", str(tmp_path / "out"), "--samples-per-class", "6",
-            "--quiet"]
+            "--no-repair", "--quiet"]
     with pytest.raises(SystemExit) as e:
         main(args)
     err = capsys.readouterr().err.strip().splitlines()

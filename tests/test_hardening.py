@@ -152,7 +152,7 @@ def test_info_speaks_words_and_macs(tmp_path, capsys):
     from onnxmod.decompose import DecomposeSettings, decompose
 
     decompose(R8, SAMPLES / "cifar10_calib.npz", tmp_path / "m", classes=["cat"],
-              settings=DecomposeSettings(samples_per_class=5, refit_images=0), quiet=True, device="cpu")
+              settings=DecomposeSettings(samples_per_class=5, refit_images=0, repair=False), quiet=True, device="cpu")
     code, out, err = _cli(capsys, "info", tmp_path / "m" / "module_003_cat.onnx")
     assert code == 0, err
     assert "MACs" in out and "FLOP" not in out
@@ -171,7 +171,8 @@ def _serving_snippet() -> str:
 def test_readme_serving_snippet_runs_silently(tmp_path, capsys):
     """On this machine (no CUDA libraries or no GPU) the snippet must print nothing on stderr."""
     code, _, err = _cli(capsys, "decompose", R8, "--calib", SAMPLES / "cifar10_calib.npz", "-o", tmp_path / "m",
-                        "--classes", "cat,dog", "--samples-per-class", "5", "--refit-images", "0", "--quiet")
+                        "--classes", "cat,dog", "--samples-per-class", "5", "--refit-images", "0", "--no-repair",
+                        "--quiet")
     assert code == 0, err
     code, _, err = _cli(capsys, "compose", tmp_path / "m", "-o", tmp_path / "fixed.onnx", "--quiet")
     assert code == 0, err

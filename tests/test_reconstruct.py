@@ -90,7 +90,7 @@ def test_reconstruction_reduces_the_drift_of_a_pruned_model(source):
 
 
 def test_decompose_with_reconstruction_keeps_shared_layers_shared(tmp_path):
-    settings = DecomposeSettings(samples_per_class=40, refit_images=200, reconstruct=True, reconstruct_images=100,
+    settings = DecomposeSettings(samples_per_class=40, refit_images=200, reconstruct=True, reconstruct_images=100, repair=False,
                                  target_macs=0.6, shared_depth=0.75)
     man = decompose(SAMPLE, CALIB, tmp_path / "rec", settings=settings, classes=["cat", "dog", "ship"], quiet=True,
                     device="cpu")
@@ -123,7 +123,7 @@ def test_cli_reconstruct_flag(tmp_path, capsys):
 
     with pytest.raises(SystemExit) as e:
         main(["decompose", str(SAMPLE), "--calib", str(CALIB), "-o", str(tmp_path / "m"), "--classes", "cat",
-              "--samples-per-class", "30", "--reconstruct", "--json", "--quiet", "--device", "cpu"])
+              "--samples-per-class", "30", "--reconstruct", "--no-repair", "--json", "--quiet", "--device", "cpu"])
     assert e.value.code == 0
     man = json.loads(capsys.readouterr().out)
     assert man["settings"]["reconstruct"] is True and man["timings"]["reconstruct_s"] > 0
@@ -153,7 +153,7 @@ def test_accuracy_preserving_settings_on_pretrained_resnet20(shared_data, tmp_pa
 
     src, mods, comp = tmp_path / "r20.onnx", tmp_path / "r20.modules", tmp_path / "r20.composed.onnx"
     cli("export", "resnet20", "--weights", str(weights), "-o", str(src))
-    cli("decompose", str(src), "--calib", str(data), "-o", str(mods), "--reconstruct", "--shared-depth", "1",
+    cli("decompose", str(src), "--calib", str(data), "-o", str(mods), "--reconstruct", "--no-repair", "--shared-depth", "1",
         "--target-macs", "0.9", "--channel-multiple", "4", "--device", "cpu")
     cli("compose", str(mods), "-o", str(comp))
     source = cli("eval", str(src), "--data", str(data), "--json", "--device", "cpu")

@@ -45,7 +45,7 @@ def _cli(args: list[str]) -> int:
 
 def _decompose(calib: Path, out: Path, target: float, spec) -> dict:
     code = _cli(["decompose", str(spec.path), "--calib", str(calib), "-o", str(out), "--target-macs", str(target),
-                 "--samples-per-class", "60", "--quiet", "--device", "cpu", *spec.decompose_args()])
+                 "--samples-per-class", "60", "--no-repair", "--quiet", "--device", "cpu", *spec.decompose_args()])
     assert code == 0
     return json.loads((out / "manifest.json").read_text())
 
@@ -100,6 +100,20 @@ def test_keep_all_composes_to_the_source(zoo):
     else:
         np.testing.assert_allclose(logits, original, atol=TOL)
     assert all(m["mac_fraction"] > 0.98 for m in full["modules"])
+
+
+def test_repair_can_run_every_module_in_torch(zoo):
+    """Repair trains the module graphs in torch: the interpreter must reproduce onnxruntime on each
+    (the decompositions above ran with --no-repair to keep this suite fast)."""
+    from onnxmod import torchgraph
+
+    _, _, _, tmp, _, small = zoo
+    hw = small["source"]["preprocess"]["input_size"]
+    x = resize_batch(next(open_dataset(TEST_IMAGES).iter_batches(4))[0], tuple(hw))
+    for entry in small["modules"]:
+        module = onnx.load(tmp / "small" / entry["file"])
+        for got, want in zip(torchgraph.run_numpy(module, x), run(module, x)):
+            np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
 def test_mac_target_and_pinned_channels(zoo):
