@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import uvicorn
 
@@ -79,3 +82,23 @@ def make_server(models: list[ServedModel], settings: ServeSettings) -> uvicorn.S
 def serve(sock: socket.socket, models: list[ServedModel], settings: ServeSettings) -> None:
     """Serve until SIGINT/SIGTERM: stop accepting, finish in-flight requests, stop the batchers."""
     make_server(models, settings).run(sockets=[sock])
+
+
+@contextlib.contextmanager
+def serve_in_thread(models: list[ServedModel], settings: ServeSettings, timeout_s: float = 30.0) -> Iterator[str]:
+    """Run a server on a background thread (for tests and embedding); yields its base URL, stops it on exit."""
+    sock = bind(settings.host, settings.port)
+    server = make_server(models, settings)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="onnxmod-serve", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.01)
+        yield url(sock)
+    finally:
+        server.should_exit = True
+        thread.join(timeout_s)
+        sock.close()
