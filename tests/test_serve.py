@@ -488,3 +488,17 @@ def test_serve_command_answers_then_stops_cleanly(r8_composed, images, sig):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_listening_socket_says_tcp():
+    """asyncio sets TCP_NODELAY only on accepted sockets whose proto is TCP; without it every response body
+    waits for a delayed ACK (~40 ms per request on loopback)."""
+    import socket
+
+    from onnxmod.serve.server import bind
+
+    sock = bind("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    finally:
+        sock.close()
