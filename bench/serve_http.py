@@ -143,8 +143,14 @@ def _client_loop(host: str, x: np.ndarray, expect: np.ndarray, idx: range, deadl
         c.close()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def load_test(host: str, x: np.ndarray, expect: np.ndarray, clients: int, requests: int, timeout_s: float,
-              warmup: int) -> dict[str, Any]:
+              warmup: int, server_pid: int) -> dict[str, Any]:
     """``clients`` threads x ``requests`` one-image requests; client i sends images i*requests .. (i+1)*requests-1."""
     warm_lat: list[float] = []
     warm_err: list[str] = []
@@ -161,16 +167,20 @@ def load_test(host: str, x: np.ndarray, expect: np.ndarray, clients: int, reques
     deadline = time.monotonic() + timeout_s
     threads = [threading.Thread(target=_client_loop, args=(host, x, expect, range(i * requests, (i + 1) * requests),
                                                            deadline, lats[i], errors)) for i in range(clients)]
+    cpu0 = (cpu_seconds(server_pid), cpu_seconds(os.getpid()))
     t0 = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    cpu = (cpu_seconds(server_pid) - cpu0[0], cpu_seconds(os.getpid()) - cpu0[1])
     lat_ms = np.array([v for lst in lats for v in lst]) * 1000
     return {
         "requests": clients * requests, "completed": int(lat_ms.size), "errors": len(errors) + len(warm_err),
         "error_examples": (warm_err + errors)[:5], "wall_s": wall,
+        # where the machine's cores went during the run: the server process and this (client) process
+        "cpu_ms_per_request": {"server": 1000 * cpu[0] / max(lat_ms.size, 1), "client": 1000 * cpu[1] / max(lat_ms.size, 1)},
         "throughput_rps": lat_ms.size / wall,
         "latency_ms": {"p50": float(np.percentile(lat_ms, 50)), "p99": float(np.percentile(lat_ms, 99)),
                        "mean": float(lat_ms.mean()), "max": float(lat_ms.max())} if lat_ms.size else None,
@@ -185,50 +195,96 @@ def batch_summary(stats: dict[str, Any]) -> dict[str, Any]:
             "max_batch_seen": max(runs) if runs else None}
 
 
-def ceiling(model: Path, x: np.ndarray, device: str, repeats: int) -> dict[str, Any]:
-    """The same images in one local onnxruntime batch (best of ``repeats`` after a warm-up)."""
+def ceiling(model: Path, x: np.ndarray, device: str, repeats: int, max_batch: int) -> dict[str, Any]:
+    """The same images run locally, no HTTP: in one onnxruntime batch (the ceiling), and in runs of ``max_batch``
+    (what the batching server does at best). Best of ``repeats`` after a warm-up; the server's session settings."""
     from onnxmod import runtime
+    from onnxmod.serve.model import SESSION_CONFIG
 
-    sess = runtime.make_session(model, device=device)
-    runtime.run(sess, x[:64])
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        runtime.run(sess, x)
-        times.append(time.perf_counter() - t)
-    return {"images": len(x), "batch": len(x), "device": runtime.session_device(sess), "times_s": times,
-            "throughput_ips": len(x) / min(times)}
+    sess = runtime.make_session(model, device=device, config=SESSION_CONFIG)
+    runtime.run(sess, x[:max_batch])
+
+    def best(batch: int) -> float:
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            for i in range(0, len(x), batch):
+                runtime.run(sess, x[i:i + batch])
+            times.append(time.perf_counter() - t)
+        return len(x) / min(times)
+
+    return {"images": len(x), "device": runtime.session_device(sess), "throughput_ips": best(len(x)),
+            "runs_of_max_batch_ips": best(max_batch), "max_batch": max_batch}
+
+
+def _median(xs: list[float]) -> float:
+    return float(np.median(xs))
 
 
 def measure_model(name: str, model: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """``args.rounds`` rounds, each: every server setting then the ceiling (interleaved against drifting load)."""
     from onnxmod import runtime
 
     n = args.clients * args.requests
     x = test_images(n + args.clients * args.warmup)
     expect = runtime.run(runtime.make_session(model, device=args.device), x, ["label"])[0]
-    out: dict[str, Any] = {"model": model.name, "images": n}
+    rounds: list[dict[str, Any]] = []
+    for k in range(args.rounds):
+        rnd: dict[str, Any] = {}
+        for setting in args.settings:
+            cfg = SETTINGS[setting]
+            log(f"{name} round {k + 1}/{args.rounds}: {setting} (max batch {cfg['max_batch']}, max delay "
+                f"{cfg['max_delay_ms']} ms), {args.clients} clients x {args.requests} requests")
+            server = Server(model, cfg["max_batch"], cfg["max_delay_ms"], args.device, args.timeout_s)
+            try:
+                r = load_test(server.host, x, expect, args.clients, args.requests, args.timeout_s, args.warmup,
+                              server.proc.pid)
+                r["server"] = {**cfg, **batch_summary(server.stats())}
+            finally:
+                code = server.stop()
+            r["server"]["exit_code"] = code
+            lat = r["latency_ms"] or {"p50": float("nan"), "p99": float("nan")}
+            log(f"  {r['throughput_rps']:.0f} req/s, p50 {lat['p50']:.2f} ms, p99 {lat['p99']:.2f} ms, "
+                f"errors {r['errors']}, mean batch {r['server']['mean_batch'] or 0:.1f}, CPU ms/request: server "
+                f"{r['cpu_ms_per_request']['server']:.2f}, client {r['cpu_ms_per_request']['client']:.2f}")
+            rnd[setting] = r
+        rnd["ceiling"] = ceiling(model, x[:n], args.device, args.repeats, SETTINGS["dynamic_batching"]["max_batch"])
+        log(f"  ceiling: {rnd['ceiling']['throughput_ips']:.0f} images/s in one batch of {n}, "
+            f"{rnd['ceiling']['runs_of_max_batch_ips']:.0f} in runs of {rnd['ceiling']['max_batch']}")
+        rounds.append(rnd)
+    out: dict[str, Any] = {"model": model.name, "images_per_round": n, "rounds": rounds, "median": {}}
     for setting in args.settings:
-        cfg = SETTINGS[setting]
-        log(f"{name}: {setting} (max batch {cfg['max_batch']}, max delay {cfg['max_delay_ms']} ms), "
-            f"{args.clients} clients x {args.requests} requests")
-        server = Server(model, cfg["max_batch"], cfg["max_delay_ms"], args.device, args.timeout_s)
+        out["median"][setting] = {
+            "throughput_rps": _median([r[setting]["throughput_rps"] for r in rounds]),
+            "p50_ms": _median([r[setting]["latency_ms"]["p50"] for r in rounds if r[setting]["latency_ms"]]),
+            "p99_ms": _median([r[setting]["latency_ms"]["p99"] for r in rounds if r[setting]["latency_ms"]]),
+            "errors": sum(r[setting]["errors"] for r in rounds),
+            "mean_batch": _median([r[setting]["server"]["mean_batch"] or 0 for r in rounds]),
+        }
+    out["median"]["ceiling_ips"] = _median([r["ceiling"]["throughput_ips"] for r in rounds])
+    out["median"]["local_runs_of_max_batch_ips"] = _median([r["ceiling"]["runs_of_max_batch_ips"] for r in rounds])
+    if {"dynamic_batching", "unbatched"} <= set(args.settings):
+        # per round (same load conditions), then the median over rounds
+        b_over_u = [r["dynamic_batching"]["throughput_rps"] / r["unbatched"]["throughput_rps"] for r in rounds]
+        c_over_b = [r["ceiling"]["throughput_ips"] / r["dynamic_batching"]["throughput_rps"] for r in rounds]
+        out["ratios"] = {"batched_over_unbatched": _median(b_over_u), "ceiling_over_batched": _median(c_over_b),
+                         "per_round": {"batched_over_unbatched": b_over_u, "ceiling_over_batched": c_over_b}}
+        out["goals"] = {"batched_ge_3x_unbatched": out["ratios"]["batched_over_unbatched"] >= 3,
+                        "batched_within_2x_of_ceiling": out["ratios"]["ceiling_over_batched"] <= 2,
+                        "zero_errors": all(out["median"][s]["errors"] == 0 for s in args.settings)}
+    return out
+
+
+def http_stack() -> dict[str, str | None]:
+    """Versions of the serving stack (uvicorn picks uvloop and httptools when they are installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {}
+    for pkg in ("starlette", "uvicorn", "uvloop", "httptools", "tritonclient"):
         try:
-            r = load_test(server.host, x, expect, args.clients, args.requests, args.timeout_s, args.warmup)
-            r["server"] = {**cfg, **batch_summary(server.stats())}
-        finally:
-            r_code = server.stop()
-        r["server"]["exit_code"] = r_code
-        log(f"  {r['throughput_rps']:.0f} req/s, p50 {r['latency_ms']['p50']:.2f} ms, "
-            f"p99 {r['latency_ms']['p99']:.2f} ms, errors {r['errors']}, mean batch {r['server']['mean_batch']:.1f}")
-        out[setting] = r
-    out["ceiling"] = ceiling(model, x[:n], args.device, args.repeats)
-    log(f"  ceiling: {out['ceiling']['throughput_ips']:.0f} images/s in one batch of {n}")
-    if "dynamic_batching" in out and "unbatched" in out:
-        b, u = out["dynamic_batching"]["throughput_rps"], out["unbatched"]["throughput_rps"]
-        out["ratios"] = {"batched_over_unbatched": b / u, "ceiling_over_batched": out["ceiling"]["throughput_ips"] / b}
-        out["goals"] = {"batched_ge_3x_unbatched": b / u >= 3,
-                        "batched_within_2x_of_ceiling": out["ceiling"]["throughput_ips"] / b <= 2,
-                        "zero_errors": all(out[s]["errors"] == 0 for s in args.settings)}
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
     return out
 
 
@@ -249,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--requests", type=int, default=200, help="requests per client, one image each")
     ap.add_argument("--warmup", type=int, default=5, help="requests per client before measuring")
-    ap.add_argument("--repeats", type=int, default=5, help="ceiling: timed runs of the one-batch pass")
+    ap.add_argument("--repeats", type=int, default=3, help="ceiling: timed runs of the one-batch pass per round")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of every setting + ceiling; medians reported")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
     ap.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated: {', '.join(SETTINGS)}")
     ap.add_argument("--timeout-s", type=float, default=300.0, help="bound on each load run")
@@ -260,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := set(args.settings) - set(SETTINGS):
         ap.error(f"unknown settings {sorted(unknown)}")
     if args.smoke:
-        args.clients, args.requests, args.warmup, args.repeats = 4, 10, 1, 1
+        args.clients, args.requests, args.warmup, args.repeats, args.rounds = 4, 10, 1, 1, 1
     command = "python bench/serve_http.py " + " ".join(argv if argv is not None else sys.argv[1:])
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="serve_http.") as tmp:
@@ -270,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
             models["resnet20_composed"] = composed_resnet20(work, args.data)
         results = {"machine": machine(command.strip(), "smoke" if args.smoke else "full"),
                    "settings": {"clients": args.clients, "requests_per_client": args.requests,
-                                "warmup_per_client": args.warmup, "device": args.device, "servers": SETTINGS,
+                                "warmup_per_client": args.warmup, "rounds": args.rounds, "device": args.device,
+                                "servers": SETTINGS, "http_stack": http_stack(),
                                 "client": "tritonclient.http, one client per thread, binary tensors, "
                                           "one request in flight per client", "images": "sample_graphs/cifar10_test.npz"},
                    "models": {name: measure_model(name, path, args) for name, path in models.items()}}
@@ -280,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2) + "\n")
         log(f"wrote {out}")
-    errors = sum(m[s]["errors"] for m in results["models"].values() for s in args.settings)
+    errors = sum(m["median"][s]["errors"] for m in results["models"].values() for s in args.settings)
     if errors:
         log(f"{errors} errors")
     return 1 if errors else 0

@@ -27,6 +27,10 @@ VERSION = "1"
 # A model name is a URL path segment and a Triton repository folder name, never a file we open.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
+# ORT's intra-op threads spin between runs by default; a server's runs are spaced by HTTP work that
+# needs those cores (measured on 2 cores: ~0.8 vs ~1.3 ms server CPU per request, bench/serve_http.py)
+SESSION_CONFIG = {"session.intra_op.allow_spinning": "0"}
+
 # onnxruntime type strings -> protocol datatypes (and numpy dtypes for binary data)
 ORT_TO_V2 = {
     "tensor(float)": "FP32", "tensor(double)": "FP64", "tensor(float16)": "FP16",
@@ -100,7 +104,7 @@ class ServedModel:
     def load(cls, path: Path, name: str | None = None, device: str = "auto") -> "ServedModel":
         name = check_name(name if name is not None else path.stem, str(path))
         model = modelio.load_model(path)
-        return cls(path, name, model, runtime.make_session(model, device=device, name=str(path)))
+        return cls(path, name, model, runtime.make_session(model, device=device, name=str(path), config=SESSION_CONFIG))
 
     def _class_names(self) -> list[str]:
         from onnxmod.evaluate import model_class_names
