@@ -76,10 +76,12 @@ def test_images(n: int) -> np.ndarray:
 class Server:
     """`onnxmod serve MODEL --port 0` in a subprocess; ``host`` is its host:port once it listens."""
 
-    def __init__(self, model: Path, max_batch: int, max_delay_ms: float, device: str, timeout_s: float):
+    def __init__(self, model: Path, max_batch: int, max_delay_ms: float, device: str, timeout_s: float,
+                 instances: int):
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "onnxmod.cli.main", "serve", str(model), "--name", "m", "--port", "0",
-             "--device", device, "--max-batch", str(max_batch), "--max-delay-ms", str(max_delay_ms)],
+             "--device", device, "--max-batch", str(max_batch), "--max-delay-ms", str(max_delay_ms),
+             "--instances", str(instances)],
             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self.host = self._wait_listening(timeout_s)
 
@@ -235,7 +237,7 @@ def measure_model(name: str, model: Path, args: argparse.Namespace) -> dict[str,
             cfg = SETTINGS[setting]
             log(f"{name} round {k + 1}/{args.rounds}: {setting} (max batch {cfg['max_batch']}, max delay "
                 f"{cfg['max_delay_ms']} ms), {args.clients} clients x {args.requests} requests")
-            server = Server(model, cfg["max_batch"], cfg["max_delay_ms"], args.device, args.timeout_s)
+            server = Server(model, cfg["max_batch"], cfg["max_delay_ms"], args.device, args.timeout_s, args.instances)
             try:
                 r = load_test(server.host, x, expect, args.clients, args.requests, args.timeout_s, args.warmup,
                               server.proc.pid)
@@ -307,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=5, help="requests per client before measuring")
     ap.add_argument("--repeats", type=int, default=3, help="ceiling: timed runs of the one-batch pass per round")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of every setting + ceiling; medians reported")
+    ap.add_argument("--instances", type=int, default=2, help="serve --instances, the same for every setting")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
     ap.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated: {', '.join(SETTINGS)}")
     ap.add_argument("--timeout-s", type=float, default=300.0, help="bound on each load run")
@@ -328,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         results = {"machine": machine(command.strip(), "smoke" if args.smoke else "full"),
                    "settings": {"clients": args.clients, "requests_per_client": args.requests,
                                 "warmup_per_client": args.warmup, "rounds": args.rounds, "device": args.device,
+                                "instances": args.instances,
                                 "servers": SETTINGS, "http_stack": http_stack(),
                                 "client": "tritonclient.http, one client per thread, binary tensors, "
                                           "one request in flight per client", "images": "sample_graphs/cifar10_test.npz"},

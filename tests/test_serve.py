@@ -283,6 +283,26 @@ def test_batcher_gathers_and_splits():
     assert sizes == [4, 3, 4, 3]
 
 
+def test_batcher_runs_instances_at_once():
+    """instances=2: two runs are in flight together (each waits for the other at a barrier)."""
+    both_in = threading.Barrier(2)
+
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        both_in.wait(timeout=10)  # BrokenBarrierError if the second run never starts meanwhile
+        return [x + 1]
+
+    async def scenario():
+        b = Batcher(run, max_batch=1, max_delay_s=0.0, instances=2)
+        b.start()
+        try:
+            return await asyncio.gather(b.infer(np.zeros((1, 1))), b.infer(np.ones((1, 1)))), b.stats.execution_count
+        finally:
+            await b.stop()
+
+    (a, c), runs = asyncio.run(scenario())
+    assert a[0].item() == 1 and c[0].item() == 2 and runs == 2
+
+
 def test_batcher_failure_reaches_only_its_callers():
     calls = []
 

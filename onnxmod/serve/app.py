@@ -47,7 +47,10 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+        if length is not None and not length.isdigit():
+            await _error(400, f"Content-Length {length[:20]!r} is not a number")(scope, receive, send)
+            return
+        if length is not None and int(length) > self.max_bytes:
             await _too_large(self.max_bytes)(scope, receive, send)
             return
         seen = 0
@@ -74,9 +77,10 @@ def _too_large(limit: int) -> JSONResponse:
 class Registry:
     """Served models by name, each with its batcher."""
 
-    def __init__(self, models: list[ServedModel], max_batch: int, max_delay_s: float, max_body_bytes: int):
+    def __init__(self, models: list[ServedModel], max_batch: int, max_delay_s: float, max_body_bytes: int,
+                 instances: int = 1):
         self.models = {m.name: m for m in models}
-        self.batchers = {m.name: Batcher(m.run, max_batch, max_delay_s, m.name) for m in models}
+        self.batchers = {m.name: Batcher(m.run, max_batch, max_delay_s, m.name, instances) for m in models}
         self.max_batch, self.max_body_bytes = max_batch, max_body_bytes
 
     def get(self, request: Request) -> tuple[ServedModel, Batcher]:
@@ -212,12 +216,14 @@ async def classify(request: Request, reg: Registry) -> Response:
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise ApiError(415, "classify takes multipart/form-data with one or more image files")
     form = await request.form(max_files=MAX_FILES)
-    uploads = [(key, v) for key, v in form.multi_items() if not isinstance(v, str)]
+    try:
+        uploads = [(key, v) for key, v in form.multi_items() if not isinstance(v, str)]
+        names = [u.filename or key for key, u in uploads]
+        blobs = [await u.read() for _, u in uploads]
+    finally:
+        await form.close()  # spooled uploads go away whatever happens
     if not uploads:
         raise bad("no image files in the form")
-    names = [u.filename or key for key, u in uploads]
-    blobs = [await u.read() for _, u in uploads]
-    await form.close()
 
     def decode_all():
         import numpy as np
@@ -262,9 +268,9 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 def create_app(models: list[ServedModel], max_batch: int = 64, max_delay_ms: float = 2.0,
-               max_body_bytes: int = 64 << 20) -> ASGIApp:
+               max_body_bytes: int = 64 << 20, instances: int = 2) -> ASGIApp:
     """The ASGI app serving ``models``; batchers start and stop with the app's lifespan."""
-    registry = Registry(models, max_batch, max_delay_ms / 1000.0, max_body_bytes)
+    registry = Registry(models, max_batch, max_delay_ms / 1000.0, max_body_bytes, instances)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -5,8 +5,10 @@ are queued as one job (split into jobs of at most ``max_batch`` images when larg
 batcher's loop takes the oldest job, waits until ``max_batch`` images are queued or the
 oldest job has waited ``max_delay`` (Triton's ``max_queue_delay``), concatenates whole jobs
 up to ``max_batch`` images, runs them on its own worker thread (ORT releases the GIL, the
-event loop keeps accepting requests), and hands each job its own rows. While a run is in
-flight, new requests queue up, so under load batches fill without waiting at all.
+event loop keeps accepting requests), and hands each job its own rows. Up to ``instances``
+runs are in flight at once (Triton's instance count): with closed-loop clients, one batch's
+HTTP work then overlaps another's onnxruntime run instead of alternating with it. While all
+workers are busy, new requests queue up, so under load batches fill without waiting at all.
 """
 
 from __future__ import annotations
@@ -89,16 +91,18 @@ class ModelStats:
 class Batcher:
     """Gathers jobs into runs of at most ``max_batch`` images, waiting at most ``max_delay_s`` for more."""
 
-    def __init__(self, run: RunFn, max_batch: int, max_delay_s: float, name: str = "model"):
-        if max_batch < 1 or max_delay_s < 0:
-            raise ValueError("max_batch must be >= 1 and max_delay_s >= 0")
-        self._run_fn, self.max_batch, self.max_delay_s = run, max_batch, max_delay_s
+    def __init__(self, run: RunFn, max_batch: int, max_delay_s: float, name: str = "model", instances: int = 1):
+        if max_batch < 1 or max_delay_s < 0 or instances < 1:
+            raise ValueError("max_batch and instances must be >= 1, max_delay_s >= 0")
+        self._run_fn, self.max_batch, self.max_delay_s, self.instances = run, max_batch, max_delay_s, instances
         self.stats = ModelStats()
         self._pending: deque[_Job] = deque()
         self._pending_images = 0
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{name}")
+        self._slots: asyncio.Semaphore | None = None
+        self._runs: set[asyncio.Task] = set()
+        self._executor = ThreadPoolExecutor(max_workers=instances, thread_name_prefix=f"ort-{name}")
 
     @property
     def running(self) -> bool:
@@ -107,14 +111,15 @@ class Batcher:
     def start(self) -> None:
         """Start the gathering loop in the running event loop."""
         self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(self.instances)
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def stop(self) -> None:
-        """Stop gathering; queued jobs fail, the in-flight run finishes, the worker thread exits."""
-        if self._task is not None:
-            self._task.cancel()
+        """Stop gathering; queued and in-flight jobs fail, the worker threads finish their runs and exit."""
+        for task in [t for t in (self._task, *self._runs) if t is not None]:
+            task.cancel()
             try:
-                await self._task
+                await task
             except asyncio.CancelledError:
                 pass
         _fail(list(self._pending), RuntimeError("server is shutting down"))
@@ -144,6 +149,9 @@ class Batcher:
             while not self._pending:
                 self._wakeup.clear()
                 await self._wakeup.wait()
+            # a free worker first: while all are busy the queue keeps filling, and the wait below is then
+            # over at once (the oldest job has waited long enough)
+            await self._slots.acquire()
             deadline = self._pending[0].queued_ns / 1e9 + self.max_delay_s
             while self._pending_images < self.max_batch:
                 remaining = deadline - time.perf_counter()
@@ -154,7 +162,13 @@ class Batcher:
                     await asyncio.wait_for(self._wakeup.wait(), remaining)
                 except asyncio.TimeoutError:
                     break
-            await self._run(loop, self._take_batch())
+            run = loop.create_task(self._run(loop, self._take_batch()))
+            self._runs.add(run)
+            run.add_done_callback(self._run_done)
+
+    def _run_done(self, run: asyncio.Task) -> None:
+        self._runs.discard(run)
+        self._slots.release()
 
     def _take_batch(self) -> list[_Job]:
         jobs, n = [], 0

@@ -26,6 +26,7 @@ class ServeSettings:
     max_batch: int = 64
     max_delay_ms: float = 2.0
     max_body_mb: float = 64.0
+    instances: int = 2
     access_log: bool = False
 
     @property
@@ -82,7 +83,7 @@ class _Server(uvicorn.Server):
 
 
 def make_server(models: list[ServedModel], settings: ServeSettings) -> uvicorn.Server:
-    app = create_app(models, settings.max_batch, settings.max_delay_ms, settings.max_body_bytes)
+    app = create_app(models, settings.max_batch, settings.max_delay_ms, settings.max_body_bytes, settings.instances)
     config = uvicorn.Config(app, lifespan="on", log_level="info" if settings.access_log else "warning",
                             access_log=settings.access_log, timeout_graceful_shutdown=10)
     return _Server(config)
