@@ -77,11 +77,11 @@ class Server:
     """`onnxmod serve MODEL --port 0` in a subprocess; ``host`` is its host:port once it listens."""
 
     def __init__(self, model: Path, max_batch: int, max_delay_ms: float, device: str, timeout_s: float,
-                 instances: int):
+                 instances: int, threads: int | None):
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "onnxmod.cli.main", "serve", str(model), "--name", "m", "--port", "0",
              "--device", device, "--max-batch", str(max_batch), "--max-delay-ms", str(max_delay_ms),
-             "--instances", str(instances)],
+             "--instances", str(instances), *(["--threads", str(threads)] if threads else [])],
             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self.host = self._wait_listening(timeout_s)
 
@@ -206,17 +206,22 @@ def ceiling(model: Path, x: np.ndarray, device: str, repeats: int, max_batch: in
     sess = runtime.make_session(model, device=device, config=SESSION_CONFIG)
     runtime.run(sess, x[:max_batch])
 
-    def best(batch: int) -> float:
-        times = []
+    def best(batch: int) -> tuple[float, float]:
+        """(images/s, CPU ms per image) of the fastest repeat."""
+        runs = []
         for _ in range(repeats):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), cpu_seconds(os.getpid())
             for i in range(0, len(x), batch):
                 runtime.run(sess, x[i:i + batch])
-            times.append(time.perf_counter() - t)
-        return len(x) / min(times)
+            runs.append((time.perf_counter() - t, cpu_seconds(os.getpid()) - c))
+        wall, cpu = min(runs)
+        return len(x) / wall, 1000 * cpu / len(x)
 
-    return {"images": len(x), "device": runtime.session_device(sess), "throughput_ips": best(len(x)),
-            "runs_of_max_batch_ips": best(max_batch), "max_batch": max_batch}
+    one, one_cpu = best(len(x))
+    runs, runs_cpu = best(max_batch)
+    return {"images": len(x), "device": runtime.session_device(sess), "throughput_ips": one,
+            "cpu_ms_per_image": one_cpu, "runs_of_max_batch_ips": runs, "runs_of_max_batch_cpu_ms_per_image": runs_cpu,
+            "max_batch": max_batch}
 
 
 def _median(xs: list[float]) -> float:
@@ -237,7 +242,8 @@ def measure_model(name: str, model: Path, args: argparse.Namespace) -> dict[str,
             cfg = SETTINGS[setting]
             log(f"{name} round {k + 1}/{args.rounds}: {setting} (max batch {cfg['max_batch']}, max delay "
                 f"{cfg['max_delay_ms']} ms), {args.clients} clients x {args.requests} requests")
-            server = Server(model, cfg["max_batch"], cfg["max_delay_ms"], args.device, args.timeout_s, args.instances)
+            server = Server(model, cfg["max_batch"], cfg["max_delay_ms"], args.device, args.timeout_s, args.instances,
+                            args.threads)
             try:
                 r = load_test(server.host, x, expect, args.clients, args.requests, args.timeout_s, args.warmup,
                               server.proc.pid)
@@ -251,7 +257,8 @@ def measure_model(name: str, model: Path, args: argparse.Namespace) -> dict[str,
                 f"{r['cpu_ms_per_request']['server']:.2f}, client {r['cpu_ms_per_request']['client']:.2f}")
             rnd[setting] = r
         rnd["ceiling"] = ceiling(model, x[:n], args.device, args.repeats, SETTINGS["dynamic_batching"]["max_batch"])
-        log(f"  ceiling: {rnd['ceiling']['throughput_ips']:.0f} images/s in one batch of {n}, "
+        log(f"  ceiling: {rnd['ceiling']['throughput_ips']:.0f} images/s in one batch of {n} "
+            f"({rnd['ceiling']['cpu_ms_per_image']:.2f} CPU ms/image), "
             f"{rnd['ceiling']['runs_of_max_batch_ips']:.0f} in runs of {rnd['ceiling']['max_batch']}")
         rounds.append(rnd)
     out: dict[str, Any] = {"model": model.name, "images_per_round": n, "rounds": rounds, "median": {}}
@@ -262,15 +269,24 @@ def measure_model(name: str, model: Path, args: argparse.Namespace) -> dict[str,
             "p99_ms": _median([r[setting]["latency_ms"]["p99"] for r in rounds if r[setting]["latency_ms"]]),
             "errors": sum(r[setting]["errors"] for r in rounds),
             "mean_batch": _median([r[setting]["server"]["mean_batch"] or 0 for r in rounds]),
+            "server_cpu_ms_per_request": _median([r[setting]["cpu_ms_per_request"]["server"] for r in rounds]),
+            "client_cpu_ms_per_request": _median([r[setting]["cpu_ms_per_request"]["client"] for r in rounds]),
         }
     out["median"]["ceiling_ips"] = _median([r["ceiling"]["throughput_ips"] for r in rounds])
     out["median"]["local_runs_of_max_batch_ips"] = _median([r["ceiling"]["runs_of_max_batch_ips"] for r in rounds])
+    out["median"]["ceiling_cpu_ms_per_image"] = _median([r["ceiling"]["cpu_ms_per_image"] for r in rounds])
     if {"dynamic_batching", "unbatched"} <= set(args.settings):
         # per round (same load conditions), then the median over rounds
         b_over_u = [r["dynamic_batching"]["throughput_rps"] / r["unbatched"]["throughput_rps"] for r in rounds]
         c_over_b = [r["ceiling"]["throughput_ips"] / r["dynamic_batching"]["throughput_rps"] for r in rounds]
+        med = out["median"]
         out["ratios"] = {"batched_over_unbatched": _median(b_over_u), "ceiling_over_batched": _median(c_over_b),
-                         "per_round": {"batched_over_unbatched": b_over_u, "ceiling_over_batched": c_over_b}}
+                         "per_round": {"batched_over_unbatched": b_over_u, "ceiling_over_batched": c_over_b},
+                         # CPU time per image is far less sensitive to other jobs on a shared machine than wall time
+                         "cpu": {"unbatched_over_batched_server": med["unbatched"]["server_cpu_ms_per_request"]
+                                 / med["dynamic_batching"]["server_cpu_ms_per_request"],
+                                 "batched_server_over_ceiling": med["dynamic_batching"]["server_cpu_ms_per_request"]
+                                 / med["ceiling_cpu_ms_per_image"]}}
         out["goals"] = {"batched_ge_3x_unbatched": out["ratios"]["batched_over_unbatched"] >= 3,
                         "batched_within_2x_of_ceiling": out["ratios"]["ceiling_over_batched"] <= 2,
                         "zero_errors": all(out["median"][s]["errors"] == 0 for s in args.settings)}
@@ -310,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="ceiling: timed runs of the one-batch pass per round")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of every setting + ceiling; medians reported")
     ap.add_argument("--instances", type=int, default=2, help="serve --instances, the same for every setting")
+    ap.add_argument("--threads", type=int, default=None, help="serve --threads (default: serve's own)")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
     ap.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated: {', '.join(SETTINGS)}")
     ap.add_argument("--timeout-s", type=float, default=300.0, help="bound on each load run")
@@ -331,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         results = {"machine": machine(command.strip(), "smoke" if args.smoke else "full"),
                    "settings": {"clients": args.clients, "requests_per_client": args.requests,
                                 "warmup_per_client": args.warmup, "rounds": args.rounds, "device": args.device,
-                                "instances": args.instances,
+                                "instances": args.instances, "threads": args.threads,
                                 "servers": SETTINGS, "http_stack": http_stack(),
                                 "client": "tritonclient.http, one client per thread, binary tensors, "
                                           "one request in flight per client", "images": "sample_graphs/cifar10_test.npz"},

@@ -29,30 +29,33 @@ Example:
               help="Longest wait for more requests to fill a batch.")
 @click.option("--instances", type=click.IntRange(min=1), default=2, show_default=True,
               help="onnxruntime runs in flight at once per model (one batch's HTTP work overlaps another's run).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="onnxruntime intra-op threads per run  [default: usable cores / --instances]")
 @click.option("--max-body-mb", type=click.FloatRange(min=0, min_open=True), default=64.0, show_default=True,
               help="Largest request body accepted (413 above it).")
 @click.option("--access-log", is_flag=True, help="Log every request on stderr.")
 @quiet_option
 def serve_cmd(models: tuple[Path, ...], names: tuple[str, ...], host: str, port: int, device: str, max_batch: int,
-              max_delay_ms: float, instances: int, max_body_mb: float, access_log: bool, quiet: bool) -> None:
+              max_delay_ms: float, instances: int, threads: int | None, max_body_mb: float, access_log: bool, quiet: bool) -> None:
     """Serve MODELS (composed, source or module .onnx) over HTTP: KServe v2 /v2/... routes with dynamic batching.
 
     Routes per model NAME: GET /v2/models/NAME (inputs, outputs, classes), POST /v2/models/NAME/infer
     (JSON or binary tensors, as tritonclient.http sends them), POST /v2/models/NAME/classify (image files),
     GET /v2/models/NAME/stats. Stops cleanly on Ctrl-C / SIGTERM.
     """
-    from onnxmod.serve.server import ServeSettings, bind, load_models, serve, url
+    from onnxmod.serve.server import ServeSettings, bind, default_threads, load_models, serve, url
 
     settings = ServeSettings(host=host, port=port, device=device, max_batch=max_batch, max_delay_ms=max_delay_ms,
                              instances=instances, max_body_mb=max_body_mb, access_log=access_log)
-    served = load_models(models, names, device)
+    threads = threads or default_threads(instances)
+    served = load_models(models, names, device, threads)
     sock = bind(host, port)
     try:
         base = url(sock)
         for m in served:
             say(f"  {base}/v2/models/{m.name}  ({m.kind}, {len(m.classes)} classes, {m.device}; {m.path})", quiet)
         say(f"onnxmod serve: listening on {base} (max batch {max_batch}, max delay {max_delay_ms:g} ms, "
-            f"{instances} run(s) in flight); "
+            f"{instances} run(s) in flight x {threads} thread(s)); "
             "Ctrl-C stops", quiet)
         serve(sock, served, settings)
     finally:

@@ -32,7 +32,6 @@ from onnxmod import modelio
 from onnxmod.cli.main import main
 from onnxmod.data import open_dataset
 from onnxmod.serve.batching import Batcher
-from onnxmod.serve.model import ServedModel
 from onnxmod.serve.server import ServeSettings, load_models, serve_in_thread
 
 REPO = Path(__file__).resolve().parent.parent

@@ -101,10 +101,12 @@ class ServedModel:
         self.device = runtime.session_device(session)
 
     @classmethod
-    def load(cls, path: Path, name: str | None = None, device: str = "auto") -> "ServedModel":
+    def load(cls, path: Path, name: str | None = None, device: str = "auto", threads: int | None = None) -> "ServedModel":
+        """``threads``: onnxruntime intra-op threads per run (None: its default)."""
         name = check_name(name if name is not None else path.stem, str(path))
         model = modelio.load_model(path)
-        return cls(path, name, model, runtime.make_session(model, device=device, name=str(path), config=SESSION_CONFIG))
+        session = runtime.make_session(model, device=device, threads=threads, name=str(path), config=SESSION_CONFIG)
+        return cls(path, name, model, session)
 
     def _class_names(self) -> list[str]:
         from onnxmod.evaluate import model_class_names

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -57,7 +57,6 @@ class InferRequest:
     x: np.ndarray  # float32 [n, C, H, W]
     outputs: list[RequestedOutput]
     id: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- requests
@@ -106,13 +105,13 @@ def _json_data(data: Any, shape: tuple[int, ...], name: str) -> np.ndarray:
     return arr.astype(np.float32).reshape(shape)
 
 
-def _binary_data(size: Any, binary: memoryview, offset: int, shape: tuple[int, ...], name: str) -> np.ndarray:
+def _binary_data(size: Any, binary: memoryview, shape: tuple[int, ...], name: str) -> np.ndarray:
     need = int(np.prod(shape)) * 4
     if not _is_int(size) or size != need:
         raise bad(f"input '{name}': binary_data_size {size} but FP32 shape {list(shape)} needs {need} bytes")
-    if offset + need > len(binary):
-        raise bad(f"input '{name}': {need} bytes of binary data expected, only {len(binary) - offset} sent")
-    return np.frombuffer(binary[offset:offset + need], dtype="<f4").reshape(shape).astype(np.float32)
+    if need > len(binary):
+        raise bad(f"input '{name}': {need} bytes of binary data expected, only {len(binary)} sent")
+    return np.frombuffer(binary[:need], dtype="<f4").reshape(shape).astype(np.float32)
 
 
 def _requested_outputs(req: dict, outputs: Sequence[TensorSpec]) -> list[RequestedOutput]:
@@ -170,7 +169,7 @@ def parse_infer(body: bytes, header_length: str | None, inp: TensorSpec,
     if "binary_data_size" in params:
         if "data" in t:
             raise bad(f"input '{inp.name}': both 'data' and binary_data_size given")
-        x = _binary_data(params["binary_data_size"], binary, 0, shape, inp.name)
+        x = _binary_data(params["binary_data_size"], binary, shape, inp.name)
         used = x.nbytes
     else:
         if "data" not in t:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import threading
 import time
@@ -34,13 +35,20 @@ class ServeSettings:
         return int(self.max_body_mb * (1 << 20))
 
 
-def load_models(paths: Sequence[Path], names: Sequence[str], device: str) -> list[ServedModel]:
+def default_threads(instances: int) -> int:
+    """Intra-op threads per run so that ``instances`` concurrent runs share the usable cores, not fight over them."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // instances)
+
+
+def load_models(paths: Sequence[Path], names: Sequence[str], device: str,
+                threads: int | None = None) -> list[ServedModel]:
     """One ServedModel per path; ``names`` name the first ``len(names)`` models, the rest use file stems."""
     if len(names) > len(paths):
         raise OnnxmodError(f"{len(names)} --name values for {len(paths)} model(s)")
     models: list[ServedModel] = []
     for i, p in enumerate(paths):
-        m = ServedModel.load(Path(p), names[i] if i < len(names) else None, device=device)
+        m = ServedModel.load(Path(p), names[i] if i < len(names) else None, device=device, threads=threads)
         clash = next((o for o in models if o.name == m.name), None)
         if clash is not None:
             raise OnnxmodError(f"{p}: model name '{m.name}' is already taken by {clash.path}; "
