@@ -302,6 +302,29 @@ def test_batcher_runs_instances_at_once():
     assert a[0].item() == 1 and c[0].item() == 2 and runs == 2
 
 
+def test_batcher_spreads_the_queue_over_idle_instances():
+    """8 queued one-image requests and 2 idle workers: two runs of 4 side by side, not 8 on one worker."""
+    sizes: list[int] = []
+
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        sizes.append(len(x))
+        return [x]
+
+    async def scenario():
+        b = Batcher(run, max_batch=64, max_delay_s=0.05, instances=2)
+        b.start()
+        try:
+            xs = [np.full((1, 1), i, np.float32) for i in range(8)]
+            return xs, await asyncio.gather(*(b.infer(x) for x in xs))
+        finally:
+            await b.stop()
+
+    xs, outs = asyncio.run(scenario())
+    assert sorted(sizes) == [4, 4]
+    for x, (y,) in zip(xs, outs):
+        np.testing.assert_array_equal(x, y)
+
+
 def test_batcher_failure_reaches_only_its_callers():
     calls = []
 

@@ -113,9 +113,10 @@ def _endpoint(fn: Callable[[Request, Registry], Awaitable[Response]]) -> Handler
             return _error(400, str(e))
         except HTTPException:
             raise
-        except Exception as e:
+        except Exception as e:  # a bug or an onnxruntime failure: logged, answered, and the server goes on
             log.exception("request %s %s failed", request.method, request.url.path)
-            return _error(500, f"internal error: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+            first_line = (str(e).strip().splitlines() or [""])[0]
+            return _error(500, f"internal error: {type(e).__name__}: {first_line}")
 
     return handler
 

@@ -7,7 +7,8 @@ oldest job has waited ``max_delay`` (Triton's ``max_queue_delay``), concatenates
 up to ``max_batch`` images, runs them on its own worker thread (ORT releases the GIL, the
 event loop keeps accepting requests), and hands each job its own rows. Up to ``instances``
 runs are in flight at once (Triton's instance count): with closed-loop clients, one batch's
-HTTP work then overlaps another's onnxruntime run instead of alternating with it. While all
+HTTP work then overlaps another's onnxruntime run instead of alternating with it, and what is
+queued is spread over the idle workers rather than taken by the first one. While all
 workers are busy, new requests queue up, so under load batches fill without waiting at all.
 """
 
@@ -101,7 +102,7 @@ class Batcher:
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._slots: asyncio.Semaphore | None = None
-        self._runs: set[asyncio.Task] = set()
+        self._runs: set[asyncio.Task] = set()  # runs in flight
         self._executor = ThreadPoolExecutor(max_workers=instances, thread_name_prefix=f"ort-{name}")
 
     @property
@@ -162,7 +163,10 @@ class Batcher:
                     await asyncio.wait_for(self._wakeup.wait(), remaining)
                 except asyncio.TimeoutError:
                     break
-            run = loop.create_task(self._run(loop, self._take_batch()))
+            # spread what is queued over the idle workers: one worker taking everything would leave the others
+            # idle until the next wave of requests (closed-loop clients come back together)
+            idle = self.instances - len(self._runs)
+            run = loop.create_task(self._run(loop, self._take_batch(-(-self._pending_images // idle))))
             self._runs.add(run)
             run.add_done_callback(self._run_done)
 
@@ -170,9 +174,11 @@ class Batcher:
         self._runs.discard(run)
         self._slots.release()
 
-    def _take_batch(self) -> list[_Job]:
+    def _take_batch(self, share: int) -> list[_Job]:
+        """Whole jobs in arrival order, up to ``min(share, max_batch)`` images (at least one job)."""
+        limit = max(1, min(share, self.max_batch))
         jobs, n = [], 0
-        while self._pending and n + len(self._pending[0].x) <= self.max_batch:
+        while self._pending and (not jobs or n + len(self._pending[0].x) <= limit):
             job = self._pending.popleft()
             self._pending_images -= len(job.x)
             if job.future.done():  # the caller went away
