@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 import click
@@ -34,9 +36,12 @@ Example:
 @click.option("--max-body-mb", type=click.FloatRange(min=0, min_open=True), default=64.0, show_default=True,
               help="Largest request body accepted (413 above it).")
 @click.option("--access-log", is_flag=True, help="Log every request on stderr.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Once listening, print the URL and the models as JSON on stdout (handy with --port 0).")
 @quiet_option
 def serve_cmd(models: tuple[Path, ...], names: tuple[str, ...], host: str, port: int, device: str, max_batch: int,
-              max_delay_ms: float, instances: int, threads: int | None, max_body_mb: float, access_log: bool, quiet: bool) -> None:
+              max_delay_ms: float, instances: int, threads: int | None, max_body_mb: float, access_log: bool, as_json: bool,
+              quiet: bool) -> None:
     """Serve MODELS (composed, source or module .onnx) over HTTP: KServe v2 /v2/... routes with dynamic batching.
 
     Routes per model NAME: GET /v2/models/NAME (inputs, outputs, classes), POST /v2/models/NAME/infer
@@ -54,6 +59,13 @@ def serve_cmd(models: tuple[Path, ...], names: tuple[str, ...], host: str, port:
         base = url(sock)
         for m in served:
             say(f"  {base}/v2/models/{m.name}  ({m.kind}, {len(m.classes)} classes, {m.device}; {m.path})", quiet)
+        if as_json:
+            # one line, so a script can read it as soon as the server listens
+            click.echo(json.dumps({"url": base, "max_batch": max_batch, "max_delay_ms": max_delay_ms,
+                                   "instances": instances, "threads": threads,
+                                   "models": [{"name": m.name, "kind": m.kind, "classes": m.classes,
+                                               "device": m.device, "path": str(m.path)} for m in served]}))
+            sys.stdout.flush()
         say(f"onnxmod serve: listening on {base} (max batch {max_batch}, max delay {max_delay_ms:g} ms, "
             f"{instances} run(s) in flight x {threads} thread(s)); "
             "Ctrl-C stops", quiet)

@@ -499,7 +499,8 @@ def test_serve_command_answers_then_stops_cleanly(r8_composed, images, sig):
     """The real command in a subprocess: port 0, a tritonclient round trip, then a clean stop (exit 0)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "onnxmod.cli.main", "serve", str(r8_composed), "--port", "0",
-                             "--device", "cpu"], stderr=subprocess.PIPE, text=True, env=env)
+                             "--device", "cpu", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
     try:
         host = None
         deadline = time.monotonic() + 60
@@ -512,6 +513,8 @@ def test_serve_command_answers_then_stops_cleanly(r8_composed, images, sig):
             if "listening on http://" in line:
                 host = line.split("listening on http://")[1].split()[0]
         assert host, "".join(lines)
+        started = json.loads(proc.stdout.readline())  # --json: one line, once listening
+        assert started["url"] == f"http://{host}" and started["models"][0]["name"] == r8_composed.stem
         c = triton.InferenceServerClient(host)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
