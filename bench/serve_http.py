@@ -238,7 +238,8 @@ def measure_model(name: str, model: Path, args: argparse.Namespace) -> dict[str,
     rounds: list[dict[str, Any]] = []
     for k in range(args.rounds):
         rnd: dict[str, Any] = {}
-        for setting in args.settings:
+        # alternate the order from round to round: other jobs' load drifts, and a fixed order would bias one side
+        for setting in (args.settings if k % 2 == 0 else args.settings[::-1]):
             cfg = SETTINGS[setting]
             log(f"{name} round {k + 1}/{args.rounds}: {setting} (max batch {cfg['max_batch']}, max delay "
                 f"{cfg['max_delay_ms']} ms), {args.clients} clients x {args.requests} requests")
