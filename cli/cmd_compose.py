@@ -99,10 +99,21 @@ def predict(model_path: Path, images: Sequence[Path], top: int = 3, device: str 
     """Label and top probabilities per image for a source, module or composed model."""
     from onnxmod import runtime
     from onnxmod.data import load_images
-    from onnxmod.evaluate import input_chw, model_class_names
 
     model = modelio.load_model(model_path, check=True)
-    kind = modelio.model_kind(model)
+    c, h, w = image_input_chw(model, model_path)
+    x = load_images(list(images), c, (h, w))
+    sess = runtime.make_session(model, device=device, name=str(model_path))
+    outputs = runtime.run(sess, x, prediction_outputs(model, [o.name for o in sess.get_outputs()]))
+    preds = rank_predictions(model, outputs, [str(p) for p in images], top, str(model_path))
+    return {"model": str(model_path), "kind": modelio.model_kind(model), "predictions": preds,
+            "device": runtime.session_device(sess)}
+
+
+def image_input_chw(model, model_path: Path | str) -> tuple[int, int, int]:
+    """(C, H, W) images are loaded at for ``model``: its input's fixed dims, else its preprocess metadata."""
+    from onnxmod.evaluate import input_chw
+
     c, h, w = input_chw(model)
     if c is None or h is None or w is None:
         pre = modelio.get_meta(model, modelio.PREPROCESS) or {}
@@ -110,36 +121,49 @@ def predict(model_path: Path, images: Sequence[Path], top: int = 3, device: str 
         if c is None or not size:
             raise OnnxmodError(f"{model_path}: input size is not fixed; cannot size the images")
         h, w = int(size[0]), int(size[1])
-    x = load_images(list(images), int(c), (int(h), int(w)))  # the one image path (onnxmod.data)
-    sess = runtime.make_session(model, device=device, name=str(model_path))
-    outs = [o.name for o in sess.get_outputs()]
+    return int(c), int(h), int(w)
+
+
+def prediction_outputs(model, output_names: Sequence[str]) -> list[str]:
+    """The one graph output predictions are read from: module ``score``, composed ``probs``, else the first."""
+    from onnxmod.modulespec import SCORE
+
+    kind = modelio.model_kind(model)
+    return [SCORE] if kind == "module" else ["probs"] if kind == "composed" else [output_names[0]]
+
+
+def rank_predictions(model, outputs: Sequence[np.ndarray], image_labels: Sequence[str], top: int,
+                     model_path: Path | str) -> list[dict[str, Any]]:
+    """Per image: label and top probabilities, from the :func:`prediction_outputs` of one run."""
+    kind = modelio.model_kind(model)
+    (out,) = outputs
     preds = []
     if kind == "module":
-        from onnxmod.modulespec import SCORE, ModuleSpec
+        from onnxmod.modulespec import ModuleSpec
 
         spec = ModuleSpec.from_model(model, str(model_path))
-        (score,) = runtime.run(sess, x, [SCORE])
-        for p, s in zip(images, np.asarray(score).reshape(len(images), -1)[:, 0]):
+        for p, s in zip(image_labels, np.asarray(out).reshape(len(image_labels), -1)[:, 0]):
             s = float(s)
-            preds.append({"image": str(p), "label": spec.class_name if s >= 0.5 else f"not {spec.class_name}",
+            preds.append({"image": p, "label": spec.class_name if s >= 0.5 else f"not {spec.class_name}",
                           "top": [{"class": spec.class_name, "prob": s}, {"class": f"not {spec.class_name}", "prob": 1 - s}]})
+        return preds
+    from onnxmod.evaluate import model_class_names
+
+    if kind == "composed":
+        probs = out
     else:
-        if kind == "composed":
-            (probs,) = runtime.run(sess, x, ["probs"])
-        else:
-            (logits,) = runtime.run(sess, x, [outs[0]])
-            if logits.ndim != 2:
-                raise OnnxmodError(f"{model_path}: output '{outs[0]}' must be [N, K], got {list(logits.shape)}")
-            probs = _softmax(logits)
-        names = model_class_names(model) or [str(i) for i in range(probs.shape[1])]
-        if len(names) != probs.shape[1]:
-            names = [str(i) for i in range(probs.shape[1])]
-        k = max(1, min(int(top), probs.shape[1]))
-        for p, row in zip(images, probs):
-            order = np.argsort(-row, kind="stable")[:k]
-            preds.append({"image": str(p), "label": names[int(order[0])],
-                          "top": [{"class": names[int(j)], "prob": float(row[j])} for j in order]})
-    return {"model": str(model_path), "kind": kind, "predictions": preds, "device": runtime.session_device(sess)}
+        if out.ndim != 2:
+            raise OnnxmodError(f"{model_path}: first output must be [N, K], got {list(out.shape)}")
+        probs = _softmax(out)
+    names = model_class_names(model) or [str(i) for i in range(probs.shape[1])]
+    if len(names) != probs.shape[1]:
+        names = [str(i) for i in range(probs.shape[1])]
+    k = max(1, min(int(top), probs.shape[1]))
+    for p, row in zip(image_labels, probs):
+        order = np.argsort(-row, kind="stable")[:k]
+        preds.append({"image": p, "label": names[int(order[0])],
+                      "top": [{"class": names[int(j)], "prob": float(row[j])} for j in order]})
+    return preds
 
 
 def _predict_human(r: dict[str, Any]) -> str:

@@ -36,8 +36,10 @@ def _register() -> None:
         cmd_decompose,
         cmd_eval,
         cmd_export,
+        cmd_export_triton,
         cmd_info,
         cmd_ops,
+        cmd_serve,
     )
 
 

@@ -22,7 +22,7 @@ import os
 import pickle
 import warnings
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import BinaryIO, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -320,37 +320,49 @@ def _subdirs(d: Path) -> list[Path]:
 def read_image(path: str | os.PathLike, channels: int = 3) -> np.ndarray:
     """One image file -> float32 ``[C, H, W]`` in [0, 1] at its own size (RGB, or L for 1 channel).
 
-    Every command reads images through here (and resizes with :func:`resize_batch`), so
-    ``eval`` on an image folder and ``predict`` see the same numbers for the same file.
-    Images so large that decoding them could exhaust memory (Pillow's decompression-bomb
-    limit) are refused.
+    Every command reads images through here or :func:`decode_image` (and resizes with
+    :func:`fit_image`), so ``eval`` on an image folder, ``predict`` and ``serve`` see the same
+    numbers for the same file.
     """
     p = Path(path)
     require_file(p, "an image file")
+    return decode_image(p, str(p), channels)
+
+
+def decode_image(src: str | os.PathLike | BinaryIO, label: str, channels: int = 3) -> np.ndarray:
+    """An image (a path or an open binary file; ``label`` names it in errors) -> float32 ``[C, H, W]``.
+
+    Images so large that decoding them could exhaust memory (Pillow's decompression-bomb
+    limit) are refused.
+    """
     if channels not in (1, 3):
-        raise OnnxmodError(f"{p}: models taking {channels} channels cannot be fed images (1 or 3 only)")
+        raise OnnxmodError(f"{label}: models taking {channels} channels cannot be fed images (1 or 3 only)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(p) as img:
+            with Image.open(src) as img:
                 img.load()
                 if img.mode == "P" and "transparency" in img.info:  # Pillow warns converting these straight to RGB
                     img = img.convert("RGBA")
                 img = img.convert("L" if channels == 1 else "RGB")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise OnnxmodError(f"{p}: refused: {str(e).split(',')[0]} (a possible decompression bomb)") from None
+        raise OnnxmodError(f"{label}: refused: {str(e).split(',')[0]} (a possible decompression bomb)") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
-        raise OnnxmodError(f"{p}: cannot read image ({type(e).__name__})") from None
+        raise OnnxmodError(f"{label}: cannot read image ({type(e).__name__})") from None
     a = np.asarray(img, dtype=np.float32) / np.float32(255.0)
     return (a[None] if a.ndim == 2 else a.transpose(2, 0, 1)).copy()
+
+
+def fit_image(chw: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``[C, H, W]`` resized to ``size`` = (H, W) when it differs (the one resize of every command)."""
+    return resize_batch(chw[None], size)[0] if chw.shape[1:] != tuple(int(s) for s in size) else chw
 
 
 def load_images(paths: Sequence[str | os.PathLike], channels: int, size: tuple[int, int]) -> np.ndarray:
     """Image files -> float32 ``[N, C, H, W]`` in [0, 1], each resized to ``size`` = (H, W) when it differs."""
     out = np.empty((len(paths), channels, int(size[0]), int(size[1])), np.float32)
     for i, p in enumerate(paths):
-        chw = read_image(p, channels)
-        out[i] = resize_batch(chw[None], size)[0] if chw.shape[1:] != tuple(out.shape[2:]) else chw
+        out[i] = fit_image(read_image(p, channels), size)
     return out
 
 

@@ -144,11 +144,13 @@ def make_session(
     device: str = "auto",
     threads: int | None = None,
     name: str | None = None,
+    config: dict[str, str] | None = None,
 ) -> ort.InferenceSession:
     """An ``InferenceSession`` on the chosen device; bad models become OnnxmodError.
 
     ``model``: a ModelProto or a path to an ``.onnx`` file. ``threads``: intra-op threads
-    (None: ORT default). ``name``: what error messages call the model.
+    (None: ORT default). ``name``: what error messages call the model. ``config``: ORT
+    session config entries (e.g. ``{"session.intra_op.allow_spinning": "0"}``).
     """
     providers = choose_providers(device)
     _quiet_logging()
@@ -156,6 +158,8 @@ def make_session(
     so.log_severity_level = LOG_SEVERITY
     if threads is not None:
         so.intra_op_num_threads = int(threads)
+    for key, value in (config or {}).items():
+        so.add_session_config_entry(key, value)
     if isinstance(model, onnx.ModelProto):
         label = name or (model.graph.name or "<model>")
         payload: str | bytes = model.SerializeToString()

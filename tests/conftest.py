@@ -9,6 +9,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
+SAMPLES = REPO / "sample_graphs"
 
 
 @pytest.fixture(scope="session")
@@ -41,3 +42,26 @@ def pytest_sessionfinish(session, exitstatus) -> None:
         reporter.write_line(f"CI: {len(_skipped_shared)} shared test(s) skipped although {SHARED_DATA} is present: "
                             + ", ".join(_skipped_shared[:5]), red=True)
     session.exitstatus = 1
+
+
+@pytest.fixture(scope="session")
+def r8_dir(tmp_path_factory) -> Path:
+    """The sample ResNet8 decomposed on the sample calibration set (one module per CIFAR-10 class)."""
+    from engine_oracles import QUICK_REPAIR
+    from onnxmod.decompose import DecomposeSettings, decompose
+
+    out = tmp_path_factory.mktemp("r8") / "r8.modules"
+    decompose(SAMPLES / "resnet8_cifar10.onnx", SAMPLES / "cifar10_calib.npz", out,
+              settings=DecomposeSettings(samples_per_class=60, **QUICK_REPAIR), quiet=True, device="cpu")
+    return out
+
+
+@pytest.fixture(scope="session")
+def r8_composed(r8_dir, tmp_path_factory) -> Path:
+    """All ten modules of :func:`r8_dir` composed back into one classifier."""
+    from onnxmod import modelio
+    from onnxmod.compose import compose, module_files
+
+    out = tmp_path_factory.mktemp("r8c") / "r8_composed.onnx"
+    modelio.save_model(compose(module_files(r8_dir)), out)
+    return out

@@ -26,19 +26,12 @@ from engine_oracles import QUICK_REPAIR
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "sample_graphs"
 RESNET8 = SAMPLES / "resnet8_cifar10.onnx"
-CALIB = SAMPLES / "cifar10_calib.npz"
 TEST = SAMPLES / "cifar10_test.npz"
 TINY_CLASSES = ["cat", "dog", "ship", "frog"]
 
 
 # --------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def r8_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("r8") / "r8.modules"
-    decompose(RESNET8, CALIB, out, settings=DecomposeSettings(samples_per_class=60, **QUICK_REPAIR), quiet=True, device="cpu")
-    return out
-
-
+# r8_dir: conftest.py
 @pytest.fixture(scope="module")
 def r8_files(r8_dir) -> list[Path]:
     return module_files(r8_dir)

@@ -1,0 +1,122 @@
+"""Loading the models, binding the socket, running uvicorn until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Iterator, Sequence
+
+import uvicorn
+
+from onnxmod.errors import OnnxmodError
+from onnxmod.serve.app import create_app
+from onnxmod.serve.model import ServedModel
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: str = "auto"
+    max_batch: int = 64
+    max_delay_ms: float = 2.0
+    max_body_mb: float = 64.0
+    instances: int = 2
+    access_log: bool = False
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * (1 << 20))
+
+
+def default_threads(instances: int) -> int:
+    """Intra-op threads per run so that ``instances`` concurrent runs share the usable cores, not fight over them."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // instances)
+
+
+def load_models(paths: Sequence[Path], names: Sequence[str], device: str,
+                threads: int | None = None) -> list[ServedModel]:
+    """One ServedModel per path; ``names`` name the first ``len(names)`` models, the rest use file stems."""
+    if len(names) > len(paths):
+        raise OnnxmodError(f"{len(names)} --name values for {len(paths)} model(s)")
+    models: list[ServedModel] = []
+    for i, p in enumerate(paths):
+        m = ServedModel.load(Path(p), names[i] if i < len(names) else None, device=device, threads=threads)
+        clash = next((o for o in models if o.name == m.name), None)
+        if clash is not None:
+            raise OnnxmodError(f"{p}: model name '{m.name}' is already taken by {clash.path}; "
+                               "give each model its own --name")
+        models.append(m)
+    return models
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (port 0: any free port); OnnxmodError when it cannot bind."""
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        # proto IPPROTO_TCP (not 0): asyncio only sets TCP_NODELAY on accepted sockets that say TCP, and
+        # without it Nagle holds each response body behind its headers for a delayed ACK (~40 ms)
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    except OSError as e:
+        raise OnnxmodError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise OnnxmodError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+class _Server(uvicorn.Server):
+    """uvicorn re-raises SIGINT/SIGTERM after its graceful shutdown; for ``serve`` that stop is a clean exit."""
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        self._captured_signals.clear()
+
+
+def make_server(models: list[ServedModel], settings: ServeSettings) -> uvicorn.Server:
+    app = create_app(models, settings.max_batch, settings.max_delay_ms, settings.max_body_bytes, settings.instances)
+    config = uvicorn.Config(app, lifespan="on", log_level="info" if settings.access_log else "warning",
+                            access_log=settings.access_log, timeout_graceful_shutdown=10)
+    return _Server(config)
+
+
+def serve(sock: socket.socket, models: list[ServedModel], settings: ServeSettings) -> None:
+    """Serve until SIGINT/SIGTERM: stop accepting, finish in-flight requests, stop the batchers."""
+    make_server(models, settings).run(sockets=[sock])
+
+
+@contextlib.contextmanager
+def serve_in_thread(models: list[ServedModel], settings: ServeSettings, timeout_s: float = 30.0) -> Iterator[str]:
+    """Run a server on a background thread (for tests and embedding); yields its base URL, stops it on exit."""
+    sock = bind(settings.host, settings.port)
+    server = make_server(models, settings)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="onnxmod-serve", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.01)
+        yield url(sock)
+    finally:
+        server.should_exit = True
+        thread.join(timeout_s)
+        sock.close()
