@@ -64,8 +64,8 @@ class Dataset:
 
     def require_labels(self, why: str) -> None:
         if not self.labelled:
-            raise OnnxmodError(f"{self.path}: images without labels ({why} needs a class per image: "
-                               f"<class>/ sub-folders, or 'y' in the .npz)")
+            raise OnnxmodError(f"{self.path}: images without labels ({why} needs a class per image and finds "
+                               f"no labels: give <class>/ sub-folders, or 'y' in the .npz)")
 
     @property
     def num_classes(self) -> int:

@@ -69,10 +69,6 @@ class DecomposeSettings:
                         **{f"--class-target {c}": v for c, v in self.class_targets.items()}}.items():
             if not 0.0 < t <= 1.0:
                 raise OnnxmodError(f"{name} must be in (0, 1], got {t}")
-
-    def target_for(self, class_name: str) -> float:
-        """The MAC budget of one class's module (an easy class can be given a smaller one)."""
-        return self.class_targets.get(class_name, self.target_macs)
         if self.strategy not in STRATEGIES:
             raise OnnxmodError(f"--strategy must be one of {', '.join(STRATEGIES)}")
         if self.fill not in FILLS:
@@ -97,6 +93,10 @@ class DecomposeSettings:
             raise OnnxmodError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.seed < 0:
             raise OnnxmodError(f"--seed must be >= 0, got {self.seed}")
+
+    def target_for(self, class_name: str) -> float:
+        """The MAC budget of one class's module (an easy class can be given a smaller one)."""
+        return self.class_targets.get(class_name, self.target_macs)
 
 
 # --------------------------------------------------------------------------- source

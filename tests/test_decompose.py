@@ -148,14 +148,6 @@ def test_not_onnx(tmp_path, capsys):
     _assert_clean_failure(code, err, out, "junk.onnx", "not an ONNX model")
 
 
-def test_data_without_labels(tmp_path, capsys):
-    npz = tmp_path / "nolabels.npz"
-    np.savez(npz, x=np.zeros((4, 32, 32, 3), np.uint8))
-    out = tmp_path / "o"
-    code, _, err = _cli(["decompose", str(SAMPLE), "--calib", str(npz), "-o", str(out)], capsys)
-    _assert_clean_failure(code, err, out, "nolabels.npz")
-
-
 def test_class_not_in_model(tmp_path, capsys):
     out = tmp_path / "o"
     code, _, err = _cli(["decompose", str(SAMPLE), "--calib", str(CALIB), "-o", str(out), "--classes", "unicorn"],
