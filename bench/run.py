@@ -16,6 +16,11 @@ Sections (``--only a,b``; one file each under bench/sections/):
   time     decompose ÷ one plain inference pass, ÷ one training epoch (same images, same process)
   serving  composed vs source throughput in onnxruntime
 
+``--device auto`` (default) trains repair in torch on CUDA when torch sees a GPU and runs
+onnxruntime on CUDA only when its CUDA provider loads (``--device cuda`` insists on both).
+``--out DIR`` writes work/, results/ and the READMEs under DIR (quick checks with the knobs of
+``--help``'s last group, which the JSON and README record as not the published configuration).
+
 Results: one JSON per section in bench/results/ (per-model sections merge by model, so runs of
 single sections or models combine), bench/README.md from bench/README.template.md, and the
 "Choosing settings" block of README.md, all from that JSON. Decompositions are cached in
