@@ -294,7 +294,7 @@ def block_choosing(results: dict[str, Any]) -> str:
             f"epoch | composed from all modules |", "|---|---|---|---|---|---|---|"]
     if cost:
         rows.append(
-            "| small class-specific modules, faithful (default: repair by distillation) | — | "
+            "| small class-specific modules (default: repair by distillation) | — | "
             f"{per(lambda k: _pct(c(k, 'default', 'modules', 'mac_fraction', 'mean'), 0))} | "
             f"{per(lambda k: _pt(c(k, 'default', 'loss_pt')))} | {per(lambda k: _x(tmm(k, 'decompose_over_plain')))} | "
             f"{per(lambda k: _x(tmm(k, 'decompose_over_epoch')))} | "
@@ -333,8 +333,8 @@ def block_choosing(results: dict[str, Any]) -> str:
             f"{', '.join(dates)}; details in [`bench/README.md`](bench/README.md)). Loss = source top-1 − top-1 of the "
             "model composed from all 10 modules, on the whole test set unless a row says otherwise:\n\n"
             + "\n".join(rows) + "\n\n`--target-macs` trades size for accuracy along the curve in `bench/README.md`; "
-            "modules of different classes keep different channels in the late layers (the kept-channel overlap is "
-            "in its cost table).")
+            "how much the modules of different classes share their kept channels is in its cost table (kept-channel "
+            "Jaccard overlap).")
 
 
 # --------------------------------------------------------------------------- figures

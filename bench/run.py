@@ -50,6 +50,7 @@ if str(REPO) not in sys.path:  # `python bench/run.py` puts bench/ first; the be
 from bench import report  # noqa: E402
 from bench.common import SCHEMA, T0, Bench, Config, full_config, log, now, read_json, smoke_config, write_json  # noqa: E402
 from bench.sections import SECTIONS  # noqa: E402
+from onnxmod.errors import OnnxmodError  # noqa: E402
 
 
 def machine_info(cfg: Config) -> dict[str, Any]:
@@ -68,8 +69,14 @@ def machine_info(cfg: Config) -> dict[str, Any]:
     except OSError as e:
         cpu = f"? ({type(e).__name__})"
     dev = torch_device(cfg.device)
-    git = lambda *a: subprocess.run(["git", "--no-optional-locks", "-C", str(REPO), *a], capture_output=True,  # noqa: E731
-                                    text=True, check=False).stdout.strip()
+
+    def git(*a: str) -> str:
+        try:
+            return subprocess.run(["git", "--no-optional-locks", "-C", str(REPO), *a], capture_output=True, text=True,
+                                  check=False).stdout.strip()
+        except OSError:  # no git where the bench runs (e.g. a copied tree)
+            return ""
+
     return {
         "date": now(), "cpu": cpu, "logical_cpus": os.cpu_count(),
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
@@ -196,7 +203,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     log(f"{cfg.mode} run: sections {', '.join(sections)}; device {cfg.device}; work {cfg.work}; results {cfg.results}")
-    machine = machine_info(cfg)
+    try:
+        machine = machine_info(cfg)
+    except OnnxmodError as e:  # e.g. --device cuda where torch sees no GPU
+        print(f"bench: error: {e}", file=sys.stderr)
+        return 2
     log(f"torch device {machine['torch_device']}{' (' + machine['gpu'] + ')' if machine['gpu'] else ''}, "
         f"onnxruntime {machine['ort_device']}, {machine['usable_cpus']} CPUs")
     b = Bench(cfg)
