@@ -1,0 +1,434 @@
+"""README rendering: bench/README.md from bench/README.template.md, the figures, and the
+"Choosing settings" block of the top-level README (between its bench markers). Every number
+is read from the results JSON; a section without results of this bench version says so."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import BENCH, PAPER, SCHEMA, SOURCE_TRAINING, Config, log, read_json
+
+TEMPLATE = BENCH / "README.template.md"
+SECTION_NAMES = ("cost", "curve", "subset", "reuse", "replace", "time", "serving")
+BLOCK_START, BLOCK_END = "<!-- bench:choosing-settings -->", "<!-- /bench:choosing-settings -->"
+
+
+def load_results(results_dir: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in ("machine",) + SECTION_NAMES:
+        r = read_json(results_dir / f"{name}.json")
+        if r is not None and (name == "machine" or r.get("schema") == SCHEMA):
+            out[name] = r
+    return out
+
+
+def _pct(x: float | None, d: int = 2) -> str:
+    return "–" if x is None else f"{100 * x:.{d}f}%"
+
+
+def _pt(x: float | None, sign: bool = False) -> str:
+    return "–" if x is None else (f"{x:+.2f} pt" if sign else f"{x:.2f} pt")
+
+
+def _x(x: float | None, d: int = 2) -> str:
+    return "–" if x is None else f"{x:.{d}f}x"
+
+
+def _get(d: Any, *path: Any) -> Any:
+    for p in path:
+        if not isinstance(d, dict) or p not in d:
+            return None
+        d = d[p]
+    return d
+
+
+def _not_run(name: str) -> str:
+    return f"_not run with this version of bench/ (`python bench/run.py --only {name}`)_"
+
+
+def _per_model(results: dict[str, Any]) -> list[tuple[str, str]]:
+    """(key, label) of the models any per-model section has, in first-seen order."""
+    seen: dict[str, str] = {}
+    for s in ("cost", "time", "curve", "serving"):
+        for k, r in (_get(results, s, "models") or {}).items():
+            seen.setdefault(k, r.get("label", k))
+    return list(seen.items())
+
+
+def _runs(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(section, run record) of every section result and every per-model entry in it."""
+    out = []
+    for s, r in results.items():
+        if s != "machine":
+            out += [(s, e["run"]) for e in [r, *(r.get("models") or {}).values()] if "run" in e]
+    return out
+
+
+def _partial_note(results: dict[str, Any]) -> str:
+    odd = sorted({f"{s}: {run['command']}" for s, run in _runs(results)
+                  if run.get("test_limit") is not None or run.get("settings_overrides")})
+    if not odd:
+        return ""
+    return ("**Not the published configuration**: some results come from quick-check runs "
+            "(a test subset or changed decompose settings):\n\n" + "\n".join(f"- `{o}`" for o in odd))
+
+
+# --------------------------------------------------------------------------- blocks
+def block_machine(results: dict[str, Any]) -> str:
+    runs: dict[tuple, set[str]] = {}
+    for s, run in _runs(results):
+        m = run.get("machine") or {}
+        key = (m.get("cpu"), m.get("usable_cpus"), m.get("torch_device"), m.get("gpu"), m.get("ort_device"),
+               (m.get("git_commit") or "?")[:12])
+        runs.setdefault(key, set()).add(s)
+    lines = [f"- {cpu} ({cpus} CPUs), torch on {tdev}{' (' + gpu + ')' if gpu else ''}, onnxruntime on {odev}, "
+             f"commit `{commit}`: {', '.join(sorted(secs))}" for (cpu, cpus, tdev, gpu, odev, commit), secs in runs.items()]
+    mach = results.get("machine") or {}
+    if mach:
+        lines.append(f"- last run {mach.get('date')}: onnxruntime {mach.get('onnxruntime')} (providers "
+                     f"{', '.join(mach.get('ort_providers_available', []))}), onnx {mach.get('onnx')}, torch "
+                     f"{mach.get('torch')} ({mach.get('torch_threads')} threads), numpy {mach.get('numpy')}, Python "
+                     f"{mach.get('python')}; `{mach.get('command')}`")
+    return "\n".join(lines) or "_no runs yet_"
+
+
+def block_paper(results: dict[str, Any]) -> str:
+    cost, reuse, rep, tm = (results.get(k) for k in ("cost", "reuse", "replace", "time"))
+    rows = ["| | paper (Pan & Rajan, ICSE 2022) | ours |", "|---|---|---|"]
+    if cost:
+        rows.append("| decomposition cost: source − model composed from all modules (default flags) | 1.77 pt | " + "; ".join(
+            f"{r['label']} {_pt(r['default']['loss_pt'])} ({_pct(r['source_top1'])} → {_pct(r['default']['composed_top1'])}) "
+            f"at {_pct(r['default']['modules']['mac_fraction']['mean'], 0)} module MACs" for r in cost["models"].values()) + " |")
+        rows.append("| same, training-free (`--no-repair`) | | " + "; ".join(
+            f"{r['label']} {_pt(r['no_repair']['loss_pt'])}" for r in cost["models"].values()) + " |")
+    if reuse:
+        rows.append(f"| reuse: loss of the composed model vs the sources restricted to its classes | {PAPER['reuse_loss_pt']} pt | "
+                    f"{_pt(-reuse['delta_vs_mean_source_pt'])} vs the mean of the restricted sources (4 classes from 2 models) |")
+    if rep:
+        rows.append(f"| replace: loss of the model after replacing a class vs its source | {PAPER['replace_loss_pt']} pt | "
+                    f"{_pt(-rep['delta_vs_source_pt'])} ({rep['base_label']}, '{rep['class']}' from {rep['donor_label']}; "
+                    f"{_pt(rep['delta_vs_before_pt'], True)} vs the composed model before) |")
+    if tm:
+        rows.append(f"| cost vs training | ~{PAPER['co2e_ratio']:.0f}x less CO2e than retraining | " + "; ".join(
+            f"{r['label']}: decompose = {r['decompose_over_epoch']:.2f} training epochs over the same images; "
+            f"~{r['full_training_over_decompose']:.0f}x less time than the checkpoint's training (estimated)"
+            for r in tm["models"].values()) + " |")
+    note = (f"\n\nThe paper's numbers are for its own models and setup: a reference point, not a like-for-like "
+            f"comparison. \"Estimated\" training time: the measured epoch over the calibration images scaled to "
+            f"{SOURCE_TRAINING['epochs']} epochs over {SOURCE_TRAINING['images']:,} images (how the akamaster "
+            f"checkpoints were trained); time, not CO2e.")
+    return ("\n".join(rows) + note) if len(rows) > 2 else "_no results yet_"
+
+
+def block_cost(results: dict[str, Any]) -> str:
+    cost = results.get("cost")
+    if not cost:
+        return _not_run("cost")
+    t = ["| model | flags | source top-1 | composed top-1 | loss | module MACs mean [min, max] | composed MACs / source "
+         "| module AUC mean [min] | kept-channel Jaccard (class-specific layers) | repair |",
+         "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in cost["models"].values():
+        for tag, flags in (("default", "default"), ("no_repair", "`--no-repair`")):
+            v = r[tag]
+            mf, ov, rep = v["modules"]["mac_fraction"], v["kept_overlap"], v.get("repair")
+            jac = (f"{ov['mean_jaccard']:.3f} [{ov['min_jaccard']:.3f}, {ov['max_jaccard']:.3f}] over "
+                   f"{ov['counted_groups']} of {ov['class_specific_groups']} groups" if ov["mean_jaccard"] is not None
+                   else f"– ({ov['counted_groups']} pruned class-specific groups)")
+            rep_s = (f"{rep['steps']} steps on {rep['images']} images, {rep['device']}, {rep['seconds']:.0f} s" if rep else "–")
+            t.append(f"| {r['label']} | {flags} | {_pct(r['source_top1'])} | {_pct(v['composed_top1'])} | "
+                     f"**{_pt(v['loss_pt'])}** | {_pct(mf['mean'], 1)} [{_pct(mf['min'], 1)}, {_pct(mf['max'], 1)}] | "
+                     f"{_x(v['composed_over_source_macs'])} | {v['module_auc']['mean']:.4f} [{v['module_auc']['min']:.4f}] | "
+                     f"{jac} | {rep_s} |")
+    first = next(iter(cost["models"].values()))
+    t += ["", f"{first['test_images']} test images. Per-class recall, source → composed (default flags):", "",
+          "| class | " + " | ".join(r["label"] for r in cost["models"].values()) + " |",
+          "|---|" + "---|" * len(cost["models"])]
+    for c in first["source_per_class"]:
+        t.append(f"| {c} | " + " | ".join(
+            f"{_pct(r['source_per_class'][c], 1)} → {_pct(r['default']['composed_per_class'][c], 1)}"
+            for r in cost["models"].values()) + " |")
+    return "\n".join(t)
+
+
+def block_curve(results: dict[str, Any]) -> str:
+    curve = results.get("curve")
+    if not curve:
+        return _not_run("curve")
+    t = ["| model | method | target_macs | mean module MACs | composed top-1 (source) | loss | test images | decompose s |",
+         "|---|---|---|---|---|---|---|---|"]
+    for r in curve["models"].values():
+        for p in r["points"]:
+            star = "**" if p["is_default"] else ""
+            t.append(f"| {r['label']} | {star}{p['method']}{star} | {p['target_macs']:g} | {_pct(p['mac_fraction_mean'], 1)} | "
+                     f"{_pct(p['composed_top1'])} ({_pct(p['source_top1'])}) | {star}{_pt(p['loss_pt'])}{star} | "
+                     f"{p['test_images']}{' (all)' if p['whole_test_set'] else ''} | {p['decompose_s']:.1f} |")
+    return "\n".join(t) + (f"\n\nLoss = source − composed top-1 on the same images: the whole test set for the two "
+                           f"points the cost section also scores (repair and training-free at the default target "
+                           f"{curve['default_target_macs']:g}), a fixed class-balanced subset of "
+                           f"{curve['subset']['images']} test images (seed 0) for the others. **Bold**: default flags.")
+
+
+def block_subset(results: dict[str, Any]) -> str:
+    s = results.get("subset")
+    if not s:
+        return _not_run("subset")
+    t = [f"| model | classes | composed top-1 | {s['baseline']} | delta | composed MACs / source MACs |",
+         "|---|---|---|---|---|---|",
+         f"| {s['label']} | {', '.join(s['classes'])} | {_pct(s['composed_top1'])} | {_pct(s['source_restricted_top1'])} | "
+         f"**{_pt(s['delta_pt'], True)}** | **{_x(s['composed_over_source_macs'])}** ({s['composed_macs'] / 1e6:.1f} M / "
+         f"{s['source_macs'] / 1e6:.1f} M) |", "",
+         f"{s['test_images']} test images (those of {', '.join(s['classes'])}). Per class, composed / restricted source / "
+         f"the unrestricted 10-class source: " + "; ".join(
+             f"{c} {_pct(s['composed_per_class'][c], 1)} / {_pct(s['source_restricted_per_class'][c], 1)} / "
+             f"{_pct(s['source_10class_recall'][c], 1)}" for c in s["classes"]) + "."]
+    return "\n".join(t)
+
+
+def block_reuse(results: dict[str, Any]) -> str:
+    r = results.get("reuse")
+    if not r:
+        return _not_run("reuse")
+    srcs = r["sources_restricted"]
+    t = ["| class | taken from | composed recall | " + " | ".join(f"{s['label']} restricted" for s in srcs.values()) + " |",
+         "|---|---|---|" + "---|" * len(srcs)]
+    for c in r["classes"]:
+        t.append(f"| {c['class']} | {c['from']} | {_pct(r['composed_per_class'][c['class']], 1)} | " + " | ".join(
+            _pct(s["per_class"][c["class"]], 1) for s in srcs.values()) + " |")
+    t.append(f"| **all ({r['test_images']} images)** | | **{_pct(r['composed_top1'])}** | " + " | ".join(
+        f"{_pct(s['top1'])} ({_pt(r['delta_vs_each_source_pt'][k], True)})" for k, s in srcs.items()) + " |")
+    t += ["", f"Baseline: {r['baseline']}. Composed vs the mean of the restricted sources: "
+              f"**{_pt(r['delta_vs_mean_source_pt'], True)}**."]
+    return "\n".join(t)
+
+
+def block_replace(results: dict[str, Any]) -> str:
+    r = results.get("replace")
+    if not r:
+        return _not_run("replace")
+    sel = r["selection"]
+    t = [f"Base: {r['base_label']} composed from its default modules; class **{r['class']}** chosen as the one its "
+         f"composed model recognises worst on {sel['selection_images']} {sel['images']} "
+         f"(recall there {_pct(sel['composed_recall'][r['class']], 1)}; source {_pct(sel['source_recall'][r['class']], 1)})"
+         + (f". **Fallback**: {sel['why']}" if not sel["held_out"] else "") +
+         f"; replaced by {r['donor_label']}'s module. Scored on {r['test_images']} test images.", "",
+         f"| | {r['base_label']} source | composed before | composed after | {r['donor_label']} source |",
+         "|---|---|---|---|---|",
+         f"| recall of '{r['class']}' | {_pct(r['class_recall']['source'], 1)} | {_pct(r['class_recall']['before'], 1)} | "
+         f"**{_pct(r['class_recall']['after'], 1)}** ({_pt(r['class_delta_vs_source_pt'], True)} vs source) | "
+         f"{_pct(r['class_recall']['donor_source'], 1)} |",
+         f"| top-1 | {_pct(r['top1']['source'])} | {_pct(r['top1']['before'])} | **{_pct(r['top1']['after'])}** "
+         f"({_pt(r['delta_vs_source_pt'], True)} vs source, {_pt(r['delta_vs_before_pt'], True)} vs before) | "
+         f"{_pct(r['top1']['donor_source'])} |"]
+    return "\n".join(t)
+
+
+def block_time(results: dict[str, Any]) -> str:
+    tm = results.get("time")
+    if not tm:
+        return _not_run("time")
+    t = ["| model | calibration images | plain ORT pass | training epoch (torch) | decompose (repair) | ÷ plain pass "
+         "| ÷ training epoch (bar ≤ 10) | `--no-repair` | ÷ plain pass (bar ≤ 1.5) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in tm["models"].values():
+        e = r["training_epoch"]
+        t.append(f"| {r['label']} | {r['calibration_images']} | {r['plain_pass_median_s']:.2f} s (median of "
+                 f"{len(r['plain_pass_s'])}) | {e['epoch_s']:.2f} s ({e['device']}{', extrapolated from ' + str(e['timed_batches']) + ' batches' if e['extrapolated'] else ''}) | "
+                 f"{r['decompose_s']:.1f} s (repair {r['decompose_timings'].get('repair_s', 0):.1f} s) | "
+                 f"{_x(r['decompose_over_plain'])} | **{r['decompose_over_epoch']:.2f}** | {r['decompose_no_repair_s']:.1f} s | "
+                 f"**{_x(r['no_repair_over_plain'])}** |")
+    e = next(iter(tm["models"].values()))["training_epoch"]
+    t += ["", f"Training epoch: {e['optimizer']}, batch {e['batch_size']}, {e['augmentation']}, torch on {e['device']} "
+              f"({e['torch_threads']} CPU threads), after 2 untimed warm-up steps."]
+    return "\n".join(t)
+
+
+def block_serving(results: dict[str, Any]) -> str:
+    sv = results.get("serving")
+    if not sv:
+        return _not_run("serving")
+    bb = sv["batch_sizes"][1]
+    t = [f"| model | modules | composed MACs / source | shared by dedup | batch 1 img/s source / composed (ratio) "
+         f"| batch {bb} img/s source / composed (ratio) | composed top-1 (source) |", "|---|---|---|---|---|---|---|"]
+    for r in sv["models"].values():
+        for tag, name in (("default", "default"), ("variant", f"`{sv['variant']['name']}`")):
+            v = r.get(tag)
+            if v is None:
+                continue
+            acc = (f"{_pct(v['composed_top1'])} ({_pct(v['source_top1'])}), loss {_pt(v['loss_pt'])}"
+                   if "composed_top1" in v else "see cost")
+            t.append(f"| {r['label']} | {name} | {_x(v['composed_over_source_macs'])} | {_pct(v['shared_by_dedup'], 1)} | "
+                     f"{v['batch1']['source_img_s']:.0f} / {v['batch1']['composed_img_s']:.0f} "
+                     f"(**{_x(v['batch1']['composed_over_source'])}**) | {v[f'batch{bb}']['source_img_s']:.0f} / "
+                     f"{v[f'batch{bb}']['composed_img_s']:.0f} (**{_x(v[f'batch{bb}']['composed_over_source'])}**) | {acc} |")
+    dev = next(iter(sv["models"].values())).get("ort_device")
+    t += ["", f"onnxruntime on {dev}; median of {sv['repeats']} repeats after a warm-up run, source and composed back to "
+              f"back; {sv['threads']}. \"shared by dedup\": 1 − composed MACs / sum of module MACs."]
+    return "\n".join(t)
+
+
+def block_choosing(results: dict[str, Any]) -> str:
+    cost, curve, tm, sv = (results.get(k) for k in ("cost", "curve", "time", "serving"))
+    models = _per_model(results)
+    labels = " / ".join(lbl for _, lbl in models)
+
+    def per(fn) -> str:
+        vals = []
+        for k, _ in models:
+            try:
+                vals.append(fn(k))
+            except (KeyError, TypeError, ZeroDivisionError, StopIteration):  # that model lacks this result
+                vals.append("–")
+        return " / ".join(vals)
+
+    c = lambda k, *p: _get(cost, "models", k, *p)  # noqa: E731
+    tmm = lambda k, *p: _get(tm, "models", k, *p)  # noqa: E731
+
+    def curve_point(k: str, method: str) -> dict[str, Any]:
+        t = curve["default_target_macs"]
+        return next(p for p in curve["models"][k]["points"] if p["method"] == method and p["target_macs"] == t)
+
+    rows = [f"| goal | flags | mean module MACs | {labels} loss | decompose ÷ plain inference pass | decompose ÷ training "
+            f"epoch | composed from all modules |", "|---|---|---|---|---|---|---|"]
+    if cost:
+        rows.append(
+            "| small class-specific modules (default: repair by distillation) | — | "
+            f"{per(lambda k: _pct(c(k, 'default', 'modules', 'mac_fraction', 'mean'), 0))} | "
+            f"{per(lambda k: _pt(c(k, 'default', 'loss_pt')))} | {per(lambda k: _x(tmm(k, 'decompose_over_plain')))} | "
+            f"{per(lambda k: _x(tmm(k, 'decompose_over_epoch')))} | "
+            f"{per(lambda k: _x(c(k, 'default', 'composed_over_source_macs')))} the source's MACs |")
+        rows.append(
+            "| training-free, fastest decompose | `--no-repair` | "
+            f"{per(lambda k: _pct(c(k, 'no_repair', 'modules', 'mac_fraction', 'mean'), 0))} | "
+            f"{per(lambda k: _pt(c(k, 'no_repair', 'loss_pt')))} | {per(lambda k: _x(tmm(k, 'no_repair_over_plain')))} | "
+            f"{per(lambda k: _x(tmm(k, 'no_repair_over_epoch')))} | "
+            f"{per(lambda k: _x(c(k, 'no_repair', 'composed_over_source_macs')))} the source's MACs |")
+    if curve:
+        n = curve["subset"]["images"]
+        rows.append(
+            "| training-free with a layer-wise re-fit | `--no-repair --reconstruct` | "
+            f"{per(lambda k: _pct(curve_point(k, 'reconstruct')['mac_fraction_mean'], 0))} | "
+            f"{per(lambda k: _pt(curve_point(k, 'reconstruct')['loss_pt']))} ({n}-image subset) | "
+            f"{per(lambda k: _x(curve_point(k, 'reconstruct')['decompose_s'] / tmm(k, 'plain_pass_median_s')))} | "
+            f"{per(lambda k: _x(curve_point(k, 'reconstruct')['decompose_s'] / tmm(k, 'training_epoch', 'epoch_s')))} | "
+            "as the row above |")
+    if sv:
+        name = sv["variant"]["name"]
+        bb = sv["batch_sizes"][1]
+        v = lambda k, *p: _get(sv, "models", k, "variant", *p)  # noqa: E731
+        rows.append(
+            f"| a composed model that replaces its source (one shared trunk) | `--{name.split('=')[0].replace('_', '-')} "
+            f"{name.split('=')[1]}` | {per(lambda k: _pct(v(k, 'mac_fraction_mean'), 0))} | "
+            f"{per(lambda k: _pt(v(k, 'loss_pt')))} | {per(lambda k: _x(v(k, 'decompose_s') / tmm(k, 'plain_pass_median_s')))} | "
+            f"{per(lambda k: _x(v(k, 'decompose_s') / tmm(k, 'training_epoch', 'epoch_s')))} | "
+            f"{per(lambda k: _x(v(k, 'composed_over_source_macs')))} the source's MACs, "
+            f"{per(lambda k: _x(v(k, f'batch{bb}', 'composed_over_source')))} its throughput (batch {bb}, ORT "
+            f"{next(iter(sv['models'].values())).get('ort_device')}) |")
+    if len(rows) == 2:
+        return "_no bench results yet (`python bench/run.py`)_"
+    dates = sorted({r["run"]["date"][:10] for r in (cost, curve, tm, sv) if r})
+    return ("Measured on the pretrained CIFAR-10 ResNets (generated by `bench/run.py` from `bench/results/*.json`, "
+            f"{', '.join(dates)}; details in [`bench/README.md`](bench/README.md)). Loss = source top-1 − top-1 of the "
+            "model composed from all 10 modules, on the whole test set unless a row says otherwise:\n\n"
+            + "\n".join(rows) + "\n\n`--target-macs` trades size for accuracy along the curve in `bench/README.md`; "
+            "how much the modules of different classes share their kept channels is in its cost table (kept-channel "
+            "Jaccard overlap).")
+
+
+# --------------------------------------------------------------------------- figures
+def figures(cfg: Config, results: dict[str, Any]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    curve = results.get("curve")
+    if curve:
+        fig, axes = plt.subplots(1, len(curve["models"]), figsize=(4.6 * len(curve["models"]), 3.6), squeeze=False)
+        for ax, r in zip(axes[0], curve["models"].values()):
+            for i, method in enumerate(curve["methods"]):
+                pts = sorted((p for p in r["points"] if p["method"] == method), key=lambda p: p["mac_fraction_mean"])
+                ax.plot([100 * p["mac_fraction_mean"] for p in pts], [p["loss_pt"] for p in pts], "o-", color=f"C{i}",
+                        label=method)
+                for p in pts:
+                    if p["is_default"]:
+                        ax.plot(100 * p["mac_fraction_mean"], p["loss_pt"], "*", ms=14, color=f"C{i}", mec="k")
+            ax.set_xlabel("mean module MACs (% of the source)")
+            ax.set_ylabel("loss vs source (pt)")
+            ax.set_title(f"{r['label']} (star: default)", fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        p = cfg.results / "loss_vs_macs.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        written.append(p.name)
+    cost = results.get("cost")
+    if cost:
+        fig, ax = plt.subplots(figsize=(8, 3.4))
+        keys = list(cost["models"])
+        width = 0.8 / max(1, len(keys))
+        classes = [r["class"] for r in cost["models"][keys[0]]["default"]["modules"]["per_class"]]
+        for i, k in enumerate(keys):
+            fr = [r["mac_fraction"] for r in cost["models"][k]["default"]["modules"]["per_class"]]
+            ax.bar(np.arange(len(fr)) + (i - (len(keys) - 1) / 2) * width, fr, width, label=cost["models"][k]["label"])
+        ax.set_xticks(np.arange(len(classes)), classes, rotation=30, ha="right")
+        ax.set_ylabel("module MACs / source MACs")
+        ax.set_ylim(0, 1.05)
+        ax.set_title("Module size per class (default flags)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        p = cfg.results / "module_mac_fraction.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        written.append(p.name)
+    return written
+
+
+# --------------------------------------------------------------------------- files
+def render_readme(cfg: Config, results: dict[str, Any], figs: list[str]) -> str:
+    blocks = {
+        "partial": _partial_note(results), "machine": block_machine(results), "paper": block_paper(results),
+        "cost": block_cost(results), "curve": block_curve(results), "subset": block_subset(results),
+        "reuse": block_reuse(results), "replace": block_replace(results), "time": block_time(results),
+        "serving": block_serving(results), "choosing": block_choosing(results),
+        "figures": "\n\n".join(f"![{f}]({os.path.relpath(cfg.results / f, cfg.readme.parent)})" for f in figs)
+                   or "_no figures_",
+        "results_dir": os.path.relpath(cfg.results, cfg.readme.parent),
+    }
+    out = TEMPLATE.read_text()
+    for k, v in blocks.items():
+        out = out.replace("{{" + k + "}}", v)
+    if "{{" in out:
+        raise RuntimeError(f"{TEMPLATE}: unfilled placeholders remain")
+    return out
+
+
+def rewrite_block(path: Path, body: str) -> bool:
+    """Replace the text between the choosing-settings markers of ``path``; False when it has none."""
+    from onnxmod.modelio import write_text_atomic
+
+    text = path.read_text()
+    start, end = text.find(BLOCK_START), text.find(BLOCK_END)
+    if start < 0 or end < start:
+        return False
+    write_text_atomic(path, text[:start + len(BLOCK_START)] + "\n" + body + "\n" + text[end:])
+    return True
+
+
+def write_all(cfg: Config) -> None:
+    from onnxmod.modelio import write_text_atomic
+
+    results = load_results(cfg.results)
+    figs = figures(cfg, results)
+    write_text_atomic(cfg.readme, render_readme(cfg, results, figs))
+    log(f"wrote {cfg.readme}" + (f" and figures {', '.join(figs)}" if figs else ""))
+    if cfg.top_readme is not None:
+        if rewrite_block(cfg.top_readme, block_choosing(results)):
+            log(f"rewrote the choosing-settings block of {cfg.top_readme}")
+        else:
+            log(f"{cfg.top_readme}: no {BLOCK_START} ... {BLOCK_END} markers; block not written")
+

@@ -1,0 +1,9 @@
+"""One file per bench section; each exposes ``run(b: Bench) -> dict`` (the section's results JSON).
+
+Sections whose results are per model return ``{"models": {key: ...}, ...}`` and are merged
+into the existing JSON by model, so ``--models`` runs of one model combine with earlier ones."""
+
+from bench.sections import cost, curve, replace, reuse, serving, subset, time
+
+SECTIONS = {"cost": cost, "curve": curve, "subset": subset, "reuse": reuse, "replace": replace,
+            "time": time, "serving": serving}

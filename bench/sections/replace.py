@@ -1,0 +1,88 @@
+"""replace: the weaker model's weakest class served by the stronger model's module.
+
+The class is chosen on held-out TRAINING images -- training images decompose did not use for
+calibration (``onnxmod.decompose.calibration_indices`` with the same seed), a class-balanced
+sample -- as the class the weaker model's composed model recognises worst; never on the test
+set it is then scored on. With a data dir too small for such a sample (e.g. only
+``data_batch_1``, all of it calibration), the choice falls back to the calibration images
+(still training images, not test) and the JSON says so. The result is scored on the test set
+against the composed model before the replacement AND against the source."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from bench.common import Bench, balanced_indices, log, pt, subset_view
+
+
+def selection_images(b: Bench) -> tuple[Any, dict[str, Any]]:
+    """Training images to choose the class on, and what they are."""
+    from onnxmod.decompose import calibration_indices
+
+    cfg, s = b.cfg, b.default
+    identity = np.arange(len(b.train.classes), dtype=np.int64)
+    calib = calibration_indices(b.train, identity, s.samples_per_class, s.seed)
+    rest = np.setdiff1d(np.arange(len(b.train)), calib)
+    counts = np.bincount(b.train.labels[rest], minlength=len(b.train.classes))
+    info = {"train_images": len(b.train), "calibration_images": int(len(calib)),
+            "held_out_available_min_per_class": int(counts.min())}
+    if counts.min() >= cfg.heldout_min_per_class:
+        idx = balanced_indices(b.train.labels, cfg.heldout_per_class, seed=1, among=rest)
+        info.update(images="held-out training images (not used for calibration)", held_out=True)
+    else:
+        idx = balanced_indices(b.train.labels, cfg.heldout_per_class, seed=1, among=calib)
+        info.update(images="calibration images (training images decompose used; the test set is not used)",
+                    held_out=False,
+                    why=f"only {int(counts.min())} training images of some class are outside the calibration set "
+                        f"(< {cfg.heldout_min_per_class}); pass a data dir with more training batches")
+    info["selection_images"] = int(len(idx))
+    return subset_view(b.train, idx, info["images"]), info
+
+
+def run(b: Bench) -> dict[str, Any]:
+    from onnxmod import modelio
+    from onnxmod.compose import replace
+
+    cfg = b.cfg
+    src = {m.key: b.eval_source(m.key) for m in cfg.models}
+    weak, strong = cfg.models[0].key, cfg.models[1].key  # the weaker (published top-1) model first
+    d_weak, man_weak = b.decompose(weak, b.default)
+    d_strong, man_strong = b.decompose(strong, b.default)
+    base, _ = b.compose_dir(d_weak, man_weak)
+
+    sel_ds, sel = selection_images(b)
+    base_sel = b.eval_composed(base, sel_ds, what=f"{weak} composed on {sel['images']}")
+    src_sel = b.eval_source(weak, sel_ds, tag="replace selection images")
+    cls = min(base_sel["per_class"], key=base_sel["per_class"].get)
+    log(f"replace: {weak}'s weakest class on {sel['selection_images']} {sel['images']}: '{cls}' "
+        f"({base_sel['per_class'][cls]:.3f})")
+
+    module = d_strong / next(mm["file"] for mm in man_strong["modules"] if mm["class_name"] == cls)
+    after = replace(d_weak, cls, module)
+    path = cfg.work / f"replace-{weak}-{cls}.onnx"
+    modelio.save_model(after, path)
+    before_ev = b.eval_composed(base, what=f"{weak} composed (before)")
+    after_ev = b.eval_composed(after, what=f"{weak} with {strong}'s '{cls}' (after)")
+    s_w, s_s = src[weak], src[strong]
+    log(f"replace: '{cls}' recall source {s_w['per_class'][cls]:.3f} / before {before_ev['per_class'][cls]:.3f} / "
+        f"after {after_ev['per_class'][cls]:.3f}; top-1 source {s_w['top1']:.4f} / before {before_ev['top1']:.4f} / "
+        f"after {after_ev['top1']:.4f}")
+    return {
+        "section": "replace", "base": weak, "donor": strong, "class": cls, "module": str(module),
+        "base_label": cfg.model(weak).label, "donor_label": cfg.model(strong).label,
+        "selection": {**sel, "composed_recall": base_sel["per_class"], "source_recall": src_sel["per_class"]},
+        "test_images": after_ev["n"],
+        "top1": {"source": s_w["top1"], "before": before_ev["top1"], "after": after_ev["top1"],
+                 "donor_source": s_s["top1"]},
+        "class_recall": {"source": s_w["per_class"][cls], "before": before_ev["per_class"][cls],
+                         "after": after_ev["per_class"][cls], "donor_source": s_s["per_class"][cls]},
+        "delta_vs_before_pt": pt(after_ev["top1"], before_ev["top1"]),
+        "delta_vs_source_pt": pt(after_ev["top1"], s_w["top1"]),
+        "class_delta_vs_source_pt": pt(after_ev["per_class"][cls], s_w["per_class"][cls]),
+        "per_class": {c: {"source": s_w["per_class"][c], "before": before_ev["per_class"][c],
+                          "after": after_ev["per_class"][c], "donor_source": s_s["per_class"][c]}
+                      for c in before_ev["per_class"]},
+        "file": str(path),
+    }

@@ -1,0 +1,43 @@
+"""subset: a 2-class model for a sub-task. ``decompose --classes cat,dog`` (default flags
+otherwise), the two modules composed, against the source restricted to those two logits
+(argmax over the two columns), on the test images of those two classes: accuracy and MACs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import onnx
+
+from bench.common import Bench, log, module_summary, pt, restricted_source, subset_view, test_indices_of
+
+
+def run(b: Bench) -> dict[str, Any]:
+    from onnxmod.cost import count_macs
+    from onnxmod.evaluate import evaluate_source
+
+    cfg = b.cfg
+    key, names = cfg.subset_model, cfg.subset_classes
+    idx = test_indices_of(b.test.labels, b.test.classes, names)
+    images = subset_view(b.test, idx, f"test images of {', '.join(names)}")
+    d, man = b.decompose(key, b.default, classes=names)
+    composed, compose_s = b.compose_dir(d, man)
+    ev = b.eval_composed(composed, images, what=f"{key} {'+'.join(names)} composed")
+    source = onnx.load(str(b.source(key)))
+    restricted = restricted_source(source, names)
+    log(f"{key}: source restricted to {names} on {len(idx)} images")
+    src = evaluate_source(restricted, images, device=cfg.device, quiet=True)
+    full = b.eval_source(key)  # the unrestricted source: its recall of these classes among all 10
+    c_macs, s_macs = count_macs(composed), count_macs(source)
+    log(f"subset {names}: composed {ev['top1']:.4f} vs restricted source {src['top1']:.4f} "
+        f"({pt(ev['top1'], src['top1']):+.2f} pt) at {c_macs / s_macs:.2f}x the source's MACs")
+    return {
+        "section": "subset", "model": key, "label": cfg.model(key).label, "classes": names,
+        "baseline": f"the source restricted to the {len(names)} logits of {', '.join(names)} (argmax over those columns)",
+        "test_images": ev["n"], "composed_top1": ev["top1"], "composed_per_class": ev["per_class"],
+        "source_restricted_top1": src["top1"], "source_restricted_per_class": src["per_class"],
+        "source_10class_recall": {n: full["per_class"][n] for n in names},
+        "delta_pt": pt(ev["top1"], src["top1"]),
+        "composed_macs": c_macs, "source_macs": s_macs, "composed_over_source_macs": c_macs / s_macs,
+        "modules": module_summary(man), "repair": man.get("repair"),
+        "decompose_run": man["bench"], "compose_s": compose_s, "module_dir": str(d),
+    }
