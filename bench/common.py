@@ -217,8 +217,8 @@ def subset_view(ds: Any, indices: np.ndarray, what: str) -> Any:
             self.image_size = ds.image_size
             self.channels = ds.channels
 
-        def _load(self, sub: np.ndarray) -> np.ndarray:
-            return ds._load(idx[sub])
+        def _load(self, sub: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
+            return ds._load(idx[sub], size)
 
     return SubsetView()
 

@@ -405,8 +405,8 @@ def decompose(
     unknown = sorted(set(settings.class_targets) - set(src.classes))
     if unknown:
         raise OnnxmodError(f"--class-target: {', '.join(unknown)} not among the model's classes: {', '.join(src.classes)}")
-    targets = {k: settings.target_for(src.classes[k]) for k in wanted}
-    pruned = any(t < 1.0 for t in targets.values())
+    mac_targets = {k: settings.target_for(src.classes[k]) for k in wanted}
+    pruned = any(t < 1.0 for t in mac_targets.values())
     do_reconstruct = settings.reconstruct and pruned
 
     def images(positions: np.ndarray) -> np.ndarray | None:
@@ -429,7 +429,7 @@ def decompose(
     try:
         modules = []
         refit_s = writing_s = 0.0
-        keeps = [selector.keep_for(k, targets[k], settings.strategy, settings.depth_slope,
+        keeps = [selector.keep_for(k, mac_targets[k], settings.strategy, settings.depth_slope,
                                    multiple=settings.channel_multiple, shared_depth=settings.shared_depth)
                  for k in wanted]
         # lazily, so without reconstruction or repair each module is cut right before it is re-fitted and written
@@ -453,7 +453,7 @@ def decompose(
         for k, keep, small in progress(zip(wanted, keeps, smalls), total=len(wanted), desc="writing modules",
                                        quiet=quiet, unit="module"):
             refit = {"refit": False, "why": how or "disabled"}
-            if refit_x is not None and targets[k] < 1.0:
+            if refit_x is not None and mac_targets[k] < 1.0:
                 # the images where class k is contested, plus a sample of the rest (re-weighted)
                 rel = refit_relevant[:, k] > 0
                 use = rel | (rng.random(rel.size) < REFIT_OTHERS)
@@ -472,7 +472,7 @@ def decompose(
                 source=SourceInfo(src.name, src.sha256, len(src.classes), src.params, src.macs),
                 kept={"param_fraction": params / max(src.params, 1), "flop_fraction": macs / max(src.macs, 1),
                       "channels": {"kept": kept_channels, "total": all_channels},
-                      "target_macs": targets[k], "strategy": settings.strategy, "fill": settings.fill,
+                      "target_macs": mac_targets[k], "strategy": settings.strategy, "fill": settings.fill,
                       "reconstructed": do_reconstruct, "repaired": do_repair},
                 calibration=Calibration("platt", a, b, temperature, int(len(platt_pos)), nll0, nll1),
                 preprocess=src.preprocess,
