@@ -63,13 +63,14 @@ def _size(value: str | None) -> list[int] | None:
 @click.option("--scale", default=None, type=float, show_default="the model's onnxmod.preprocess, else 1",
               help="Multiply [0,1] pixels by this first (255 for 0..255 models).")
 @click.option("--layout", default=None, type=click.Choice(["nchw", "nhwc"]),
-              help="Layout of the source's image input [default: NHWC when a Transpose to NCHW follows the "
-                   "input, else NCHW]. The modules always take NCHW `input`.")
-@click.option("--input-size", default=None,
-              help="H,W for a source whose input height/width are dynamic [default: the calibration images' size].")
+              show_default="NHWC when a Transpose to NCHW follows the input, else NCHW",
+              help="Layout of the source's image input. The modules always take NCHW `input`.")
+@click.option("--input-size", default=None, show_default="the calibration images' size",
+              help="H,W for a source whose input height/width are dynamic.")
 @click.option("--target-macs", default=_D.target_macs, show_default=True, type=click.FloatRange(0, 1, min_open=True),
               help="Module MACs as a fraction of the source's: the size/accuracy knob.")
 @click.option("--class-target", "class_targets", multiple=True, metavar="NAME=FRACTION",
+              show_default="none: every class gets --target-macs",
               help="A different --target-macs for one class (repeatable), e.g. --class-target cat=0.6: "
                    "a hard class can get a bigger module, an easy one a smaller.")
 @click.option("--strategy", default=_D.strategy, show_default=True, type=click.Choice(["uniform", "global"]),

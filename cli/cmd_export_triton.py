@@ -17,7 +17,7 @@ Example:
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "repo", required=True, type=click.Path(path_type=Path),
               help="Model repository folder (created if missing); the entry is REPO/NAME/.")
-@click.option("--name", default=None, help="Model name in Triton (default: the file stem).")
+@click.option("--name", default=None, show_default="the file stem", help="Model name in Triton.")
 @click.option("--max-batch", type=click.IntRange(min=1), default=64, show_default=True, help="max_batch_size.")
 @click.option("--max-delay-ms", type=click.FloatRange(min=0), default=2.0, show_default=True,
               help="dynamic_batching max_queue_delay.")

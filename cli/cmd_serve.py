@@ -18,8 +18,8 @@ Example:
   curl -s localhost:8000/v2/models/r8_composed
   curl -s -F image=@cat.png localhost:8000/v2/models/r8_composed/classify""")
 @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--name", "names", multiple=True, metavar="NAME",
-              help="Model name in URLs (repeatable: names the models in order; default: the file stem).")
+@click.option("--name", "names", multiple=True, metavar="NAME", show_default="the file stem",
+              help="Model name in URLs (repeatable: names the models in order).")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on (0.0.0.0 exposes the server to the network).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
@@ -31,8 +31,8 @@ Example:
               help="Longest wait for more requests to fill a batch.")
 @click.option("--instances", type=click.IntRange(min=1), default=2, show_default=True,
               help="onnxruntime runs in flight at once per model (one batch's HTTP work overlaps another's run).")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="onnxruntime intra-op threads per run  [default: usable cores / --instances]")
+@click.option("--threads", type=click.IntRange(min=1), default=None, show_default="usable cores / --instances",
+              help="onnxruntime intra-op threads per run.")
 @click.option("--max-body-mb", type=click.FloatRange(min=0, min_open=True), default=64.0, show_default=True,
               help="Largest request body accepted (413 above it).")
 @click.option("--access-log", is_flag=True, help="Log every request on stderr.")
