@@ -51,7 +51,7 @@ def onnxmod_cli(*args: str) -> None:
 def composed_resnet8(work: Path) -> Path:
     mods, out = work / "r8.modules", work / "resnet8_composed.onnx"
     onnxmod_cli("decompose", str(SAMPLES / "resnet8_cifar10.onnx"), "--calib", str(SAMPLES / "cifar10_calib.npz"),
-                "-o", str(mods), "--device", "cpu")
+                "-o", str(mods), "--device", "cpu", "--no-repair")  # serving speed depends on the graph, not on repair
     onnxmod_cli("compose", str(mods), "-o", str(out))
     return out
 
@@ -59,7 +59,8 @@ def composed_resnet8(work: Path) -> Path:
 def composed_resnet20(work: Path, data: Path) -> Path:
     src, mods, out = work / "resnet20.onnx", work / "r20.modules", work / "resnet20_composed.onnx"
     onnxmod_cli("export", "resnet20", "--weights", str(data / "pretrained" / "resnet20-cifar10jpeg.th"), "-o", str(src))
-    onnxmod_cli("decompose", str(src), "--calib", str(data / "cifar10"), "-o", str(mods), "--device", "cpu")
+    onnxmod_cli("decompose", str(src), "--calib", str(data / "cifar10"), "-o", str(mods), "--device", "cpu",
+                "--no-repair")
     onnxmod_cli("compose", str(mods), "-o", str(out))
     return out
 
@@ -307,11 +308,11 @@ def http_stack() -> dict[str, str | None]:
     return out
 
 
-def machine(command: str, mode: str) -> dict[str, Any]:
+def machine(command: str, mode: str, device: str) -> dict[str, Any]:
     sys.path.insert(0, str(REPO / "bench"))
     from run import machine_info  # one definition of the machine record for every bench
 
-    return machine_info(SimpleNamespace(mode=mode, command=command))
+    return machine_info(SimpleNamespace(mode=mode, command=command, device=device))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -346,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         models = {p.stem: p for p in args.model} if args.model else {"resnet8_composed": composed_resnet8(work)}
         if args.data is not None and not args.smoke:
             models["resnet20_composed"] = composed_resnet20(work, args.data)
-        results = {"machine": machine(command.strip(), "smoke" if args.smoke else "full"),
+        results = {"machine": machine(command.strip(), "smoke" if args.smoke else "full", args.device),
                    "settings": {"clients": args.clients, "requests_per_client": args.requests,
                                 "warmup_per_client": args.warmup, "rounds": args.rounds, "device": args.device,
                                 "instances": args.instances, "threads": args.threads,
