@@ -332,7 +332,7 @@ _TORCH_DTYPES = {
 
 
 def _gather(i: list, a: dict) -> list:
-    x, idx = i[0], i[1].long()
+    x, idx = i[0], i[1].long().to(i[0].device)
     axis = a.get("axis", 0) % x.dim()
     idx = torch.where(idx < 0, idx + x.shape[axis], idx)
     out = torch.index_select(x, axis, idx.reshape(-1))
@@ -515,19 +515,16 @@ class TorchGraph(torch.nn.Module):
             key = hashlib.sha256(repr(sorted(consumers.get(name, [name]))).encode()).hexdigest()[:24]
             self.param_keys[name] = key
             self.store.get(key, numpy_helper.to_array(inits[name]))
-        self._frozen = {name: torch.from_numpy(np.array(numpy_helper.to_array(t)))
-                        for name, t in inits.items() if name not in trainable}
-        for j, (name, t) in enumerate(self._frozen.items()):
-            if t.is_floating_point():
-                self.register_buffer(f"frozen_{j}", t, persistent=False)
-        self._buffer_of = {name: f"frozen_{j}" for j, name in enumerate(self._frozen) if self._frozen[name].is_floating_point()}
+        # every other initializer is a buffer, so `.to(device)` moves shape constants along with the weights
+        self._buffer_of: dict[str, str] = {}
+        for j, (name, t) in enumerate((n, t) for n, t in inits.items() if n not in trainable):
+            self._buffer_of[name] = f"frozen_{j}"
+            self.register_buffer(f"frozen_{j}", torch.from_numpy(np.array(numpy_helper.to_array(t))), persistent=False)
 
     def value(self, name: str) -> Tensor:
         if name in self.param_keys:
             return self.store.params[self.param_keys[name]]
-        if name in self._buffer_of:
-            return getattr(self, self._buffer_of[name])
-        return self._frozen[name]
+        return getattr(self, self._buffer_of[name])
 
     def forward(self, x: Tensor, cache: dict[str, Tensor] | None = None) -> list[Tensor]:
         """Run the graph; ``cache`` (digest -> tensor) shares identical computation across graphs."""
@@ -539,6 +536,8 @@ class TorchGraph(torch.nn.Module):
             else:
                 ins = [env[t] if t in env else self.value(t) for t in n.input]
                 outs = OPS[n.op_type](ins, a)
+                if n.op_type == "Constant":  # made from attributes, on the CPU: follow the input's device
+                    outs = [o.to(x.device) for o in outs]
                 if cache is not None:
                     cache[key] = outs
             for o, v in zip(n.output, outs):
