@@ -31,7 +31,6 @@ from onnxmod.errors import OnnxmodError
 from onnxmod.progress import progress
 from onnxmod.torchgraph import ParameterStore, TorchGraph, trainable_initializers
 
-REPAIR_DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
