@@ -17,6 +17,7 @@ Bad data raises :class:`OnnxmodError` with a one-line message naming the path.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import pickle
@@ -56,8 +57,6 @@ class Dataset:
 
     def with_labels(self, labels: np.ndarray, classes: list[str]) -> "Dataset":
         """A copy labelled with ``labels`` (e.g. a model's own predictions) over ``classes``."""
-        import copy
-
         out = copy.copy(self)
         out.labels, out.classes, out.labelled = np.asarray(labels, dtype=np.int64), list(classes), True
         return out

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -39,3 +43,14 @@ def zero_channels(a: ChannelAnalysis, x: np.ndarray) -> dict[int, np.ndarray]:
 # Repair (on by default) at a tiny budget, for fixtures whose subject is not repair itself:
 # the modules still go through the distillation code path, in seconds (tests/test_repair.py tests it).
 QUICK_REPAIR = {"repair_epochs": 1, "repair_min_steps": 10}
+
+
+def load_zoo():
+    """``sample_graphs/zoo/zoo.py`` (the third-party model list), imported once as ``onnxmod_zoo``."""
+    if "onnxmod_zoo" not in sys.modules:
+        path = Path(__file__).resolve().parent.parent / "sample_graphs" / "zoo" / "zoo.py"
+        spec = importlib.util.spec_from_file_location("onnxmod_zoo", path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod  # dataclasses look their module up
+        spec.loader.exec_module(mod)
+    return sys.modules["onnxmod_zoo"]

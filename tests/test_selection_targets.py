@@ -3,8 +3,6 @@ still meet the MAC target, squeeze-excitation gates do not freeze the groups the
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +10,7 @@ import onnx
 import onnx.parser
 from onnx import numpy_helper
 
-from engine_oracles import run, zero_channels
+from engine_oracles import load_zoo, run, zero_channels
 from onnxmod import surgery
 from onnxmod.channels import analyze
 from onnxmod.data import write_npz
@@ -64,18 +62,10 @@ def json_kept(module: onnx.ModelProto) -> dict:
     return json.loads(next(p.value for p in module.metadata_props if p.key == "onnxmod.kept"))["channels"]
 
 
-def _zoo():
-    spec = importlib.util.spec_from_file_location("onnxmod_zoo", REPO / "sample_graphs" / "zoo" / "zoo.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_mac_target_met_with_small_groups_and_a_matmul_head(tmp_path):
     """The IR-3 zoo graph (16/32/16-channel convs, MatMul+Add head): rounding to 8 moved every
     group at once and gave 0.51 for a 0.9 target; the top-up and finer rounding reach it."""
-    zoo = _zoo()
+    zoo = load_zoo()
     spec = zoo.MODELS["ir3_static_batch"]
     calib = zoo.calibration(spec, tmp_path / "c.npz")
     for target in (0.9, 0.5):

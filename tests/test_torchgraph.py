@@ -45,6 +45,12 @@ def single_node(op: str, x: np.ndarray, consts: list[np.ndarray | None] = (), op
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
 
 
+def images_for(model: onnx.ModelProto, n: int) -> np.ndarray:
+    """``n`` random images at the (static) input size of ``model``."""
+    chw = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]
+    return RNG.random((n, *chw), dtype=np.float32)
+
+
 def assert_same_as_ort(model: onnx.ModelProto, x: np.ndarray, atol: float = 1e-5) -> None:
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     want = sess.run(None, {sess.get_inputs()[0].name: x})
@@ -190,8 +196,7 @@ def test_shape_subgraph_reshape() -> None:
                                   "tiny_maxpool", "tiny_residual", "tiny_shortcut_a", "tiny_flatten_gemm"])
 def test_sample_graphs_match_onnxruntime(name: str) -> None:
     model = onnx.load(SAMPLES / f"{name}.onnx")
-    chw = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]
-    assert_same_as_ort(model, RNG.random((3, *chw), dtype=np.float32), atol=2e-5)
+    assert_same_as_ort(model, images_for(model, 3), atol=2e-5)
 
 
 def test_unsupported_op_named_with_its_node() -> None:
@@ -225,8 +230,7 @@ def test_write_back_changes_only_trained_values() -> None:
         expected = before[init.name] * (1.5 if init.name in train else 1.0)
         np.testing.assert_allclose(after, expected.astype(np.float32), rtol=1e-6)
     onnx.checker.check_model(out, full_check=True)
-    chw = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]
-    x = RNG.random((2, *chw), dtype=np.float32)
+    x = images_for(model, 2)
     with torch.no_grad():
         np.testing.assert_allclose(torchgraph.run_numpy(out, x)[0], tg(torch.from_numpy(x))[0].numpy(), atol=1e-5)
 
@@ -239,8 +243,7 @@ def test_identical_computation_shares_parameters_and_cache() -> None:
     b = torchgraph.TorchGraph(model, train, store)
     assert len(list(store.parameters())) == len(train)  # the second graph added none
     cache: dict = {}
-    chw = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]
-    x = torch.from_numpy(RNG.random((2, *chw), dtype=np.float32))
+    x = torch.from_numpy(images_for(model, 2))
     ya = a(x, cache)[0]
     n_cached = len(cache)
     yb = b(x, cache)[0]

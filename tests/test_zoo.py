@@ -6,16 +6,14 @@ exception), and the pinned fraction is what the README says."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 
-from engine_oracles import run
+from engine_oracles import load_zoo, run
 from onnxmod.cli.main import main
 from onnxmod.compose import compose
 from onnxmod.data import open_dataset, resize_batch
@@ -25,15 +23,7 @@ TEST_IMAGES = REPO / "sample_graphs" / "cifar10_test.npz"
 TOL = 1e-4
 
 
-def _load_zoo():
-    spec = importlib.util.spec_from_file_location("onnxmod_zoo", REPO / "sample_graphs" / "zoo" / "zoo.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
-
-
-ZOO = _load_zoo()
+ZOO = load_zoo()
 MODELS, TARGET = ZOO.MODELS, ZOO.TARGET
 
 
