@@ -95,6 +95,8 @@ def _size(value: str | None) -> list[int] | None:
                    "--device allows). --no-repair keeps the training-free path.")
 @click.option("--repair-epochs", default=_D.repair_epochs, show_default=True, type=click.FloatRange(0, min_open=True),
               help="Repair budget: passes over the calibration images (at least 200 optimiser steps).")
+@click.option("--repair-batch-size", default=None, type=click.IntRange(min=1), show_default="512 on CUDA, 128 on CPU",
+              help="Images per repair step (the learning rate scales by sqrt(size / 128)).")
 @click.option("--batch-size", default=_D.batch_size, show_default=True, type=click.IntRange(min=1))
 @click.option("--seed", default=_D.seed, show_default=True, type=click.IntRange(min=0))
 @force_option
@@ -104,7 +106,7 @@ def _size(value: str | None) -> list[int] | None:
 def decompose_cmd(model, calib, out_dir, classes, samples_per_class, split, mean, std, scale, layout, input_size,
                   target_macs, class_targets, strategy,
                   fill, depth_slope, shared_depth, channel_multiple, refit_images, reconstruct, repair, repair_epochs,
-                  batch_size, seed, force, device, as_json, quiet):
+                  repair_batch_size, batch_size, seed, force, device, as_json, quiet):
     """Cut MODEL into one physically smaller module per class.
 
     Writes DIR/module_<kkk>_<name>.onnx per class and DIR/manifest.json.
@@ -124,7 +126,7 @@ def decompose_cmd(model, calib, out_dir, classes, samples_per_class, split, mean
     knobs = {"target_macs": target_macs, "strategy": strategy, "fill": fill, "depth_slope": depth_slope,
              "shared_depth": shared_depth,
              "channel_multiple": channel_multiple, "refit_images": refit_images, "reconstruct": reconstruct,
-             "repair": repair, "repair_epochs": repair_epochs}
+             "repair": repair, "repair_epochs": repair_epochs, "repair_batch_size": repair_batch_size}
     settings.class_targets = _class_targets(class_targets)
     for name, value in knobs.items():
         if value is not None:

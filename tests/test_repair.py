@@ -162,6 +162,14 @@ def test_decompose_repairs_and_fits_platt_on_the_modules_own_logit(tmp_path, mon
         assert (cal["a"], cal["b"]) == pytest.approx((a, b))
 
 
+def test_default_repair_batch_follows_the_torch_device(monkeypatch):
+    from onnxmod import repair
+
+    assert repair.default_batch_size("cpu") == 128
+    monkeypatch.setattr(repair.torch.cuda, "is_available", lambda: True)
+    assert repair.default_batch_size("auto") == 512 and repair.default_batch_size("cpu") == 128
+
+
 def test_no_repair_keeps_the_training_free_path(tmp_path):
     settings = DecomposeSettings(samples_per_class=20, repair=False)
     man = decompose(SAMPLE, CALIB, tmp_path / "m", classes=["cat"], settings=settings, quiet=True, device="cpu")
@@ -174,10 +182,13 @@ def test_cli_flags(tmp_path, capsys):
 
     with pytest.raises(SystemExit) as e:
         main(["decompose", str(SAMPLE), "--calib", str(CALIB), "-o", str(tmp_path / "m"), "--classes", "cat,dog",
-              "--samples-per-class", "20", "--repair-epochs", "0.5", "--shared-depth", "1", "--json", "-q"])
+              "--samples-per-class", "20", "--repair-epochs", "0.5", "--shared-depth", "1", "--repair-batch-size", "32",
+              "--json", "-q"])
     assert e.value.code == 0
     man = json.loads(capsys.readouterr().out)
     assert man["repair"]["epochs"] == 0.5 and man["settings"]["repair"] is True
+    # the learning rate is given for batch 128 and scales by sqrt(batch / 128)
+    assert man["repair"]["batch_size"] == 32 and man["repair"]["lr"] == pytest.approx(1e-3 * 0.5)
     # --shared-depth 1 + repair: the modules still compose into one trunk
     info = compose_info(compose([tmp_path / "m"]))
     assert info["macs"] < max(m["macs"] for m in man["modules"]) * 1.01
