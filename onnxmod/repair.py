@@ -123,7 +123,8 @@ def repair(
     student = JointModules(modules).to(dev)
     teacher = TorchGraph(source, where="source").to(dev).eval()
     cls = torch.as_tensor(list(class_indices), dtype=torch.long, device=dev)
-    x_all = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+    # on CUDA the images live on the GPU (no copy per step) and the loss stays there (no sync per step)
+    x_all = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(dev)
     n = len(x_all)
     steps_per_epoch = max(1, -(-n // settings.batch_size))
     total = max(settings.min_steps, int(round(settings.epochs * steps_per_epoch)), 1)
@@ -134,7 +135,7 @@ def repair(
     warm = max(1, total // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + np.cos(np.pi * min(1.0, s / total))))
-    losses: list[float] = []
+    losses: list[torch.Tensor] = []
     order = torch.randperm(n, generator=gen)
     pos = 0
     bar = progress(range(total), total=total, desc="repair (distillation)", quiet=quiet, unit="step")
@@ -145,7 +146,6 @@ def repair(
         pos += settings.batch_size
         if settings.augment:
             batch = augment(batch, gen)
-        batch = batch.to(dev, non_blocking=True)
         with torch.no_grad():
             t = teacher(batch)[0].index_select(1, cls)
         z = student(batch)
@@ -155,13 +155,14 @@ def repair(
         torch.nn.utils.clip_grad_norm_(params, settings.clip)
         opt.step()
         sched.step()
-        losses.append(float(loss.detach()))
+        losses.append(loss.detach())
+    loss_curve = torch.stack(losses).cpu().numpy()
     report = {
         "images": int(n), "epochs": settings.epochs, "steps": total, "batch_size": settings.batch_size,
         "lr": settings.lr, "temperature": settings.temperature, "augment": settings.augment,
         "device": str(dev), "parameters": int(sum(p.numel() for p in params)),
-        "loss_first": float(np.mean(losses[:max(1, total // 20)])),
-        "loss_last": float(np.mean(losses[-max(1, total // 20):])),
+        "loss_first": float(np.mean(loss_curve[:max(1, total // 20)])),
+        "loss_last": float(np.mean(loss_curve[-max(1, total // 20):])),
         "seconds": time.perf_counter() - t0,
     }
     student.cpu()
