@@ -95,8 +95,8 @@ def _size(value: str | None) -> list[int] | None:
                    "--device allows). --no-repair keeps the training-free path.")
 @click.option("--repair-epochs", default=_D.repair_epochs, show_default=True, type=click.FloatRange(0, min_open=True),
               help="Repair budget: passes over the calibration images (at least 200 optimiser steps).")
-@click.option("--repair-batch-size", default=None, type=click.IntRange(min=1), show_default="512 on CUDA, 128 on CPU",
-              help="Images per repair step (the learning rate scales by sqrt(size / 128)).")
+@click.option("--repair-batch-size", default=None, type=click.IntRange(min=1), show_default="256 on CUDA, 128 on CPU",
+              help="Images per repair step.")
 @click.option("--batch-size", default=_D.batch_size, show_default=True, type=click.IntRange(min=1))
 @click.option("--seed", default=_D.seed, show_default=True, type=click.IntRange(min=0))
 @force_option

@@ -57,8 +57,8 @@ class DecomposeSettings:
     repair: bool = True  # distil the modules against the source (onnxmod.repair)
     repair_epochs: float = 8.0  # passes over the repair images (at least repair.RepairSettings.min_steps steps)
     repair_min_steps: int = 200  # small calibration sets still get this many optimiser steps
-    repair_lr: float = 1e-3  # Adam learning rate of the distillation at batch 128 (scaled by sqrt(batch / 128))
-    repair_batch_size: int | None = None  # None: 512 on CUDA (launch-bound: 4x fewer steps), 128 on CPU
+    repair_lr: float = 1e-3  # Adam learning rate of the distillation (2e-3 at batch 512 broke ResNet-56's repair)
+    repair_batch_size: int | None = None  # None: 256 on CUDA (launch-bound: half the steps), 128 on CPU
     repair_images: int = 10000  # calibration images repair trains on (fewer when they would not fit in memory)
     platt_images: int = 500  # calibration images each module's score calibration is fitted on
     split: str = "train"
@@ -538,7 +538,7 @@ def _repair_modules(smalls: list[onnx.ModelProto], src: PreparedSource, wanted: 
     x = images(_balanced_positions(labels, min(settings.repair_images, fits), settings.seed + 4))
     batch = settings.repair_batch_size or repair.default_batch_size(device)
     rs = repair.RepairSettings(epochs=settings.repair_epochs, min_steps=settings.repair_min_steps, batch_size=batch,
-                               lr=settings.repair_lr * (batch / repair.LR_BATCH) ** 0.5, seed=settings.seed)
+                               lr=settings.repair_lr, seed=settings.seed)
     return repair.repair(smalls, src.model, wanted, x, rs, device, quiet)
 
 
