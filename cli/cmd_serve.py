@@ -48,12 +48,13 @@ def serve_cmd(models: tuple[Path, ...], names: tuple[str, ...], host: str, port:
     (JSON or binary tensors, as tritonclient.http sends them), POST /v2/models/NAME/classify (image files),
     GET /v2/models/NAME/stats. Stops cleanly on Ctrl-C / SIGTERM.
     """
-    from onnxmod.serve.server import ServeSettings, bind, default_threads, load_models, serve, url
+    from onnxmod.serve.server import ServeSettings, bind, default_threads, http_stack, load_models, serve, url
 
     settings = ServeSettings(host=host, port=port, device=device, max_batch=max_batch, max_delay_ms=max_delay_ms,
                              instances=instances, max_body_mb=max_body_mb, access_log=access_log)
     threads = threads or default_threads(instances)
     served = load_models(models, names, device, threads)
+    stack = http_stack()
     sock = bind(host, port)
     try:
         base = url(sock)
@@ -62,12 +63,12 @@ def serve_cmd(models: tuple[Path, ...], names: tuple[str, ...], host: str, port:
         if as_json:
             # one line, so a script can read it as soon as the server listens
             click.echo(json.dumps({"url": base, "max_batch": max_batch, "max_delay_ms": max_delay_ms,
-                                   "instances": instances, "threads": threads,
+                                   "instances": instances, "threads": threads, "http_stack": stack,
                                    "models": [{"name": m.name, "kind": m.kind, "classes": m.classes,
                                                "device": m.device, "path": str(m.path)} for m in served]}))
             sys.stdout.flush()
         say(f"onnxmod serve: listening on {base} (max batch {max_batch}, max delay {max_delay_ms:g} ms, "
-            f"{instances} run(s) in flight x {threads} thread(s)); "
+            f"{instances} run(s) in flight x {threads} thread(s); {stack['loop']} + {stack['http']}); "
             "Ctrl-C stops", quiet)
         serve(sock, served, settings)
     finally:

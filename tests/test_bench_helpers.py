@@ -3,6 +3,7 @@ the kept-channel overlap."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -61,3 +62,27 @@ def test_kept_overlap_counts_only_pruned_class_specific_groups():
     assert kept_overlap(half, sizes)["mean_jaccard"] == pytest.approx(1 / 3)
     none = _manifest([{1: [0, 1, 2, 3]}, {1: [0, 1, 2, 3]}], [1])
     assert kept_overlap(none, sizes)["mean_jaccard"] is None
+
+
+def test_serve_http_client_processes_send_every_request_once(r8_composed):
+    """bench/serve_http.py's load split over 2 client processes: every client's images sent exactly once, each
+    answer checked against a direct onnxruntime run (a wrong label would count as an error)."""
+    from bench.serve_http import _images_of, client_groups, load_test
+    from onnxmod.serve.server import ServeSettings, load_models, serve_in_thread
+
+    groups = client_groups(5, 2)
+    assert groups == [[0, 2, 4], [1, 3]]
+    x = np.arange(10, dtype=np.float32)
+    gx, _, local = _images_of(x, x, [range(4, 6), range(0, 2)])
+    assert [gx[r].tolist() for r in local] == [[4, 5], [0, 1]]
+
+    ds = open_dataset(SAMPLE / "cifar10_test.npz")
+    images = np.concatenate([b for b, _ in ds.iter_batches(64)])[:5 * 4 + 5 * 1]
+    expect = runtime.run(runtime.make_session(r8_composed, device="cpu"), images, ["label"])[0]
+    models = load_models([r8_composed], ["m"], device="cpu")
+    with serve_in_thread(models, ServeSettings(port=0, device="cpu", max_batch=8, max_delay_ms=1)) as base:
+        r = load_test(base.removeprefix("http://"), images, expect, clients=5, requests=4, timeout_s=60, warmup=1,
+                      server_pid=os.getpid(), procs=2)
+    assert r["client_processes"] == 2 and r["requests"] == r["completed"] == 20
+    assert r["errors"] == 0 and r["unanswered"] == 0, r["error_examples"]
+    assert r["throughput_rps"] > 0 and r["latency_ms"]["p50"] > 0

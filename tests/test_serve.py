@@ -32,7 +32,8 @@ from onnxmod import modelio
 from onnxmod.cli.main import main
 from onnxmod.data import open_dataset
 from onnxmod.serve.batching import Batcher
-from onnxmod.serve.server import ServeSettings, load_models, serve_in_thread
+from onnxmod.serve.server import (ServeSettings, bind, http_stack, load_models, make_server, run_in_thread,
+                                  serve_in_thread)
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "sample_graphs"
@@ -515,6 +516,8 @@ def test_serve_command_answers_then_stops_cleanly(r8_composed, images, sig):
         assert host, "".join(lines)
         started = json.loads(proc.stdout.readline())  # --json: one line, once listening
         assert started["url"] == f"http://{host}" and started["models"][0]["name"] == r8_composed.stem
+        stack = http_stack()
+        assert started["http_stack"] == stack and f"{stack['loop']} + {stack['http']}" in "".join(lines)
         c = triton.InferenceServerClient(host)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -533,6 +536,23 @@ def test_serve_command_answers_then_stops_cleanly(r8_composed, images, sig):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_server_runs_on_the_stack_it_reports(r8_composed):
+    """The connection that answers is served by the HTTP parser and event loop that http_stack() names (the C
+    pair when uvloop and httptools are installed, else h11 on asyncio)."""
+    stack = http_stack()
+    server = make_server(load_models([r8_composed], [], device="cpu"), ServeSettings(port=0, device="cpu"))
+    with run_in_thread(server, bind("127.0.0.1", 0)) as base:
+        conn = http.client.HTTPConnection(base.removeprefix("http://"), timeout=30)
+        try:
+            conn.request("GET", "/v2/health/live")
+            assert conn.getresponse().read() == b'{"live":true}'
+            (protocol,) = server.server_state.connections  # the keep-alive connection above
+            assert type(protocol).__name__ == {"httptools": "HttpToolsProtocol", "h11": "H11Protocol"}[stack["http"]]
+            assert type(protocol.loop).__module__.split(".")[0] == stack["loop"]  # uvloop.Loop or asyncio's
+        finally:
+            conn.close()
 
 
 def test_listening_socket_says_tcp():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import socket
 import threading
@@ -39,6 +40,19 @@ def default_threads(instances: int) -> int:
     """Intra-op threads per run so that ``instances`` concurrent runs share the usable cores, not fight over them."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // instances)
+
+
+def http_stack() -> dict[str, str]:
+    """The event loop and HTTP parser the server runs on: uvloop and httptools (C) when installed, else asyncio
+    and h11 (pure Python). uvicorn's "auto" picks the same; spelled out so that ``serve`` can say what it runs.
+    Why it matters: with a model that costs nothing, 16 tritonclient clients, 2 cores, the server took ~0.15 ms
+    of CPU per batched request on the C pair against ~0.22 ms on the Python pair, and that event loop is the
+    one thread every request goes through."""
+
+    def installed(name: str) -> bool:
+        return importlib.util.find_spec(name) is not None
+
+    return {"loop": "uvloop" if installed("uvloop") else "asyncio", "http": "httptools" if installed("httptools") else "h11"}
 
 
 def load_models(paths: Sequence[Path], names: Sequence[str], device: str,
@@ -92,8 +106,10 @@ class _Server(uvicorn.Server):
 
 def make_server(models: list[ServedModel], settings: ServeSettings) -> uvicorn.Server:
     app = create_app(models, settings.max_batch, settings.max_delay_ms, settings.max_body_bytes, settings.instances)
+    stack = http_stack()
     config = uvicorn.Config(app, lifespan="on", log_level="info" if settings.access_log else "warning",
-                            access_log=settings.access_log, timeout_graceful_shutdown=10)
+                            access_log=settings.access_log, timeout_graceful_shutdown=10, loop=stack["loop"],
+                            http=stack["http"])
     return _Server(config)
 
 
@@ -105,8 +121,13 @@ def serve(sock: socket.socket, models: list[ServedModel], settings: ServeSetting
 @contextlib.contextmanager
 def serve_in_thread(models: list[ServedModel], settings: ServeSettings, timeout_s: float = 30.0) -> Iterator[str]:
     """Run a server on a background thread (for tests and embedding); yields its base URL, stops it on exit."""
-    sock = bind(settings.host, settings.port)
-    server = make_server(models, settings)
+    with run_in_thread(make_server(models, settings), bind(settings.host, settings.port), timeout_s) as base:
+        yield base
+
+
+@contextlib.contextmanager
+def run_in_thread(server: uvicorn.Server, sock: socket.socket, timeout_s: float = 30.0) -> Iterator[str]:
+    """Run ``server`` on ``sock`` on a background thread; yields its base URL, stops it and closes ``sock`` on exit."""
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="onnxmod-serve", daemon=True)
     thread.start()
     try:
