@@ -478,7 +478,7 @@ def decompose(
         if do_reconstruct:
             t_rec = time.perf_counter()
             rec_x = images(_balanced_positions(stats.labels, settings.reconstruct_images, settings.seed + 3))
-            targets = reconstruct.source_targets(src.model, rec_x, settings.reconstruct_positions,
+            targets = reconstruct.source_targets(analysis, rec_x, settings.reconstruct_positions,
                                                  settings.seed + 3, device)
             smalls = reconstruct.reconstruct(list(smalls), keeps, analysis, targets, device, quiet=quiet)
             reconstruct_s = time.perf_counter() - t_rec
