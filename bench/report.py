@@ -285,8 +285,11 @@ def block_manyclasses(results: dict[str, Any]) -> str:
          f"**{_x(r['decompose_over_plain'])}** | **{r['peak_rss_bytes'] / 1e9:.2f} GB** |", "",
          f"`decompose {r['flags']}`: calibration {tm['calibration_s']:.1f} s, the modules' row and score fits "
          f"{tm.get('module_runs_s', 0) + tm['refit_s']:.1f} s, writing {tm['writing_s']:.1f} s; the child process took "
-         f"{r['decompose_process_s']:.1f} s with interpreter start and imports. Module MACs "
-         + ", ".join(f"{_pct(e['mac_fraction'], 1)}" for e in r["modules"]) + " of the source's."]
+         f"{r['decompose_process_s']:.1f} s with interpreter start and imports. In CPU time (all threads): decompose "
+         f"{r['decompose_cpu_s']:.1f} s, plain pass {r['plain_pass_cpu_median_s']:.1f} s: "
+         f"{_x(r['decompose_over_plain_cpu'])} (the machine is shared: 1-minute load average "
+         + " / ".join(f"{v:.1f}" for v in r["loadavg_1min"]) + " before the first pass, after decompose and at the "
+         "end). Module MACs " + ", ".join(f"{_pct(e['mac_fraction'], 1)}" for e in r["modules"]) + " of the source's."]
     return "\n".join(t)
 
 

@@ -457,7 +457,7 @@ def decompose(
                                     settings.seed, groups=wanted)
     refit_relevant = calibrate.relevance(stats.logits[refit_pos], stats.labels[refit_pos])
     platt_pos = _balanced_positions(stats.labels, settings.platt_images, settings.seed + 5, groups=wanted)
-    fit_pos = np.union1d(refit_pos, platt_pos)  # one run of the modules serves both fits
+    fit_pos = np.union1d(refit_pos, platt_pos)  # one run of the modules per chunk serves both fits
     fit_x = images(fit_pos)
     at_refit, at_platt = np.searchsorted(fit_pos, refit_pos), np.searchsorted(fit_pos, platt_pos)
     rng = np.random.default_rng(settings.seed + 2)
@@ -499,27 +499,27 @@ def decompose(
                 refitting = [refit_pos.size > 0 and mac_targets[k] < 1.0 for k, _, _ in chunk]
                 feats = [refit_feature(small) if r else (None, how or "disabled")
                          for (_, _, small), r in zip(chunk, refitting)]
+                # per module: the images where class k is contested, plus a sample of the rest (re-weighted)
+                uses = [(refit_relevant[:, k] > 0) | (rng.random(len(refit_pos)) < REFIT_OTHERS) if r else None
+                        for (k, _, _), r in zip(chunk, refitting)]
+                rows = np.union1d(at_platt, np.concatenate([at_refit[u] for u in uses if u is not None] + [at_platt]))
                 t_run = time.perf_counter()
                 outs = module_outputs([small for _, _, small in chunk],
                                       [[small.graph.output[0].name] + ([f] if f else [])
-                                       for (_, _, small), (f, _) in zip(chunk, feats)], fit_x, device, batch)
+                                       for (_, _, small), (f, _) in zip(chunk, feats)], fit_x[rows], device, batch)
                 module_runs_s += time.perf_counter() - t_run
-                for (k, keep, small), r, (f_name, why), out in zip(chunk, refitting, feats, outs):
-                    logit = out[0].reshape(len(fit_x), -1)[:, 0]
+                for (k, keep, small), use, (f_name, why), out in zip(chunk, uses, feats, outs):
+                    logit = out[0].reshape(len(rows), -1)[:, 0]
                     refit = {"refit": False, "why": how or why or "disabled"}
-                    if r:
-                        # the images where class k is contested, plus a sample of the rest (re-weighted)
-                        rel = refit_relevant[:, k] > 0
-                        use = rel | (rng.random(rel.size) < REFIT_OTHERS)
-                        weight = np.where(rel, REFIT_RELEVANT_WEIGHT, 1.0 / REFIT_OTHERS)[use]
-                    if r and f_name is not None:
+                    if use is not None and f_name is not None:
                         t_refit = time.perf_counter()
-                        rows = at_refit[use]
-                        small, row, refit = refit_output_row(small, out[1][rows], logit[rows],
-                                                             stats.logits[refit_pos[use], k], weight)
+                        rel = refit_relevant[use, k] > 0
+                        at = np.searchsorted(rows, at_refit[use])
+                        small, row, refit = refit_output_row(small, out[1][at], logit[at], stats.logits[refit_pos[use], k],
+                                                             np.where(rel, REFIT_RELEVANT_WEIGHT, 1.0 / REFIT_OTHERS))
                         logit = out[1] @ row[:-1] + row[-1]  # what the re-fitted module outputs
                         refit_s += time.perf_counter() - t_refit
-                    yield k, keep, small, refit, logit[at_platt]
+                    yield k, keep, small, refit, logit[np.searchsorted(rows, at_platt)]
 
         for k, keep, small, refit, platt_logit in progress(fitted(zip(wanted, keeps, smalls)), total=len(wanted),
                                                            desc="writing modules", quiet=quiet, unit="module"):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -110,15 +111,22 @@ def decompose_images(ds: Any, classes: list[str], wanted: list[str], settings: A
                                [classes.index(c) for c in wanted])
 
 
-def plain_pass(source: Path, ds: Any, idx: np.ndarray, size: int, batch: int, device: str) -> float:
+def cpu_seconds() -> float:
+    """User + system CPU time of this process so far (all its threads)."""
+    u = resource.getrusage(resource.RUSAGE_SELF)
+    return u.ru_utime + u.ru_stime
+
+
+def plain_pass(source: Path, ds: Any, idx: np.ndarray, size: int, batch: int, device: str) -> tuple[float, float]:
+    """Wall and CPU seconds of one pass (after a warm-up batch)."""
     from onnxmod import runtime
 
     sess = runtime.make_session(source, device=device)
     runtime.run(sess, next(ds.iter_batches(batch, size=(size, size), indices=idx[:batch]))[0])  # warm-up
-    t = time.perf_counter()
+    t, c = time.perf_counter(), cpu_seconds()
     for x, _ in ds.iter_batches(batch, size=(size, size), indices=idx):
         runtime.run(sess, x)
-    return time.perf_counter() - t
+    return time.perf_counter() - t, cpu_seconds() - c
 
 
 def decompose_in_child(job: dict[str, Any]) -> tuple[dict[str, Any], int]:
@@ -138,11 +146,11 @@ def decompose_in_child(job: dict[str, Any]) -> tuple[dict[str, Any], int]:
 def child(job: dict[str, Any]) -> dict[str, Any]:
     from onnxmod.decompose import DecomposeSettings, decompose
 
-    t = time.perf_counter()
+    t, c = time.perf_counter(), cpu_seconds()
     man = decompose(job["source"], job["data"], job["out"], classes=job["classes"],
                     settings=DecomposeSettings(**job["settings"]), device=job["device"], force=True, quiet=True)
-    wall = time.perf_counter() - t
-    return {"decompose_s": wall, "timings": man["timings"], "calibration_images": man["settings"]["calibration_images"],
+    wall, cpu = time.perf_counter() - t, cpu_seconds() - c
+    return {"decompose_s": wall, "decompose_cpu_s": cpu, "timings": man["timings"], "calibration_images": man["settings"]["calibration_images"],
             "stream_batch_size": man["settings"]["stream_batch_size"],
             "modules": [{"class": e["class_name"], "mac_fraction": e["mac_fraction"], "param_fraction": e["param_fraction"]}
                         for e in man["modules"]]}
@@ -172,16 +180,19 @@ def run(b: Bench) -> dict[str, Any]:
 
     log(f"manyclasses: plain ORT pass over the {len(idx)} images decompose runs the source on (batch {batch})")
     plain = [plain_pass(source, ds, idx, m.input_size, batch, cfg.device)]
+    load = [os.getloadavg()[0]]
     log(f"manyclasses: decompose --classes {','.join(wanted)} --no-repair in a child process")
     t = time.perf_counter()
     dec, rss = decompose_in_child(job)
     process_s = time.perf_counter() - t
+    load.append(os.getloadavg()[0])
     while len(plain) < cfg.plain_repeats:  # before and after: load on a shared machine drifts
         plain.append(plain_pass(source, ds, idx, m.input_size, batch, cfg.device))
+    load.append(os.getloadavg()[0])
     if dec["calibration_images"] != len(idx) or dec["stream_batch_size"] != batch:
         raise RuntimeError(f"manyclasses: decompose ran on {dec['calibration_images']} images at batch "
                            f"{dec['stream_batch_size']}, the plain pass on {len(idx)} at {batch}")
-    plain_s = median(plain)
+    plain_s, plain_cpu_s = median([w for w, _ in plain]), median([c for _, c in plain])
     ratio = dec["decompose_s"] / plain_s
     log(f"manyclasses: decompose {dec['decompose_s']:.1f}s = {ratio:.2f}x a plain pass ({plain_s:.1f}s); "
         f"peak RSS {rss / 1e9:.2f} GB")
@@ -194,7 +205,10 @@ def run(b: Bench) -> dict[str, Any]:
                  "wanted_classes": wanted},
         "flags": f"--classes {','.join(wanted)} --no-repair", "settings": asdict(settings),
         "calibration_images": int(len(idx)), "stream_batch_size": batch,
-        "plain_pass_s": plain, "plain_pass_median_s": plain_s,
-        "decompose_s": dec["decompose_s"], "decompose_process_s": process_s, "decompose_timings": dec["timings"],
-        "decompose_over_plain": ratio, "peak_rss_bytes": rss, "modules": dec["modules"],
+        "plain_pass_s": [w for w, _ in plain], "plain_pass_median_s": plain_s,
+        "plain_pass_cpu_s": [c for _, c in plain], "plain_pass_cpu_median_s": plain_cpu_s,
+        "decompose_s": dec["decompose_s"], "decompose_cpu_s": dec["decompose_cpu_s"], "decompose_process_s": process_s,
+        "decompose_timings": dec["timings"], "decompose_over_plain": ratio,
+        "decompose_over_plain_cpu": dec["decompose_cpu_s"] / plain_cpu_s, "peak_rss_bytes": rss,
+        "loadavg_1min": load, "modules": dec["modules"],
     }
