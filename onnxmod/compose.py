@@ -534,6 +534,9 @@ def compose_info(model: onnx.ModelProto) -> dict[str, Any]:
         src = json.loads(m.get("metadata", {}).get(modelio.SOURCE, "{}")) if isinstance(m, dict) else {}
         if src.get("sha256") in sources:
             sources[src["sha256"]].update(params=src.get("params"), macs=src.get("flops"))
+            steps = m.get("metadata", {}).get(modelio.FRONTEND)  # how decompose read that source
+            if steps is not None:
+                sources[src["sha256"]]["frontend"] = json.loads(steps)
     info["sources"] = list(sources.values())
     return info
 
