@@ -502,7 +502,7 @@ def decompose(
                 # per module: the images where class k is contested, plus a sample of the rest (re-weighted)
                 uses = [(refit_relevant[:, k] > 0) | (rng.random(len(refit_pos)) < REFIT_OTHERS) if r else None
                         for (k, _, _), r in zip(chunk, refitting)]
-                rows = np.union1d(at_platt, np.concatenate([at_refit[u] for u in uses if u is not None] + [at_platt]))
+                rows = np.unique(np.concatenate([at_platt, *(at_refit[u] for u in uses if u is not None)]))
                 t_run = time.perf_counter()
                 outs = module_outputs([small for _, _, small in chunk],
                                       [[small.graph.output[0].name] + ([f] if f else [])
