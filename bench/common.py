@@ -4,6 +4,7 @@ evaluation through :mod:`onnxmod.evaluate`), and small helpers every section use
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import json
 import re
@@ -62,6 +63,18 @@ class ModelCfg:
 
 
 @dataclass
+class ManyClassesCfg:
+    """The manyclasses section: a ResNet-50-shaped source with many classes, decomposed for a few."""
+
+    input_size: int = 224
+    classes: int = 1000
+    width: int = 64  # stem width (ResNet-50: 64; bottleneck widths 1x, 2x, 4x, 8x it)
+    wanted: int = 3  # --classes: the first this many classes
+    wanted_images: int = 128  # images of each wanted class in the data
+    other_images: int = 2  # images of each other class in the data
+
+
+@dataclass
 class Config:
     mode: str  # "full" | "smoke"
     models: list[ModelCfg]
@@ -92,6 +105,7 @@ class Config:
     model_filter: list[str] | None = None  # --models: per-model sections run only these
     curve_models: list[str] | None = None  # the curve runs on these models only (None: all)
     variant_models: list[str] | None = None  # serving: the shared-trunk variant on these only (None: all)
+    many: ManyClassesCfg = field(default_factory=ManyClassesCfg)
 
     @property
     def run_models(self) -> list[ModelCfg]:
@@ -161,6 +175,7 @@ def smoke_config(tmp: Path, command: str) -> Config:
         serve_repeats=2,
         serve_b1_images=10,
         serve_big_batch=64,
+        many=ManyClassesCfg(input_size=64, classes=50, width=8, wanted_images=8, other_images=1),
         command=command,
     )
 
@@ -307,7 +322,6 @@ class Bench:
     code, so sections run in separate commands reuse them), evaluation through onnxmod.evaluate."""
 
     def __init__(self, cfg: Config):
-        from onnxmod.data import open_dataset
         from onnxmod.decompose import DecomposeSettings
 
         self.cfg = cfg
@@ -315,17 +329,36 @@ class Bench:
         self.default.validate()
         cfg.work.mkdir(parents=True, exist_ok=True)
         cfg.results.mkdir(parents=True, exist_ok=True)
-        self.test_full = open_dataset(cfg.test, "test")
-        self.test_idx = balanced_indices(self.test_full.labels, None if cfg.test_limit is None
-                                         else max(1, cfg.test_limit // len(self.test_full.classes)))
-        self.test = (self.test_full if cfg.test_limit is None
-                     else subset_view(self.test_full, self.test_idx, f"{len(self.test_idx)}-image balanced subset"))
-        self.train = open_dataset(cfg.calib, "train")
         self._code = _package_digest()
         self._source: dict[str, Path] = {}
         self._runs: dict[str, dict[str, Any]] = {}  # cache key -> manifest (decomposed or reused here)
         self._eval_cache: dict[tuple[str, str], dict[str, Any]] = {}
         self.failures: list[str] = []
+
+    # ---------------------------------------------------------------- data (opened on first use: some sections need none)
+    @functools.cached_property
+    def test_full(self) -> Any:
+        from onnxmod.data import open_dataset
+
+        return open_dataset(self.cfg.test, "test")
+
+    @functools.cached_property
+    def test_idx(self) -> np.ndarray:
+        limit = self.cfg.test_limit
+        return balanced_indices(self.test_full.labels,
+                                None if limit is None else max(1, limit // len(self.test_full.classes)))
+
+    @functools.cached_property
+    def test(self) -> Any:
+        if self.cfg.test_limit is None:
+            return self.test_full
+        return subset_view(self.test_full, self.test_idx, f"{len(self.test_idx)}-image balanced subset")
+
+    @functools.cached_property
+    def train(self) -> Any:
+        from onnxmod.data import open_dataset
+
+        return open_dataset(self.cfg.calib, "train")
 
     # ---------------------------------------------------------------- sources
     def source(self, key: str) -> Path:

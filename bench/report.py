@@ -13,7 +13,7 @@ import numpy as np
 from bench.common import BENCH, PAPER, SCHEMA, SOURCE_TRAINING, Config, log, read_json
 
 TEMPLATE = BENCH / "README.template.md"
-SECTION_NAMES = ("cost", "curve", "subset", "reuse", "replace", "time", "serving")
+SECTION_NAMES = ("cost", "curve", "subset", "reuse", "replace", "time", "serving", "manyclasses")
 BLOCK_START, BLOCK_END = "<!-- bench:choosing-settings -->", "<!-- /bench:choosing-settings -->"
 
 
@@ -271,6 +271,33 @@ def block_serving(results: dict[str, Any]) -> str:
     return "\n".join(t)
 
 
+def block_manyclasses(results: dict[str, Any]) -> str:
+    r = results.get("manyclasses")
+    if not r:
+        return _not_run("manyclasses")
+    src, bars, runs = r["source"], r["bars"], r["decompose_runs"]
+    wanted = len(r["data"]["wanted_classes"])
+    t = ["| source | images decompose runs it on | batch | plain ORT pass | decompose | ÷ plain pass "
+         f"(bar ≤ {bars['decompose_over_plain_max']:g}) | peak RSS of decompose (bar ≤ {bars['peak_rss_gb_max']:g} GB) |",
+         "|---|---|---|---|---|---|---|",
+         f"| {src['classes']} classes at {src['input_size']}x{src['input_size']}, {src['macs'] / 1e9:.2f} GMACs, "
+         f"{src['params'] / 1e6:.1f} M params | {r['calibration_images']} ({wanted} wanted classes of "
+         f"{r['data']['classes']}; {r['data']['images']} in the data) | {r['stream_batch_size']} | "
+         f"{r['plain_pass_median_s']:.1f} s (median of {len(r['plain_pass_s'])}) | {r['decompose_median_s']:.1f} s "
+         f"(median of {len(runs)}) | **{_x(r['decompose_over_plain'])}** | **{r['peak_rss_bytes'] / 1e9:.2f} GB** |", "",
+         f"`decompose {r['flags']}`, alternated with the plain passes ("
+         + ", ".join(f"{w:.1f} s" for w in r["plain_pass_s"]) + "). Each decompose: "
+         + "; ".join(f"{d['decompose_s']:.1f} s = calibration {d['timings']['calibration_s']:.1f} s + the modules' row "
+                     f"and score fits {d['timings'].get('module_runs_s', 0) + d['timings']['refit_s']:.1f} s + writing "
+                     f"{d['timings']['writing_s']:.1f} s + the other stages (the child process: {d['process_s']:.1f} s with "
+                     "interpreter start and imports)" for d in runs)
+         + f". In CPU time (all threads): decompose {r['decompose_cpu_median_s']:.1f} s, plain pass "
+         f"{r['plain_pass_cpu_median_s']:.1f} s, {_x(r['decompose_over_plain_cpu'])} (a shared machine: 1-minute load "
+         "average " + " / ".join(f"{v:.1f}" for v in r["loadavg_1min"]) + " at the start and after each decompose). "
+         "Module MACs " + ", ".join(f"{_pct(e['mac_fraction'], 1)}" for e in runs[0]["modules"]) + " of the source's."]
+    return "\n".join(t)
+
+
 def block_choosing(results: dict[str, Any]) -> str:
     cost, curve, tm, sv = (results.get(k) for k in ("cost", "curve", "time", "serving"))
     models = _per_model(results)
@@ -410,7 +437,8 @@ def render_readme(cfg: Config, results: dict[str, Any], figs: list[str]) -> str:
         "partial": _partial_note(results), "machine": block_machine(results), "paper": block_paper(results),
         "cost": block_cost(results), "curve": block_curve(results), "subset": block_subset(results),
         "reuse": block_reuse(results), "replace": block_replace(results), "time": block_time(results),
-        "serving": block_serving(results), "choosing": block_choosing(results),
+        "serving": block_serving(results), "manyclasses": block_manyclasses(results),
+        "choosing": block_choosing(results),
         "figures": "\n\n".join(f"![{f}]({os.path.relpath(cfg.results / f, cfg.readme.parent)})" for f in figs)
                    or "_no figures_",
         "results_dir": os.path.relpath(cfg.results, cfg.readme.parent),

@@ -15,6 +15,8 @@ Sections (``--only a,b``; one file each under bench/sections/):
   replace  the weaker model's weakest class (chosen on training images) from the stronger model
   time     decompose ÷ one plain inference pass, ÷ one training epoch (same images, same process)
   serving  composed vs source throughput in onnxruntime
+  manyclasses  a ResNet-50-shaped 1000-class source at 224 (synthetic weights and images, no --data):
+           decompose --classes (3) --no-repair ÷ one plain pass over the same images, and its peak RSS
 
 ``--device auto`` (default) trains repair in torch on CUDA when torch sees a GPU and runs
 onnxruntime on CUDA only when its CUDA provider loads (``--device cuda`` insists on both).
@@ -155,11 +157,15 @@ def make_config(args: argparse.Namespace, command: str) -> tuple[Config, Path | 
     return cfg, tmp
 
 
-def check_inputs(cfg: Config, args: argparse.Namespace) -> str | None:
+def needs_data(sections: list[str]) -> bool:
+    return any(getattr(SECTIONS[s], "NEEDS_DATA", True) for s in sections)
+
+
+def check_inputs(cfg: Config, sections: list[str]) -> str | None:
     keys = [m.key for m in cfg.models]
     if cfg.model_filter and set(cfg.model_filter) - set(keys):
         return f"--models: unknown model(s) {', '.join(set(cfg.model_filter) - set(keys))}; choose from {', '.join(keys)}"
-    for p in [cfg.calib, *(m.weights for m in cfg.models)]:
+    for p in [cfg.calib, *(m.weights for m in cfg.models)] if needs_data(sections) else []:
         if not p.exists():
             return f"{p}: no such file or directory (pass --data DIR holding cifar10/ and pretrained/)"
     return None
@@ -176,7 +182,8 @@ def run_section(b: Bench, name: str, machine: dict[str, Any]) -> bool:
         log(f"=== {name} FAILED")
         return False
     run = {"date": now(), "wall_s": time.perf_counter() - t, "command": cfg.command, "device": cfg.device,
-           "settings_overrides": cfg.settings_overrides, "test_limit": cfg.test_limit, "test_images": len(b.test),
+           "settings_overrides": cfg.settings_overrides, "test_limit": cfg.test_limit,
+           "test_images": len(b.test) if needs_data([name]) else None,
            "machine": {k: machine[k] for k in ("cpu", "usable_cpus", "torch_device", "gpu", "ort_device", "git_commit")}}
     for entry in r.get("models", {}).values():
         entry["run"] = run
@@ -197,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     sections = list(SECTIONS) if not args.only else [s.strip() for s in args.only.split(",") if s.strip()]
     bad = [s for s in sections if s not in SECTIONS]
     problem = (f"unknown section(s) {', '.join(bad)}; choose from {', '.join(SECTIONS)}" if bad
-               else check_inputs(cfg, args))
+               else check_inputs(cfg, sections))
     if problem:
         print(f"bench: error: {problem}", file=sys.stderr)
         return 2

@@ -1,4 +1,5 @@
-"""`onnxmod info FILE.onnx`: kind, classes, inputs/outputs, params, MACs."""
+"""`onnxmod info FILE.onnx`: kind, classes, inputs/outputs, params, MACs, and for modules and
+composed models the front-end rewrites decompose made to read their source."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 import click
 import onnx
 
-from onnxmod import modelio
+from onnxmod import frontend, modelio
 from onnxmod.cli.common import emit, fmt_count, json_option, quiet_option
 from onnxmod.cli.main import cli
 from onnxmod.cost import count_macs, count_params
@@ -28,6 +29,13 @@ def _value_info(vi: onnx.ValueInfoProto) -> dict[str, Any]:
     if vi.type.HasField("tensor_type") and t.HasField("shape"):
         shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
     return {"name": vi.name, "shape": shape, "dtype": _dtype_name(t.elem_type) if t.elem_type else None}
+
+
+def frontend_steps(steps: Any) -> list[dict[str, Any]] | None:
+    """The ``onnxmod.frontend`` records, each with its ``text`` (None: no such metadata)."""
+    if not isinstance(steps, list):
+        return None
+    return [{**s, "text": frontend.describe(s)} for s in steps if isinstance(s, dict)]
 
 
 def model_info(path: str | Path) -> dict[str, Any]:
@@ -69,12 +77,15 @@ def model_info(path: str | Path) -> dict[str, Any]:
         for key, meta_key in (("kept", modelio.KEPT), ("calibration", modelio.CALIBRATION),
                               ("source", modelio.SOURCE), ("class_index", modelio.CLASS_INDEX)):
             info[key] = modelio.get_meta(model, meta_key)
+        info["frontend"] = frontend_steps(modelio.get_meta(model, modelio.FRONTEND))
     if kind == "composed":
         from onnxmod.compose import compose_info
 
         info["class_sources"] = modelio.get_meta(model, modelio.CLASSES)
         comp = compose_info(model)
         info["sources"] = comp.pop("sources")
+        for s in info["sources"]:
+            s["frontend"] = frontend_steps(s.get("frontend"))
         info["module_macs_sum"] = comp.get("module_macs_sum")
         info["module_params_sum"] = comp.get("module_params_sum")
         info["compose"] = comp
@@ -145,7 +156,17 @@ def _module_lines(info: dict[str, Any]) -> list[str]:
         lines.append(text + f" ({', '.join(detail)})")
     elif cal is not None:
         lines.append(f"  score     {_words(cal)}")
-    return lines
+    return lines + _frontend_lines(info.get("frontend"), "  ")
+
+
+def _frontend_lines(steps: list[dict[str, Any]] | None, indent: str) -> list[str]:
+    """How decompose read the source (the front-end rewrites), one line each."""
+    if steps is None:
+        return []
+    if not steps:
+        return [f"{indent}front-end none: the source was read as exported"]
+    return [f"{indent}front-end {len(steps)} rewrite{'s' if len(steps) > 1 else ''} to read the source:"] + \
+        [f"{indent}  - {s['text']}" for s in steps]
 
 
 def render(info: dict[str, Any]) -> str:
@@ -177,6 +198,7 @@ def render(info: dict[str, Any]) -> str:
             size = f", source MACs {fmt_count(s['macs'])}" if s.get("macs") else ""
             lines.append(f"  source    {s.get('name')} ({str(s.get('sha256'))[:12]}): "
                          f"{len(s.get('classes', []))} classes{size}")
+            lines.extend(_frontend_lines(s.get("frontend"), "    "))
     lines.append(f"  opset     {info['opset']}  (IR {info['ir_version']}{', ' + info['producer'] if info['producer'] else ''})")
     lines.append(f"  file      {info['file_size']:,} bytes, {info['nodes']} nodes")
     return "\n".join(lines)
@@ -189,8 +211,10 @@ def render(info: dict[str, Any]) -> str:
 def info_cmd(file: Path, as_json: bool, quiet: bool) -> None:
     """Kind, classes, inputs/outputs, params and MACs of an ONNX model.
 
-    For a module also the fraction of the source it kept and its calibration; for a
-    composed model its sources and how much computation its modules share.
+    For a module also the fraction of the source it kept, its calibration and the
+    front-end rewrites decompose made to read the source (NHWC input, Softmax head,
+    fixed batch...); for a composed model its sources (with their rewrites) and how
+    much computation its modules share.
 
     \b
     Example:

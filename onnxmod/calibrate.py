@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 import onnx
@@ -29,15 +30,19 @@ class ActivationStats:
     """Per consumed tensor: class-relevance-weighted channel mean and variance (over images and
     positions), the overall channel mean and covariance, and the source logits."""
 
-    classes: int
-    mean: dict[str, np.ndarray] = field(default_factory=dict)  # [K, C] mean over relevant images
-    var: dict[str, np.ndarray] = field(default_factory=dict)  # [K, C] over relevant images and positions
+    classes: list[int]  # the source classes with per-class rows (row i: class classes[i])
+    mean: dict[str, np.ndarray] = field(default_factory=dict)  # [len(classes), C] mean over relevant images
+    var: dict[str, np.ndarray] = field(default_factory=dict)  # [len(classes), C] over relevant images and positions
     mean_all: dict[str, np.ndarray] = field(default_factory=dict)  # [C]
     cov: dict[str, np.ndarray] = field(default_factory=dict)  # [C, C] over all images and positions
-    count: np.ndarray | None = None  # [K] images in each relevance set
+    count: np.ndarray | None = None  # [len(classes)] images in each relevance set
     logits: np.ndarray | None = None  # [N, K]
     labels: np.ndarray | None = None  # [N]
     seconds: float = 0.0
+
+    def row(self, k: int) -> int:
+        """The per-class row of source class ``k``."""
+        return self.classes.index(k)
 
 
 def stats_model(analysis: ChannelAnalysis, tensors: list[str], comoments: bool) -> tuple[onnx.ModelProto, list[str]]:
@@ -116,6 +121,7 @@ def collect_stats(
     quiet: bool = False,
     cov_images: int = 1024,
     groups: list[int] | None = None,
+    classes: Sequence[int] | None = None,
 ) -> ActivationStats:
     """Run ``indices`` of ``dataset`` through the source once and summarise activations.
 
@@ -125,6 +131,8 @@ def collect_stats(
     fills) — use the first ``cov_images`` images only, through a second, heavier graph:
     a few thousand images estimate them well and the taps cost far less this way.
     ``groups``: tap only the tensors of these group ids (default: every removable group).
+    ``classes``: the source classes to keep per-class statistics for (default: all); a
+    1000-class source decomposed for a few classes keeps a few rows, not 1000.
     """
     groups = [g for g in analysis.groups if g.removable and not g.is_output and (groups is None or g.id in groups)]
     tensors = sorted({t for g in groups for _, t in g.consumers})
@@ -139,7 +147,8 @@ def collect_stats(
     shapes = analysis.graph.tensors()
     size = {t: analysis.channels(t) for t in tensors}
     positions = {t: int(np.prod(shapes[t].shape[1:])) // size[t] for t in tensors}
-    k = analysis.output_group().size
+    classes = list(range(analysis.output_group().size)) if classes is None else [int(c) for c in classes]
+    k = len(classes)
     # per tensor: sum_r m (per class), on the heavy images sum_r m and sum_r q (per class),
     # sum m (all), co-moments with their mean and count
     s1 = {t: np.zeros((k, size[t])) for t in tensors}
@@ -164,9 +173,11 @@ def collect_stats(
             light_now = True
         outs = heavy_outs if heavy_batch else light_outs
         res = runtime.run(sess, x, [logits_name] + outs)
-        logits, vals = res[0], dict(zip(outs, res[1:]))
+        # ORT's output arrays keep their session's memory arena alive: copy what is kept, and drop
+        # the rest before the next batch (else the heavy graph's arena outlives the swap)
+        logits, vals = res[0].copy(), dict(zip(outs, res[1:]))
         y = label_map[y]
-        r = relevance(logits, y)
+        r = relevance(logits, y)[:, classes]
         count += r.sum(axis=0)
         for t in tensors:
             m = vals[f"{t}__m"].astype(np.float64)
@@ -190,7 +201,8 @@ def collect_stats(
         seen += len(x)
         all_logits.append(logits)
         all_labels.append(y)
-    stats = ActivationStats(classes=k)
+        del res, vals
+    stats = ActivationStats(classes=classes)
     n = sum(len(l) for l in all_labels)
     safe = np.maximum(count, 1)[:, None]
     for t in tensors:
@@ -202,7 +214,7 @@ def collect_stats(
         mu = xx_mean[t] / max(xx_n[t], 1)
         stats.cov[t] = xx[t] / max(xx_n[t], 1) - np.outer(mu, mu)
     stats.count = count
-    stats.logits = np.concatenate(all_logits) if all_logits else np.zeros((0, k))
+    stats.logits = np.concatenate(all_logits) if all_logits else np.zeros((0, analysis.output_group().size))
     stats.labels = np.concatenate(all_labels) if all_labels else np.zeros(0, dtype=np.int64)
     stats.seconds = time.perf_counter() - t0
     return stats

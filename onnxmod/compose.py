@@ -358,6 +358,34 @@ def _resize_nodes(i: int, hw: tuple[int, int]) -> tuple[list[onnx.NodeProto], li
     return nodes, inits, out
 
 
+def merged(models: Sequence[onnx.ModelProto], outputs: Sequence[Sequence[str]]) -> tuple[onnx.ModelProto, list[list[str]]]:
+    """One graph over the shared input ``input`` computing the tensors ``outputs[i]`` of
+    ``models[i]`` (graphs of one source, same opsets), identical computation merged as in
+    :func:`compose`: several modules run for the cost of what they do not share. Returns the
+    graph and the names it gives each model's ``outputs``."""
+    nodes: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+    names: list[list[str]] = []
+    for i, m in enumerate(models):
+        g = onnx.GraphProto()
+        g.CopyFrom(m.graph)
+        _rename_graph(g, lambda s, p=f"m{i}__": s if s == INPUT else p + s)
+        nodes.extend(g.node)
+        inits.extend(g.initializer)
+        names.append([f"m{i}__{o}" for o in outputs[i]])
+    nodes, inits, alias = _dedup(nodes, inits, keep=set())
+    names = [[alias.get(o, o) for o in outs] for outs in names]
+    wanted = list(dict.fromkeys(o for outs in names for o in outs))
+    nodes, inits = _prune(nodes, inits, wanted)
+    first = models[0]
+    graph = helper.make_graph(nodes, "merged", [next(i for i in first.graph.input if i.name == INPUT)],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in wanted],
+                              initializer=inits)
+    model = helper.make_model(graph, opset_imports=list(first.opset_import))
+    model.ir_version = first.ir_version
+    return model, names
+
+
 # --------------------------------------------------------------------------- compose
 def compose(
     modules: Sequence[ModuleArg],
@@ -506,6 +534,9 @@ def compose_info(model: onnx.ModelProto) -> dict[str, Any]:
         src = json.loads(m.get("metadata", {}).get(modelio.SOURCE, "{}")) if isinstance(m, dict) else {}
         if src.get("sha256") in sources:
             sources[src["sha256"]].update(params=src.get("params"), macs=src.get("flops"))
+            steps = m.get("metadata", {}).get(modelio.FRONTEND)  # how decompose read that source
+            if steps is not None:
+                sources[src["sha256"]]["frontend"] = json.loads(steps)
     info["sources"] = list(sources.values())
     return info
 

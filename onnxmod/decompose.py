@@ -9,6 +9,7 @@ files written into a temp dir that is renamed into place at the end.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -16,13 +17,13 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from onnxmod import calibrate, channels, frontend, graphio, modelio, outputs, reconstruct, runtime, scoring, surgery
+from onnxmod import calibrate, channels, compose, frontend, graphio, modelio, outputs, reconstruct, runtime, scoring, surgery
 from onnxmod.cost import count_macs, count_params
 from onnxmod.data import Dataset, open_dataset
 from onnxmod.errors import OnnxmodError, UnsupportedOpError
@@ -33,7 +34,11 @@ from onnxmod.select import STRATEGIES, Selector, prunable_groups
 FILLS = ("linear", "mean", "zero")
 REFIT_OTHERS = 0.15  # fraction of the non-relevant refit images each module also fits on
 REFIT_RELEVANT_WEIGHT = 5.0  # least-squares weight of images where the class is contested
+MODULES_PER_RUN = 8  # modules run together (shared layers once) for the row and score fits; bounds memory
 REPAIR_MEMORY_BYTES = 2e9  # repair holds its images in memory (float32): at most this much
+# --classes: calibration images of the other classes per image of the wanted ones (at 4, a 2-class
+# subset of a 10-class set still calibrates on all its images)
+OTHERS_PER_WANTED = 4
 
 
 @dataclass
@@ -259,22 +264,37 @@ def label_with_source(dataset: Dataset, src: PreparedSource, settings: Decompose
     rng = np.random.default_rng(settings.seed + 7)
     pool = np.sort(rng.permutation(len(dataset))[: settings.samples_per_class * k])
     sess = runtime.make_session(src.model, device=device, name="source")
+    batch = runtime.stream_batch_size(src.model, settings.batch_size)
     preds = [runtime.run(sess, x)[0].argmax(axis=1)
-             for x, _ in progress(dataset.iter_batches(settings.batch_size, size=src.input_chw[1:], indices=pool),
-                                  total=dataset.num_batches(settings.batch_size, indices=pool),
+             for x, _ in progress(dataset.iter_batches(batch, size=src.input_chw[1:], indices=pool),
+                                  total=dataset.num_batches(batch, indices=pool),
                                   desc="labelling with the source", quiet=quiet, unit="batch")]
     labels = np.full(len(dataset), k, dtype=np.int64)
     labels[pool] = np.concatenate(preds)
     return dataset.with_labels(labels, [*src.classes, UNSEEN])
 
 
-def calibration_indices(dataset: Dataset, label_map: np.ndarray, per_class: int, seed: int) -> np.ndarray:
-    """Up to ``per_class`` images of each class the model knows, drawn with a fixed seed."""
+def calibration_indices(dataset: Dataset, label_map: np.ndarray, per_class: int, seed: int,
+                        wanted: Sequence[int] | None = None) -> np.ndarray:
+    """Up to ``per_class`` images of each class the model knows, drawn with a fixed seed.
+
+    With ``wanted`` (the classes decomposed), the images of the other classes are cut to a
+    fixed-seed sample of at most OTHERS_PER_WANTED per image of the wanted classes, so a
+    1000-class source decomposed for a few classes streams images in proportion to those.
+    """
     rng = np.random.default_rng(seed)
     mapped = label_map[dataset.labels]
-    idx = [rng.permutation(np.nonzero(mapped == k)[0])[:per_class] for k in range(int(label_map.max()) + 1)]
-    idx = np.sort(np.concatenate(idx)) if idx else np.zeros(0, dtype=np.int64)
-    return idx
+    order = np.argsort(mapped, kind="stable")  # each class's images in index order, as np.nonzero gives them
+    k = int(label_map.max()) + 1
+    bounds = np.searchsorted(mapped[order], np.arange(k + 1))
+    drawn = [rng.permutation(order[bounds[c]:bounds[c + 1]])[:per_class] for c in range(k)]
+    mine = set(range(k)) if wanted is None else set(wanted)
+    idx = np.concatenate([d for c, d in enumerate(drawn) if c in mine] or [np.zeros(0, dtype=np.int64)])
+    others = np.concatenate([d for c, d in enumerate(drawn) if c not in mine] or [np.zeros(0, dtype=np.int64)])
+    cap = OTHERS_PER_WANTED * len(idx)
+    if len(others) > cap:
+        others = np.random.default_rng(seed + 1).choice(others, cap, replace=False)
+    return np.sort(np.concatenate([idx, others])).astype(np.int64)
 
 
 # --------------------------------------------------------------------------- modules
@@ -287,30 +307,33 @@ def module_graph(small: onnx.ModelProto, a: float, b: float) -> onnx.ModelProto:
     return graphio.infer_shapes(m)
 
 
+def refit_feature(small: onnx.ModelProto) -> tuple[str | None, str]:
+    """The tensor ``[N, F]`` the module's final Gemm weighs with its class row, or None and why not."""
+    g = small.graph
+    node = next((n for n in g.node if g.output[0].name in n.output), None)
+    if node is None or node.op_type != "Gemm" or node.input[1] not in {i.name for i in g.initializer}:
+        return None, "output is not produced by a Gemm"
+    if any(a.name == "transA" and a.i for a in node.attribute):
+        return None, "Gemm with transA"
+    return node.input[0], ""
+
+
 def refit_output_row(
-    small: onnx.ModelProto, x: np.ndarray, target: np.ndarray, weight: np.ndarray, device: str = "auto",
+    small: onnx.ModelProto, f: np.ndarray, before: np.ndarray, target: np.ndarray, weight: np.ndarray,
     ridge: float = 1e-2,
-) -> tuple[onnx.ModelProto, dict[str, Any]]:
+) -> tuple[onnx.ModelProto, np.ndarray, dict[str, Any]]:
     """Least-squares re-fit of the single output row of a module's final Gemm.
 
-    The channels removed upstream shift the features the classifier row sees;
-    re-fitting ``w, b`` so that ``w . f + b`` matches the source's logit (weighted
-    towards the images where the class is contested) undoes most of that drift
-    without training. Returns the model (unchanged when the last op is not a
-    Gemm over ``[N, F]``) and a report.
+    The channels removed upstream shift the features ``f`` (of :func:`refit_feature`) the
+    classifier row sees; re-fitting ``w, b`` so that ``w . f + b`` matches the source's logit
+    (weighted towards the images where the class is contested) undoes most of that drift
+    without training. ``before``: the module's logit on the same images. Returns the model,
+    the new row ``[w, b]`` (float32, as the graph holds it) and a report.
     """
-    g = small.graph
-    out = g.output[0].name
-    node = next((n for n in g.node if out in n.output), None)
-    inits = {i.name: i for i in g.initializer}
-    if node is None or node.op_type != "Gemm" or node.input[1] not in inits:
-        return small, {"refit": False, "why": "output is not produced by a Gemm"}
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    if attrs.get("transA", 0):
-        return small, {"refit": False, "why": "Gemm with transA"}
-    feat = node.input[0]
-    sess = runtime.make_session(graphio.add_outputs(small, [feat]), device=device, name="module")
-    f, before = runtime.run(sess, x, [feat, out])
+    out = small.graph.output[0].name
+    node = next(n for n in small.graph.node if out in n.output)
+    inits = {i.name for i in small.graph.initializer}
+    trans_b = any(a.name == "transB" and a.i for a in node.attribute)
     a = np.c_[f.astype(np.float64), np.ones(len(f))] * np.sqrt(weight)[:, None]
     t = target.astype(np.float64) * np.sqrt(weight)
     lam = ridge * np.trace(a.T @ a) / a.shape[1]
@@ -320,7 +343,7 @@ def refit_output_row(
     m.CopyFrom(small)
     mg = m.graph
     mnode = next(n for n in mg.node if out in n.output)
-    bshape = [1, w.size] if attrs.get("transB", 0) else [w.size, 1]
+    bshape = [1, w.size] if trans_b else [w.size, 1]
     for name in (f"{mnode.name}__refit_B", f"{mnode.name}__refit_C"):
         assert name not in inits
     mg.initializer.extend([onnx.numpy_helper.from_array(w.reshape(bshape), f"{mnode.name}__refit_B"),
@@ -336,7 +359,19 @@ def refit_output_row(
     mg.initializer.extend(kept_inits)
     err = lambda pred: float(np.sqrt(np.average((pred - target) ** 2, weights=weight)))  # noqa: E731
     after = np.c_[f, np.ones(len(f))] @ coef
-    return m, {"refit": True, "images": int(len(x)), "rmse_before": err(before[:, 0]), "rmse_after": err(after)}
+    report = {"refit": True, "images": int(len(f)), "rmse_before": err(before), "rmse_after": err(after)}
+    return m, np.r_[w, b], report
+
+
+def module_outputs(smalls: Sequence[onnx.ModelProto], names: Sequence[Sequence[str]], x: np.ndarray,
+                   device: str = "auto", batch_size: int = 256) -> list[list[np.ndarray]]:
+    """Tensors ``names[i]`` of each module ``smalls[i]`` on images ``x``, from one graph that
+    computes what the modules share (their class-agnostic layers) once."""
+    model, merged_names = compose.merged(smalls, names)
+    flat = list(dict.fromkeys(o for outs in merged_names for o in outs))
+    sess = runtime.make_session(model, device=device, name="modules")
+    values = dict(zip(flat, runtime.run_chunked(sess, x, flat, batch_size)))
+    return [[values[o] for o in outs] for outs in merged_names]
 
 
 def module_filename(index: int, name: str) -> str:
@@ -348,7 +383,7 @@ def _fills(stats: calibrate.ActivationStats, k: int, how: str) -> dict[str, Any]
     if how == "zero":
         return {}
     if how == "mean":
-        return {t: stats.mean[t][k] for t in stats.mean}
+        return {t: stats.mean[t][stats.row(k)] for t in stats.mean}
     return {t: surgery.LinearFill(stats.mean_all[t], stats.cov[t]) for t in stats.cov}
 
 
@@ -393,7 +428,8 @@ def decompose(
     missing = [src.classes[k] for k in wanted if k not in label_map]
     if missing:
         raise OnnxmodError(f"{calib}: has no images of class(es) {', '.join(missing)}")
-    idx = calibration_indices(dataset, label_map, settings.samples_per_class, settings.seed)
+    idx = calibration_indices(dataset, label_map, settings.samples_per_class, settings.seed, wanted)
+    batch = runtime.stream_batch_size(src.model, settings.batch_size)
 
     analysis = channels.analyze(src.model, canonical=True)
     out_group = analysis.output_group()
@@ -401,8 +437,8 @@ def decompose(
         node, op, why = analysis.pinned_by(src.model.graph.output[0].name)
         raise UnsupportedOpError(node, op, f"output rows cannot be selected through it ({why})")
     stats = calibrate.collect_stats(analysis, dataset, label_map, idx, src.input_chw[1:], device,
-                                    settings.batch_size, quiet, settings.cov_images,
-                                    groups=prunable_groups(analysis, settings.strategy))
+                                    batch, quiet, settings.cov_images,
+                                    groups=prunable_groups(analysis, settings.strategy), classes=wanted)
     temperature = scoring.fit_temperature(stats.logits, stats.labels)
     selector = Selector(analysis, stats)
     unknown = sorted(set(settings.class_targets) - set(src.classes))
@@ -413,18 +449,20 @@ def decompose(
     do_reconstruct = settings.reconstruct and pruned
 
     def images(positions: np.ndarray) -> np.ndarray | None:
-        return (np.concatenate([x for x, _ in dataset.iter_batches(settings.batch_size, size=src.input_chw[1:],
+        return (np.concatenate([x for x, _ in dataset.iter_batches(batch, size=src.input_chw[1:],
                                                                     indices=idx[positions])])
                 if positions.size else None)
 
     do_repair = settings.repair and pruned
     # layer-wise reconstruction and repair leave the source's class row right: no separate row re-fit
+    # the score and row fits need each module's own class: balanced over the wanted classes and the rest
     refit_pos = _balanced_positions(stats.labels, 0 if do_reconstruct or do_repair else settings.refit_images,
-                                    settings.seed)
-    refit_x = images(refit_pos)
+                                    settings.seed, groups=wanted)
     refit_relevant = calibrate.relevance(stats.logits[refit_pos], stats.labels[refit_pos])
-    platt_pos = _balanced_positions(stats.labels, settings.platt_images, settings.seed + 5)
-    platt_x = images(platt_pos)
+    platt_pos = _balanced_positions(stats.labels, settings.platt_images, settings.seed + 5, groups=wanted)
+    fit_pos = np.union1d(refit_pos, platt_pos)  # one run of the modules per chunk serves both fits
+    fit_x = images(fit_pos)
+    at_refit, at_platt = np.searchsorted(fit_pos, refit_pos), np.searchsorted(fit_pos, platt_pos)
     rng = np.random.default_rng(settings.seed + 2)
     all_channels = sum(g.size for g in selector.groups)
 
@@ -443,7 +481,7 @@ def decompose(
         if do_reconstruct:
             t_rec = time.perf_counter()
             rec_x = images(_balanced_positions(stats.labels, settings.reconstruct_images, settings.seed + 3))
-            targets = reconstruct.source_targets(src.model, rec_x, settings.reconstruct_positions,
+            targets = reconstruct.source_targets(analysis, rec_x, settings.reconstruct_positions,
                                                  settings.seed + 3, device)
             smalls = reconstruct.reconstruct(list(smalls), keeps, analysis, targets, device, quiet=quiet)
             reconstruct_s = time.perf_counter() - t_rec
@@ -453,19 +491,43 @@ def decompose(
                                                     device, quiet)
             repair_s = time.perf_counter() - t_rep
         how = "repaired by distillation" if do_repair else "reconstructed layer by layer" if do_reconstruct else ""
-        for k, keep, small in progress(zip(wanted, keeps, smalls), total=len(wanted), desc="writing modules",
-                                       quiet=quiet, unit="module"):
-            refit = {"refit": False, "why": how or "disabled"}
-            if refit_x is not None and mac_targets[k] < 1.0:
-                # the images where class k is contested, plus a sample of the rest (re-weighted)
-                rel = refit_relevant[:, k] > 0
-                use = rel | (rng.random(rel.size) < REFIT_OTHERS)
-                weight = np.where(rel, REFIT_RELEVANT_WEIGHT, 1.0 / REFIT_OTHERS)[use]
-                t_refit = time.perf_counter()
-                small, refit = refit_output_row(small, refit_x[use], stats.logits[refit_pos[use], k], weight, device)
-                refit_s += time.perf_counter() - t_refit
+        module_runs_s = 0.0
+
+        def fitted(items: Iterable[tuple[int, dict, onnx.ModelProto]]) -> Iterator[tuple]:
+            """(k, keep, small) -> (k, keep, small with its class row re-fitted, refit report, the
+            module's own logit on the Platt images), MODULES_PER_RUN modules to one run."""
+            nonlocal refit_s, module_runs_s
+            it = iter(items)
+            while chunk := list(itertools.islice(it, MODULES_PER_RUN)):
+                refitting = [refit_pos.size > 0 and mac_targets[k] < 1.0 for k, _, _ in chunk]
+                feats = [refit_feature(small) if r else (None, how or "disabled")
+                         for (_, _, small), r in zip(chunk, refitting)]
+                # per module: the images where class k is contested, plus a sample of the rest (re-weighted)
+                uses = [(refit_relevant[:, k] > 0) | (rng.random(len(refit_pos)) < REFIT_OTHERS) if r else None
+                        for (k, _, _), r in zip(chunk, refitting)]
+                rows = np.unique(np.concatenate([at_platt, *(at_refit[u] for u in uses if u is not None)]))
+                t_run = time.perf_counter()
+                outs = module_outputs([small for _, _, small in chunk],
+                                      [[small.graph.output[0].name] + ([f] if f else [])
+                                       for (_, _, small), (f, _) in zip(chunk, feats)], fit_x[rows], device, batch)
+                module_runs_s += time.perf_counter() - t_run
+                for (k, keep, small), use, (f_name, why), out in zip(chunk, uses, feats, outs):
+                    logit = out[0].reshape(len(rows), -1)[:, 0]
+                    refit = {"refit": False, "why": how or why or "disabled"}
+                    if use is not None and f_name is not None:
+                        t_refit = time.perf_counter()
+                        rel = refit_relevant[use, k] > 0
+                        at = np.searchsorted(rows, at_refit[use])
+                        small, row, refit = refit_output_row(small, out[1][at], logit[at], stats.logits[refit_pos[use], k],
+                                                             np.where(rel, REFIT_RELEVANT_WEIGHT, 1.0 / REFIT_OTHERS))
+                        logit = out[1] @ row[:-1] + row[-1]  # what the re-fitted module outputs
+                        refit_s += time.perf_counter() - t_refit
+                    yield k, keep, small, refit, logit[np.searchsorted(rows, at_platt)]
+
+        for k, keep, small, refit, platt_logit in progress(fitted(zip(wanted, keeps, smalls)), total=len(wanted),
+                                                           desc="writing modules", quiet=quiet, unit="module"):
             # the score is calibrated on what the module itself outputs, not on the source's logit
-            a, b, nll0, nll1 = scoring.fit_platt(module_logit(small, platt_x, device), stats.labels[platt_pos] == k)
+            a, b, nll0, nll1 = scoring.fit_platt(platt_logit, stats.labels[platt_pos] == k)
             kept_channels = int(sum(keep[g.id].sum() for g in selector.groups))
             module = module_graph(small, a, b)
             params, macs = count_params(module), count_macs(module)
@@ -500,6 +562,7 @@ def decompose(
                        "temperature": temperature, "frontend": src.frontend_steps},
             "modules": modules,
             "settings": {**asdict(settings), "calib": str(calib), "calibration_images": int(len(idx)),
+                         "stream_batch_size": batch,
                          "calibration_labels": "source predictions" if UNSEEN in dataset.classes else "data"},
             "unsupported": [{"node": n, "op": o, "why": w} for n, o, w in analysis.unsupported],
             # groups whose channels each class chooses for itself (the rest: one choice for all classes)
@@ -507,7 +570,7 @@ def decompose(
             "channels": analysis.summary(),
             "repair": repair_report,
             "timings": {"calibration_s": stats.seconds, "reconstruct_s": reconstruct_s, "repair_s": repair_s,
-                        "refit_s": refit_s,
+                        "refit_s": refit_s, "module_runs_s": module_runs_s,
                         "writing_s": writing_s, "total_s": time.perf_counter() - t_start},
         }
         modelio.write_text_atomic(tmp / "manifest.json", json.dumps(manifest, indent=2))
@@ -517,14 +580,6 @@ def decompose(
         raise
     manifest["output"] = str(out)
     return manifest
-
-
-def module_logit(small: onnx.ModelProto, x: np.ndarray | None, device: str = "auto") -> np.ndarray:
-    """The module's own (single-row) logit on images ``x``."""
-    if x is None:
-        return np.zeros(0, dtype=np.float32)
-    sess = runtime.make_session(small, device=device, name="module")
-    return runtime.run(sess, x)[0].reshape(len(x), -1)[:, 0]
 
 
 def _repair_modules(smalls: list[onnx.ModelProto], src: PreparedSource, wanted: list[int], images,
@@ -542,10 +597,13 @@ def _repair_modules(smalls: list[onnx.ModelProto], src: PreparedSource, wanted: 
     return repair.repair(smalls, src.model, wanted, x, rs, device, quiet)
 
 
-def _balanced_positions(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """Positions (into the calibration order) of ``n`` images, balanced over classes."""
+def _balanced_positions(labels: np.ndarray, n: int, seed: int, groups: Sequence[int] | None = None) -> np.ndarray:
+    """Positions (into the calibration order) of ``n`` images, balanced over classes; with
+    ``groups``, over those classes and one group of all the others."""
     if n <= 0 or labels.size == 0:
         return np.zeros(0, dtype=np.int64)
+    if groups is not None:
+        labels = np.where(np.isin(labels, groups), labels, -1)
     rng = np.random.default_rng(seed + 1)
     classes = np.unique(labels)
     per = max(1, n // len(classes))

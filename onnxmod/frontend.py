@@ -562,3 +562,50 @@ def where_shapes_stop(model: onnx.ModelProto) -> onnx.NodeProto | None:
             return node
         node = producer[unknown[0]]
     return None
+
+
+# --------------------------------------------------------------------------- in words
+def _names(items: Sequence[Any], most: int = 3) -> str:
+    shown = ", ".join(f"'{n}'" for n in items[:most])
+    return shown + (f" and {len(items) - most} more" if len(items) > most else "")
+
+
+def _origin(what: Any) -> str:
+    """'the calibration data', but '--input-size' (a flag takes no article)."""
+    return str(what) if str(what).startswith("--") else f"the {what}"
+
+
+def describe(step: Step) -> str:
+    """One front-end record (``onnxmod.frontend`` metadata) in words, for ``onnxmod info``."""
+    kind = step.get("step")
+    if kind == "upgrade":
+        a, b = step.get("from", {}), step.get("to", {})
+        return (f"upgraded from IR {a.get('ir_version')}, opset {a.get('opset')} to IR {b.get('ir_version')}, "
+                f"opset {b.get('opset')}")
+    if kind == "nhwc_input":
+        return (f"NHWC input turned into the NCHW input (from {_origin(step.get('detected_from'))})"
+                + ("; a Transpose back to NHWC stays for the nodes that read NHWC" if step.get("kept_transpose") else ""))
+    if kind == "input_size":
+        h, w = step.get("size", ["?", "?"])
+        return f"dynamic height/width fixed to {h}x{w} (from {_origin(step.get('from'))})"
+    if kind == "dynamic_batch":
+        reshapes = step.get("reshapes") or []
+        return (f"fixed batch {step.get('was')} made dynamic"
+                + (f"; batch-bound Reshape constants rewritten in {_names(reshapes)}" if reshapes else ""))
+    if kind == "static_reshapes":
+        return f"shapes computed from Shape subgraphs made constants in {_names(step.get('nodes') or [])}"
+    if kind == "split_to_slices":
+        return f"channel Split {_names(step.get('splits') or [])} turned into one Slice per output"
+    if kind == "channel_shuffle":
+        s = step.get("shuffles") or []
+        return (f"{len(s)} channel shuffle(s) (Reshape -> Transpose -> Reshape, from "
+                f"{_names([x.get('reshape') for x in s])}) turned into one Gather each")
+    if kind == "transpose_flatten":
+        r = step.get("rewrites") or []
+        return (f"Transpose before Flatten ({_names([x.get('transpose') for x in r])}) folded into the classifier "
+                f"weights {_names([x.get('weights') for x in r])}")
+    if kind == "strip_softmax":
+        also = step.get("also_removed") or []
+        return (f"trailing {step.get('op')} '{step.get('node')}' stripped: the output is the logits"
+                + (f" (also removed: {', '.join(also)})" if also else ""))
+    return ", ".join(f"{k} {v}" for k, v in step.items())  # a record this version does not know

@@ -128,6 +128,15 @@ def static_shapes(model: onnx.ModelProto, batch: int = 1) -> dict[str, tuple]:
     return out
 
 
+def largest_activation(model: onnx.ModelProto) -> int:
+    """Elements per image of the model's largest tensor (shapes without the batch dim, as inferred;
+    dims left unknown count as 1)."""
+    g = model.graph if model.graph.value_info else infer_shapes(model).graph
+    sizes = [int(np.prod([d.dim_value or 1 for d in vi.type.tensor_type.shape.dim[1:]]))
+             for vi in list(g.input) + list(g.value_info) + list(g.output) if vi.type.tensor_type.HasField("shape")]
+    return max(sizes, default=1)
+
+
 def _fold(graph: gs.Graph) -> None:
     graph.fold_constants(error_ok=True)
     graph.cleanup(remove_unused_graph_inputs=False)

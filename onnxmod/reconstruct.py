@@ -27,15 +27,15 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxmod import graphio, runtime
+from onnxmod import graphio, ops, runtime
 from onnxmod.channels import ChannelAnalysis
 from onnxmod.progress import progress
 
 
 @dataclass
 class ConvSite:
-    """A plain 2-D Conv of the source (group 1, explicit pads), with the source's values
-    to match at the sampled output positions."""
+    """A node the registry says reconstruction re-fits (:meth:`onnxmod.ops.Rule.fit_geometry`:
+    a plain 2-D Conv), with the source's values to match at the sampled output positions."""
 
     node: str
     output: str  # output tensor name (kept by surgery, so the same in every module)
@@ -62,10 +62,11 @@ def _single_consumer(graph: gs.Graph, tensor: str) -> gs.Node | None:
     return users[0] if len(users) == 1 else None
 
 
-def _residual_add(graph: gs.Graph, conv: gs.Node) -> tuple[gs.Node, gs.Tensor] | None:
-    """(the Add, its other non-constant input) when ``conv``'s only consumer is a two-input Add."""
+def _residual_add(graph: gs.Graph, conv: gs.Node, analysis: ChannelAnalysis) -> tuple[gs.Node, gs.Tensor] | None:
+    """(the Add, its other non-constant input) when ``conv``'s only consumer sums two branches
+    (:meth:`onnxmod.ops.Rule.sums_branches`)."""
     add = _single_consumer(graph, conv.outputs[0].name)
-    if add is None or add.op != "Add" or len(add.inputs) != 2:
+    if add is None or not ops.rule(analysis.node_rule.get(add.name)).sums_branches(add):
         return None
     other = [t for t in add.inputs if t is not conv.outputs[0]]
     if len(other) != 1 or isinstance(other[0], gs.Constant):
@@ -73,33 +74,31 @@ def _residual_add(graph: gs.Graph, conv: gs.Node) -> tuple[gs.Node, gs.Tensor] |
     return add, other[0]
 
 
-def source_targets(source: onnx.ModelProto, x: np.ndarray, positions: int, seed: int, device: str = "auto",
+def source_targets(analysis: ChannelAnalysis, x: np.ndarray, positions: int, seed: int, device: str = "auto",
                    batch: int = 128) -> SourceTargets:
-    """Sample ``positions`` output positions per image for every plain 2-D Conv of the
-    (canonical) ``source`` and record the source's values there on images ``x``."""
+    """Sample ``positions`` output positions per image for every node of the analysed source
+    whose registry rule re-fits it (``fit_geometry``) and record the source's values there on
+    images ``x``."""
+    source = analysis.model
     shapes = graphio.static_shapes(source)
     graph = graphio.to_gs(source)
     rng = np.random.default_rng(seed)
     sites: dict[str, ConvSite] = {}
     match: dict[str, str] = {}  # site -> tensor whose source values are the target
     for n in graph.nodes:
+        geometry = ops.rule(analysis.node_rule.get(n.name)).fit_geometry(n)
         out = shapes.get(n.outputs[0].name) if n.outputs else None
-        if n.op != "Conv" or int(n.attrs.get("group", 1)) != 1 or n.attrs.get("auto_pad", "NOTSET") != "NOTSET" \
-                or out is None or len(out) != 4 or not isinstance(n.inputs[1], gs.Constant):
+        if geometry is None or out is None or len(out) != 4:
             continue
-        kernel = tuple(int(k) for k in n.inputs[1].shape[2:])
         h, w = int(out[2]), int(out[3])
         p = min(positions, h * w)
         flat = np.stack([rng.choice(h * w, p, replace=False) for _ in range(len(x))]) if len(x) else \
             np.zeros((0, p), dtype=np.int64)
-        pads = tuple(int(v) for v in n.attrs.get("pads", (0, 0, 0, 0)))
-        found = _residual_add(graph, n)
+        found = _residual_add(graph, n, analysis)
         residual = found is not None and shapes.get(found[1].name) == out
         add_out = found[0].outputs[0].name if residual else n.outputs[0].name
-        sites[n.name] = ConvSite(n.name, n.outputs[0].name, kernel,
-                                 tuple(int(v) for v in n.attrs.get("strides", (1, 1))),
-                                 tuple(int(v) for v in n.attrs.get("dilations", (1, 1))),
-                                 (pads[0], pads[1], pads[2], pads[3]), residual, flat // w, flat % w)
+        sites[n.name] = ConvSite(n.name, n.outputs[0].name, geometry.kernel, geometry.strides, geometry.dilations,
+                                 geometry.pads, residual, flat // w, flat % w)
         match[n.name] = add_out
     names = sorted(set(match.values()))
     values: dict[str, list[np.ndarray]] = {s: [] for s in sites}
@@ -219,7 +218,7 @@ def reconstruct(
         pos = 0
         for p, conv in enumerate(nodes):
             site = targets.sites.get(conv.name)
-            if site is None or site.target is None or conv.op != "Conv":
+            if site is None or site.target is None:
                 continue
             key = sig[conv.outputs[0].name]  # pre-fit digest: equal upstream in every model -> equal fit
             if key in fitted:
@@ -230,7 +229,7 @@ def reconstruct(
                 if at is not None and {t.name: sig[t.name] for t in _live(nodes, at, graph.inputs)} == snapshot[1]:
                     pos, state = at, snapshot[2]
             shared = all(key == s.get(conv.outputs[0].name) for s in sigs)
-            found = _residual_add(graph, conv) if site.residual else None
+            found = _residual_add(graph, conv, analysis) if site.residual else None
             other = found[1] if found is not None else None
             need = [conv.inputs[0]] + ([other] if other is not None else [])
             live_out = _live(nodes, p, graph.inputs)

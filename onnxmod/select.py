@@ -108,6 +108,7 @@ class Selector:
         """Per removable group: importance of each channel for class ``k``."""
         a, st = self.a, self.stats
         s = self.sensitivity(k)
+        row = st.row(k)
         imp = {g.id: np.zeros(g.size) for g in self.groups}
         for g in self.groups:
             for node_name, t in g.consumers:
@@ -115,18 +116,20 @@ class Selector:
                 so = s.get(node.outputs[0].name)
                 if so is None or t not in st.var:
                     continue
-                imp[g.id] += (self.weights[node_name].T @ so) * np.sqrt(st.var[t][k])
+                imp[g.id] += (self.weights[node_name].T @ so) * np.sqrt(st.var[t][row])
         return imp
 
     # ------------------------------------------------------------------ budgets
     def shared_importance(self) -> dict[int, np.ndarray]:
-        """Importance averaged over all classes (cached): the same choice for every module."""
+        """Importance averaged over the classes calibrated for (all, or those of ``--classes``; cached):
+        the same choice for every module decomposed together."""
         if self._shared is None:
             # a class no calibration image is relevant to has zero variance, so zero importance:
-            # skip its backward pass (1000-class sources calibrated on a few classes' images)
+            # skip its backward pass
             zero = {g.id: np.zeros(g.size) for g in self.groups}
             count = self.stats.count
-            per = [self.importance(k) if count is None or count[k] > 0 else zero for k in range(self.out_group.size)]
+            per = [self.importance(k) if count is None or count[i] > 0 else zero
+                   for i, k in enumerate(self.stats.classes)]
             self._shared = {g.id: np.mean([p[g.id] for p in per], axis=0) for g in self.groups}
         return self._shared
 

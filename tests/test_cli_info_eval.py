@@ -121,6 +121,47 @@ def test_info_human(tmp_path, capsys):
     assert "N, 3, 8, 8" in out
 
 
+def test_info_shows_the_front_end_rewrites(tmp_path, capsys, r8_dir):
+    """A module of a Keras model (NHWC input, Softmax head) and the model composed from its modules:
+    `info` says how decompose read the source (onnxmod.frontend), in words and in --json."""
+    from engine_oracles import load_zoo
+    from onnxmod import modelio
+    from onnxmod.compose import compose
+    from onnxmod.decompose import DecomposeSettings, decompose
+
+    zoo = load_zoo()
+    spec = zoo.MODELS["keras_gap_softmax"]
+    calib = zoo.calibration(spec, tmp_path / "calib.npz", n=60)
+    man = decompose(spec.path, calib, tmp_path / "m", classes=["c0", "c1"], quiet=True, device="cpu",
+                    settings=DecomposeSettings(repair=False, samples_per_class=10))
+    recorded = man["source"]["frontend"]
+    assert {"nhwc_input", "strip_softmax"} <= {s["step"] for s in recorded}
+    module = tmp_path / "m" / man["modules"][0]["file"]
+    code, out, err = _cli(capsys, "info", module, "--json")
+    assert code == 0, err
+    steps = json.loads(out)["frontend"]
+    assert [{k: v for k, v in s.items() if k != "text"} for s in steps] == recorded
+    assert all(isinstance(s["text"], str) and s["text"] for s in steps)
+    code, out, _ = _cli(capsys, "info", module)
+    assert f"front-end {len(recorded)} rewrites to read the source:" in out
+    assert "NHWC input turned into the NCHW input (from the leading Transpose" in out
+    assert "trailing Softmax" in out and "stripped: the output is the logits" in out
+
+    composed = tmp_path / "composed.onnx"
+    modelio.save_model(compose([tmp_path / "m"]), composed)
+    code, out, _ = _cli(capsys, "info", composed, "--json")
+    (source,) = json.loads(out)["sources"]
+    assert [s["step"] for s in source["frontend"]] == [s["step"] for s in recorded]
+    code, out, _ = _cli(capsys, "info", composed)
+    assert "    front-end" in out and "trailing Softmax" in out
+
+    # a source read as exported says so (the sample ResNet8 needs no rewrite)
+    r8_module = sorted(r8_dir.glob("module_*.onnx"))[0]
+    code, out, _ = _cli(capsys, "info", r8_module, "--json")
+    assert json.loads(out)["frontend"] == []
+    assert "front-end none: the source was read as exported" in _cli(capsys, "info", r8_module)[1]
+
+
 def test_info_without_metadata(tmp_path, capsys):
     model = build_model(tmp_path / "m.onnx", meta=False)
     code, out, _ = _cli(capsys, "info", model, "--json")

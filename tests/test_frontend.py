@@ -4,6 +4,7 @@ with the original in onnxruntime, then the full checker; the failures that must 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -249,3 +250,29 @@ def test_cli_layout_flag_and_clean_refusal(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(args + ["--input-size", "8x"])
     assert e.value.code == 2 and "--input-size" in capsys.readouterr().err
+
+
+def test_every_front_end_record_reads_in_words():
+    """`onnxmod info` shows the onnxmod.frontend records through frontend.describe: each kind of
+    record the front-end writes has its own sentence (no key-value fallback)."""
+    records = [
+        {"step": "upgrade", "from": {"ir_version": 3, "opset": 8}, "to": {"ir_version": 7, "opset": 13}},
+        {"step": "nhwc_input", "detected_from": "--layout nhwc", "kept_transpose": True},
+        {"step": "input_size", "size": [48, 192], "from": "calibration data"},
+        {"step": "dynamic_batch", "was": 1, "reshapes": ["r1", "r2", "r3", "r4"]},
+        {"step": "static_reshapes", "nodes": ["Reshape@18"]},
+        {"step": "split_to_slices", "splits": ["split"]},
+        {"step": "channel_shuffle", "shuffles": [{"reshape": "r", "transpose": "t", "groups": 2}]},
+        {"step": "transpose_flatten", "rewrites": [{"transpose": "t", "flatten": "f", "weights": "w"}]},
+        {"step": "strip_softmax", "node": "sm", "op": "LogSoftmax", "also_removed": ["Identity 'id'"]},
+    ]
+    steps = {m.group(1) for m in re.finditer(r'"step": "(\w+)"', Path(frontend.__file__).read_text())}
+    assert steps == {r["step"] for r in records}  # every kind frontend.py records is covered here
+    texts = [frontend.describe(r) for r in records]
+    assert texts[0] == "upgraded from IR 3, opset 8 to IR 7, opset 13"
+    assert texts[1].startswith("NHWC input turned into the NCHW input (from --layout nhwc)")
+    assert texts[2] == "dynamic height/width fixed to 48x192 (from the calibration data)"
+    assert texts[3] == "fixed batch 1 made dynamic; batch-bound Reshape constants rewritten in 'r1', 'r2', 'r3' and 1 more"
+    assert "LogSoftmax 'sm' stripped" in texts[8] and "Identity 'id'" in texts[8]
+    assert not any(t.startswith("step ") for t in texts)
+    assert frontend.describe({"step": "future_rewrite", "n": 2}) == "step future_rewrite, n 2"

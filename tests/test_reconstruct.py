@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from engine_oracles import run
-from onnxmod import channels, graphio, reconstruct, surgery
+from onnxmod import channels, graphio, ops, reconstruct, surgery
 from onnxmod.compose import compose, compose_info
 from onnxmod.data import open_dataset
 from onnxmod.decompose import DecomposeSettings, decompose, prepare_source
@@ -63,13 +63,36 @@ def test_nothing_pruned_reproduces_the_source(source):
     src, analysis = source
     keep = analysis.full_keep()
     model = surgery.remove_channels(analysis, keep)
-    targets = reconstruct.source_targets(src.model, _images(CALIB, 64), 16, seed=0, device="cpu")
+    targets = reconstruct.source_targets(analysis, _images(CALIB, 64), 16, seed=0, device="cpu")
     assert any(s.residual for s in targets.sites.values())  # the blocks' second convs match the Add's sum
     (out,) = reconstruct.reconstruct([model], [keep], analysis, targets, device="cpu")
     onnx.checker.check_model(out, full_check=True)
     x = _images(TEST, 100)
     (a,), (b,) = run(out, x), run(src.model, x)
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3 * np.abs(b).max())
+
+
+def test_reconstruction_refits_what_the_op_registry_says(source, monkeypatch):
+    """The nodes re-fitted, and which of them match a residual sum, come from the registry rules
+    (fit_geometry / sums_branches), not from op types in onnxmod.reconstruct."""
+    src, analysis = source
+    x = _images(CALIB, 8)
+    fits = {name for name, r in analysis.node_rule.items() if ops.rule(r).fit_geometry(analysis.nodes[name])}
+    targets = reconstruct.source_targets(analysis, x, 4, seed=0, device="cpu")
+    assert fits and set(targets.sites) == fits
+    assert all(analysis.nodes[n].op == "Conv" and int(analysis.nodes[n].attrs.get("group", 1)) == 1 for n in fits)
+    assert any(s.residual for s in targets.sites.values())
+    with monkeypatch.context() as m:
+        m.setattr(ops.elementwise.Same, "sums_branches", lambda self, node: False)
+        assert not any(s.residual for s in reconstruct.source_targets(analysis, x, 4, 0, "cpu").sites.values())
+    monkeypatch.setattr(ops.conv.DenseConv, "fit_geometry", lambda self, node: None)
+    assert reconstruct.source_targets(analysis, x, 4, 0, "cpu").sites == {}
+    keep = analysis.full_keep()
+    model = surgery.remove_channels(analysis, keep)
+    targets = reconstruct.source_targets(analysis, x, 4, 0, "cpu")
+    (out,) = reconstruct.reconstruct([model], [keep], analysis, targets, device="cpu")
+    weights = lambda m: {i.name: numpy_helper.to_array(i).tobytes() for i in m.graph.initializer}  # noqa: E731
+    assert weights(out) == weights(model)  # nothing the registry re-fits: nothing re-fitted
 
 
 def test_reconstruction_reduces_the_drift_of_a_pruned_model(source):
@@ -81,7 +104,7 @@ def test_reconstruction_reduces_the_drift_of_a_pruned_model(source):
         keep[gid][rng.permutation(keep[gid].size)[: keep[gid].size // 2]] = True
     keep = analysis.close(keep)
     pruned = surgery.remove_channels(analysis, keep)
-    targets = reconstruct.source_targets(src.model, _images(CALIB, 256), 16, seed=0, device="cpu")
+    targets = reconstruct.source_targets(analysis, _images(CALIB, 256), 16, seed=0, device="cpu")
     (fixed,) = reconstruct.reconstruct([pruned], [keep], analysis, targets, device="cpu")
     onnx.checker.check_model(fixed, full_check=True)
     x = _images(TEST, 200)  # held-out images

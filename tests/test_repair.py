@@ -132,29 +132,36 @@ def test_unsupported_op_is_named_before_training():
 
 # --------------------------------------------------------------------------- through decompose
 def test_decompose_repairs_and_fits_platt_on_the_modules_own_logit(tmp_path, monkeypatch):
-    """The score calibration is fitted on what the (repaired) module outputs, not the source's logit."""
+    """The score calibration is fitted on what the (repaired) module outputs, not the source's logit:
+    each fit's logits are the written module's own `logit` on images the modules were run on."""
     seen: list[tuple[np.ndarray, np.ndarray]] = []
-    real_fit, real_logit = dec.scoring.fit_platt, dec.module_logit
-    logits: list[np.ndarray] = []
+    real_fit, real_outputs = dec.scoring.fit_platt, dec.module_outputs
+    images: list[np.ndarray] = []
 
-    def spy_logit(small, x, device="auto"):
-        logits.append(real_logit(small, x, device))
-        return logits[-1]
+    def spy_outputs(smalls, names, x, *a, **k):
+        images.append(x)
+        return real_outputs(smalls, names, x, *a, **k)
 
     def spy_fit(logit, positive, *a, **k):
         seen.append((np.asarray(logit), np.asarray(positive)))
         return real_fit(logit, positive, *a, **k)
 
-    monkeypatch.setattr(dec, "module_logit", spy_logit)
+    monkeypatch.setattr(dec, "module_outputs", spy_outputs)
     monkeypatch.setattr(dec.scoring, "fit_platt", spy_fit)
     settings = DecomposeSettings(samples_per_class=30, repair_epochs=2, repair_min_steps=20)
     man = decompose(SAMPLE, CALIB, tmp_path / "m", classes=["cat", "dog"], settings=settings, quiet=True,
                     device="cpu")
     assert man["repair"]["steps"] >= 20 and man["timings"]["repair_s"] > 0
-    assert len(seen) == 2
-    for entry, (logit, positive), own in zip(man["modules"], seen, logits):
-        np.testing.assert_array_equal(logit, own)
+    assert len(seen) == 2 and len(images) == 1  # both modules in one run
+    source_logits = run(onnx.load(SAMPLE), images[0])[0]
+    for entry, (logit, positive) in zip(man["modules"], seen):
         model = onnx.load(tmp_path / "m" / entry["file"])
+        at = [o.name for o in model.graph.output].index("logit")
+        own = run(model, images[0])[at][:, 0]  # the module's `logit` on every image of the run
+        assert positive.sum() > 0 and (~positive).sum() > 0
+        gap = np.abs(logit[:, None] - own[None, :]).min(axis=1)  # each fitted logit is one of the module's
+        assert gap.max() < 1e-5
+        assert np.abs(logit[:, None] - source_logits[:, entry["class_index"]][None, :]).min(axis=1).max() > 1e-3
         meta = {p.key: p.value for p in model.metadata_props}
         assert json.loads(meta["onnxmod.kept"])["repaired"] is True
         cal = json.loads(meta["onnxmod.calibration"])

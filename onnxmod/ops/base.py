@@ -6,7 +6,8 @@ does to channels, how it is shrunk, its MAC count, its sensitivity term, whether
 reconstruction can re-fit it and when it pins channels. ``analyze`` tags each node
 with a :class:`Rule` (``ChannelAnalysis.node_rule``); the rule is what surgery
 (``shrink``), selection (``abs_weights``/``mac_term``/``back``) and the group
-bookkeeping (``reduces``) consult, so nothing outside this package branches on op
+bookkeeping (``reduces``) and layer-wise reconstruction (``fit_geometry``/``sums_branches``)
+consult, so nothing outside this package branches on op
 types or rule names.
 """
 
@@ -22,8 +23,19 @@ if TYPE_CHECKING:  # pragma: no cover
     from onnxmod.channels import ChannelAnalysis
 
 
+@dataclass(frozen=True)
+class FitGeometry:
+    """How layer-wise reconstruction (:mod:`onnxmod.reconstruct`) re-fits a node: as a 2-D
+    convolution of its input's patches, by least squares."""
+
+    kernel: tuple[int, int]
+    strides: tuple[int, int]
+    dilations: tuple[int, int]
+    pads: tuple[int, int, int, int]  # top, left, bottom, right
+
+
 class Rule:
-    """How nodes tagged ``name`` are cut, counted and back-propagated through."""
+    """How nodes tagged ``name`` are cut, counted, back-propagated through and re-fitted."""
 
     name = ""
     reduces = False  # sums input channels with weight columns; output rows make channels
@@ -38,6 +50,15 @@ class Rule:
     def mac_term(self, a: "ChannelAnalysis", node: gs.Node) -> tuple[int, int | None, float] | None:
         """(in group, out group or None, MACs per kept (in, out) channel pair); None: no MACs."""
         return None
+
+    def fit_geometry(self, node: gs.Node) -> FitGeometry | None:
+        """The patches layer-wise reconstruction re-fits the node on; None: it is not re-fitted."""
+        return None
+
+    def sums_branches(self, node: gs.Node) -> bool:
+        """Whether the node outputs the plain sum of its two inputs (a residual Add): a re-fitted
+        node feeding it is matched to the sum minus the other branch."""
+        return False
 
     def back(self, sel: Any, node: gs.Node, so: np.ndarray, add: Callable[[gs.Tensor, Any], None]) -> None:
         """Propagate the sensitivity ``so`` of the node's output to its inputs (default: a barrier

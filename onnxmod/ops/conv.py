@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxmod.ops.base import Family, Rule
+from onnxmod.ops.base import Family, FitGeometry, Rule
 
 if TYPE_CHECKING:  # pragma: no cover
     from onnxmod.channels import ChannelAnalysis
@@ -44,6 +44,15 @@ class DenseConv(Rule):
 
     def mac_term(self, a, node: gs.Node):
         return (*_groups(a, node), _spatial_taps(node))
+
+    def fit_geometry(self, node: gs.Node) -> FitGeometry | None:
+        w = node.inputs[1]
+        if node.attrs.get("auto_pad", "NOTSET") != "NOTSET" or not isinstance(w, gs.Constant) or len(w.shape) != 4:
+            return None  # implicit pads or not 2-D: no explicit patch geometry
+        pads = [int(v) for v in node.attrs.get("pads", (0, 0, 0, 0))]
+        pair = lambda key: tuple(int(v) for v in node.attrs.get(key, (1, 1)))  # noqa: E731
+        return FitGeometry((int(w.shape[2]), int(w.shape[3])), pair("strides"), pair("dilations"),
+                           (pads[0], pads[1], pads[2], pads[3]))
 
     def back(self, sel, node: gs.Node, so: np.ndarray, add) -> None:
         add(node.inputs[0], sel.weights[node.name].T @ so)

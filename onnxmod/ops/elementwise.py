@@ -52,6 +52,9 @@ class Same(Rule):
             if axis >= 0 and v.shape[axis] == full:
                 node.inputs[i] = s.const(t.name, np.take(v, kept, axis=axis))
 
+    def sums_branches(self, node: gs.Node) -> bool:
+        return node.op in ("Add", "Sum") and len(node.inputs) == 2
+
     def back(self, sel, node: gs.Node, so: np.ndarray, add) -> None:
         f = scale_factor(node, so.size)
         for t in node.inputs:
