@@ -137,23 +137,27 @@ def repair(
     order = torch.randperm(n, generator=gen)
     pos = 0
     bar = progress(range(total), total=total, desc="repair (distillation)", quiet=quiet, unit="step")
-    for _ in bar:
-        if pos >= n:
-            order, pos = torch.randperm(n, generator=gen), 0
-        batch = x_all[order[pos:pos + settings.batch_size]]
-        pos += settings.batch_size
-        if settings.augment:
-            batch = augment(batch, gen)
-        with torch.no_grad():
-            t = teacher(batch)[0].index_select(1, cls)
-        z = student(batch)
-        loss = distill_loss(z, t, settings.temperature, settings.mse_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, settings.clip)
-        opt.step()
-        sched.step()
-        losses.append(loss.detach())
+    try:
+        for _ in bar:
+            if pos >= n:
+                order, pos = torch.randperm(n, generator=gen), 0
+            batch = x_all[order[pos:pos + settings.batch_size]]
+            pos += settings.batch_size
+            if settings.augment:
+                batch = augment(batch, gen)
+            with torch.no_grad():
+                t = teacher(batch)[0].index_select(1, cls)
+            z = student(batch)
+            loss = distill_loss(z, t, settings.temperature, settings.mse_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, settings.clip)
+            opt.step()
+            sched.step()
+            losses.append(loss.detach())
+    except (torch.OutOfMemoryError, MemoryError) as e:  # an actionable message, not a traceback
+        raise OnnxmodError(f"repair ran out of {dev.type.upper()} memory at {settings.batch_size} images per step "
+                           f"({len(modules)} modules): pass a smaller --repair-batch-size") from e
     loss_curve = torch.stack(losses).cpu().numpy()
     report = {
         "images": int(n), "epochs": settings.epochs, "steps": total, "batch_size": settings.batch_size,

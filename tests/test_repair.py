@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import numpy_helper
 
 from engine_oracles import run
@@ -201,3 +202,19 @@ def test_cli_flags(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["decompose", str(SAMPLE), "--calib", str(CALIB), "-o", str(tmp_path / "n"), "--repair-epochs", "0"])
     assert e.value.code == 2 and "--repair-epochs" in capsys.readouterr().err
+
+
+def test_out_of_memory_names_the_flag(tmp_path, monkeypatch, capsys):
+    from onnxmod import repair
+    from onnxmod.cli.main import main
+
+    def no_memory(self, x):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(repair.JointModules, "forward", no_memory)
+    with pytest.raises(SystemExit) as e:
+        main(["decompose", str(SAMPLE), "--calib", str(CALIB), "-o", str(tmp_path / "m"), "--classes", "cat",
+              "--samples-per-class", "20", "--repair-batch-size", "64", "-q"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "out of CPU memory at 64 images per step" in err and "--repair-batch-size" in err
+    assert "Traceback" not in err and not (tmp_path / "m").exists()  # nothing half-written
