@@ -240,10 +240,10 @@ def block_time(results: dict[str, Any]) -> str:
                  f"{_x(r['decompose_over_plain'])} | **{r['decompose_over_epoch']:.2f}** | {r['decompose_no_repair_s']:.1f} s | "
                  f"**{_x(r['no_repair_over_plain'])}** |")
     e = next(iter(tm["models"].values()))["training_epoch"]
+    repair_batches = sorted({str((r.get("repair") or {}).get("batch_size", "?")) for r in tm["models"].values()})
     t += ["", f"Training epoch: {e['optimizer']}, batch {e['batch_size']}, {e['augmentation']}, torch on {e['device']} "
               f"({e['torch_threads']} CPU threads), after 2 untimed warm-up steps: batch 128 is the batch these "
-              f"checkpoints were trained with. Repair's own batch: "
-              f"{', '.join(sorted({str((r.get('repair') or {}).get('batch_size', '?')) for r in tm['models'].values()}))}."]
+              f"checkpoints were trained with. Repair's own batch: {', '.join(repair_batches)}."]
     return "\n".join(t)
 
 
