@@ -281,6 +281,13 @@ class ChannelAnalysis:
         """Channel j of group ``dst`` is channel ``index[j]`` of group ``src`` (-1: a constant)."""
         self.derivations.append(Derivation(node.name, src, dst, index))
 
+    def index_map(self, node: gs.Node, x: gs.Tensor, y: gs.Tensor, index: np.ndarray, rule: "ops.Rule") -> None:
+        """``y`` gets a new group whose channel j is channel ``index[j]`` of ``x`` (-1: a constant); ``node``
+        is tagged with ``rule``."""
+        out = self.fresh(y)
+        self.derive(node, self.info(x).group, out.group, index)
+        self.tag(node, rule)
+
     def tag(self, node: gs.Node, rule: "ops.Rule") -> None:
         self.node_rule[node.name] = rule.name
 

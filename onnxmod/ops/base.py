@@ -67,6 +67,14 @@ class Rule:
             add(t, float(np.mean(so)))
 
 
+class IndexMap(Rule):
+    """A rule for ops whose output channel j is one input channel, ``Derivation.index[j]`` (Pad, Slice,
+    Gather): a channel's sensitivity goes back to the channel it was taken from."""
+
+    def back(self, sel: Any, node: gs.Node, so: np.ndarray, add: Callable[[gs.Tensor, Any], None]) -> None:
+        derived_back(sel, node, so, add, per_input=False)
+
+
 @dataclass(frozen=True)
 class Family:
     """One op family: the registry's unit (one file of :mod:`onnxmod.ops`)."""

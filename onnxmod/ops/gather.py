@@ -8,13 +8,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxmod.ops.base import Family, Rule, derived_back
+from onnxmod.ops.base import Family, IndexMap
 
 if TYPE_CHECKING:  # pragma: no cover
     from onnxmod.channels import ChannelAnalysis
 
 
-class GatherChannels(Rule):
+class GatherChannels(IndexMap):
     name = "gather_channels"
 
     def shrink(self, s, node: gs.Node) -> None:
@@ -22,9 +22,6 @@ class GatherChannels(Rule):
         needed = d.index[s.keep[d.dst]]
         pos = np.searchsorted(s.kept(node.inputs[0].name), needed)
         node.inputs[1] = s.const(f"{node.name}_indices", pos.astype(np.int64))
-
-    def back(self, sel, node: gs.Node, so: np.ndarray, add) -> None:
-        derived_back(sel, node, so, add, per_input=False)
 
 
 GATHER_CHANNELS = GatherChannels()
@@ -41,10 +38,7 @@ def gather(a: "ChannelAnalysis", node: gs.Node) -> None:
     if (idx is None or idx.ndim != 1 or rank is None or c is None or int(node.attrs.get("axis", 0)) % rank != 1
             or tc.block != 1):
         return a.barrier(node, "Gather other than constant 1-D indices on the channel axis")
-    index = np.asarray(idx, dtype=np.int64) % c
-    out = a.fresh(y)
-    a.derive(node, tc.group, out.group, index)
-    a.tag(node, GATHER_CHANNELS)
+    a.index_map(node, x, y, np.asarray(idx, dtype=np.int64) % c, GATHER_CHANNELS)
 
 
 GATHER = Family(

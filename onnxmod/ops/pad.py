@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxmod.ops.base import Family, Rule, derived_back
+from onnxmod.ops.base import Family, IndexMap
 from onnxmod.ops.elementwise import SAME
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -34,7 +34,7 @@ def pad_amounts(node: gs.Node, rank: int) -> list[int] | None:
     return pads if len(pads) == 2 * rank else None
 
 
-class PadChannels(Rule):
+class PadChannels(IndexMap):
     name = "pad_channels"
 
     def shrink(self, s, node: gs.Node) -> None:
@@ -60,9 +60,6 @@ class PadChannels(Rule):
             if len(node.inputs) > 3 and node.inputs[3].name:  # drop `axes`: pads now cover all axes
                 node.inputs[3] = gs.Variable.empty()
 
-    def back(self, sel, node: gs.Node, so: np.ndarray, add) -> None:
-        derived_back(sel, node, so, add, per_input=False)
-
 
 PAD_CHANNELS = PadChannels()
 
@@ -83,11 +80,9 @@ def pad(a: "ChannelAnalysis", node: gs.Node) -> None:
     if node.attrs.get("mode", "constant") not in ("constant", b"constant") or tc.block != 1:
         return a.barrier(node, "non-constant padding of the channel axis")
     c = a.channels_of(x)
-    out = a.fresh(y)
     index = np.arange(c + p0 + p1) - p0
     index[(index < 0) | (index >= c)] = -1
-    a.derive(node, tc.group, out.group, index)
-    a.tag(node, PAD_CHANNELS)
+    a.index_map(node, x, y, index, PAD_CHANNELS)
 
 
 PAD = Family(

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxmod.ops.base import Family, Rule, derived_back
+from onnxmod.ops.base import Family, IndexMap
 from onnxmod.ops.elementwise import SAME
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -37,7 +37,7 @@ def slice_spec(node: gs.Node, rank: int) -> dict[int, tuple[int, int, int]] | No
     return {ax % rank: (s, e, st) for ax, s, e, st in zip(axes, starts, ends, steps)}
 
 
-class SliceChannels(Rule):
+class SliceChannels(IndexMap):
     name = "slice_channels"
 
     def shrink(self, s, node: gs.Node) -> None:
@@ -61,9 +61,6 @@ class SliceChannels(Rule):
                        s.const(f"{node.name}_axes", np.asarray(axes, dtype=np.int64)),
                        s.const(f"{node.name}_steps", cols[2])]
 
-    def back(self, sel, node: gs.Node, so: np.ndarray, add) -> None:
-        derived_back(sel, node, so, add, per_input=False)
-
 
 SLICE_CHANNELS = SliceChannels()
 
@@ -85,9 +82,7 @@ def slice_(a: "ChannelAnalysis", node: gs.Node) -> None:
     c = a.channels_of(x)
     start, end, step = spec[1]
     index = np.arange(c)[slice(start, end, step)] if step > 0 else _neg_slice(c, start, end, step)
-    out = a.fresh(y)
-    a.derive(node, tc.group, out.group, index)
-    a.tag(node, SLICE_CHANNELS)
+    a.index_map(node, x, y, index, SLICE_CHANNELS)
 
 
 SLICE = Family(
