@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -133,28 +133,30 @@ def repair(
     warm = max(1, total // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + np.cos(np.pi * min(1.0, s / total))))
-    losses: list[torch.Tensor] = []
-    order = torch.randperm(n, generator=gen)
-    pos = 0
+
+    def batches() -> Iterator[torch.Tensor]:
+        """Endless passes over the images, each in a new random order."""
+        while True:
+            order = torch.randperm(n, generator=gen)
+            for start in range(0, n, settings.batch_size):
+                yield x_all[order[start:start + settings.batch_size]]
+
+    def step(batch: torch.Tensor) -> torch.Tensor:
+        if settings.augment:
+            batch = augment(batch, gen)
+        with torch.no_grad():
+            t = teacher(batch)[0].index_select(1, cls)
+        loss = distill_loss(student(batch), t, settings.temperature, settings.mse_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, settings.clip)
+        opt.step()
+        sched.step()
+        return loss.detach()
+
     bar = progress(range(total), total=total, desc="repair (distillation)", quiet=quiet, unit="step")
     try:
-        for _ in bar:
-            if pos >= n:
-                order, pos = torch.randperm(n, generator=gen), 0
-            batch = x_all[order[pos:pos + settings.batch_size]]
-            pos += settings.batch_size
-            if settings.augment:
-                batch = augment(batch, gen)
-            with torch.no_grad():
-                t = teacher(batch)[0].index_select(1, cls)
-            z = student(batch)
-            loss = distill_loss(z, t, settings.temperature, settings.mse_weight)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, settings.clip)
-            opt.step()
-            sched.step()
-            losses.append(loss.detach())
+        losses = [step(batch) for _, batch in zip(bar, batches())]
     except (torch.OutOfMemoryError, MemoryError) as e:  # an actionable message, not a traceback
         raise OnnxmodError(f"repair ran out of {dev.type.upper()} memory at {settings.batch_size} images per step "
                            f"({len(modules)} modules): pass a smaller --repair-batch-size") from e
