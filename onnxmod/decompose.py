@@ -253,7 +253,7 @@ def resolve_classes(requested: Sequence[str] | None, classes: list[str]) -> list
 UNSEEN = "(not labelled)"  # pseudo-class of unlabelled images the source was not run on
 
 
-def label_with_source(dataset: Dataset, src: PreparedSource, settings: DecomposeSettings, device: str,
+def label_with_source(dataset: Dataset, src: PreparedSource, settings: DecomposeSettings, batch: int, device: str,
                       quiet: bool) -> Dataset:
     """Unlabelled calibration data: the source's own predictions become the labels.
 
@@ -264,7 +264,6 @@ def label_with_source(dataset: Dataset, src: PreparedSource, settings: Decompose
     rng = np.random.default_rng(settings.seed + 7)
     pool = np.sort(rng.permutation(len(dataset))[: settings.samples_per_class * k])
     sess = runtime.make_session(src.model, device=device, name="source")
-    batch = runtime.stream_batch_size(src.model, settings.batch_size)
     preds = [runtime.run(sess, x)[0].argmax(axis=1)
              for x, _ in progress(dataset.iter_batches(batch, size=src.input_chw[1:], indices=pool),
                                   total=dataset.num_batches(batch, indices=pool),
@@ -418,8 +417,9 @@ def decompose(
     src = prepare_source(model_path, mean, std, scale, data_classes=dataset.classes if dataset.labelled else None,
                          layout=layout, input_size=input_size, data_size=dataset.image_size)
     wanted = resolve_classes(classes, src.classes)
+    batch = runtime.stream_batch_size(src.model, settings.batch_size)
     if not dataset.labelled:
-        dataset = label_with_source(dataset, src, settings, device, quiet)
+        dataset = label_with_source(dataset, src, settings, batch, device, quiet)
 
     label_map = np.array([src.classes.index(c) if c in src.classes else -1 for c in dataset.classes], dtype=np.int64)
     if (label_map < 0).all():
@@ -429,7 +429,6 @@ def decompose(
     if missing:
         raise OnnxmodError(f"{calib}: has no images of class(es) {', '.join(missing)}")
     idx = calibration_indices(dataset, label_map, settings.samples_per_class, settings.seed, wanted)
-    batch = runtime.stream_batch_size(src.model, settings.batch_size)
 
     analysis = channels.analyze(src.model, canonical=True)
     out_group = analysis.output_group()

@@ -209,7 +209,7 @@ def run(session: ort.InferenceSession, x: np.ndarray, output_names: Sequence[str
 
 def stream_batch_size(model: onnx.ModelProto, requested: int) -> int:
     """``requested``, or fewer images where one batch's largest activation (float32) would pass
-    STREAM_MEMORY_BYTES: ORT's peak memory follows it (ResNet-50 at 224: 80 images a batch, not 256
+    STREAM_MEMORY_BYTES: ORT's peak memory follows it (ResNet-50 at 224: 39 images a batch, not 256
     with 5 GB resident), and bigger batches of big images run no faster on a CPU. CIFAR nets keep 256."""
     per_image = 4 * graphio.largest_activation(model)
     return max(1, min(int(requested), int(STREAM_MEMORY_BYTES // per_image)))
