@@ -373,6 +373,72 @@ def module_outputs(smalls: Sequence[onnx.ModelProto], names: Sequence[Sequence[s
     return [[values[o] for o in outs] for outs in merged_names]
 
 
+@dataclass
+class ModuleFitter:
+    """Each module's class row re-fitted (training-free path) and its own logit on the score-calibration
+    images, MODULES_PER_RUN modules to one onnxruntime run (what they share computed once); one run
+    per chunk serves both fits. Positions index the calibration order; ``x`` holds their union."""
+
+    x: np.ndarray | None  # images at fit_pos = refit_pos ∪ platt_pos
+    refit_pos: np.ndarray  # the row re-fit's images (empty: no re-fit)
+    platt_pos: np.ndarray  # the score calibration's images
+    relevant: np.ndarray  # [len(refit_pos), K] > 0 where class k is contested (calibrate.relevance)
+    source_logits: np.ndarray  # [len(refit_pos), K]: what the re-fitted rows reproduce
+    mac_targets: dict[int, float]
+    no_refit_why: str  # why no row is re-fitted ("" when they are)
+    device: str
+    batch: int
+    rng: np.random.Generator
+    refit_s: float = 0.0
+    module_runs_s: float = 0.0
+
+    @classmethod
+    def build(cls, stats: calibrate.ActivationStats, wanted: Sequence[int], mac_targets: dict[int, float],
+              images, settings: DecomposeSettings, device: str, batch: int, no_refit_why: str) -> "ModuleFitter":
+        """Images balanced over the wanted classes and one group of the rest (each module needs its own
+        class); reconstruction and repair leave the source's class row right, so then no row re-fit."""
+        refit_pos = _balanced_positions(stats.labels, 0 if no_refit_why else settings.refit_images, settings.seed,
+                                        groups=wanted)
+        platt_pos = _balanced_positions(stats.labels, settings.platt_images, settings.seed + 5, groups=wanted)
+        return cls(images(np.union1d(refit_pos, platt_pos)), refit_pos, platt_pos,
+                   calibrate.relevance(stats.logits[refit_pos], stats.labels[refit_pos]), stats.logits[refit_pos],
+                   mac_targets, no_refit_why, device, batch, np.random.default_rng(settings.seed + 2))
+
+    def fit(self, items: Iterable[tuple[int, dict, onnx.ModelProto]]
+            ) -> Iterator[tuple[int, dict, onnx.ModelProto, dict[str, Any], np.ndarray]]:
+        """(k, keep, small) -> (k, keep, small with its class row re-fitted, re-fit report, the module's
+        own logit on the Platt images)."""
+        fit_pos = np.union1d(self.refit_pos, self.platt_pos)
+        at_refit, at_platt = np.searchsorted(fit_pos, self.refit_pos), np.searchsorted(fit_pos, self.platt_pos)
+        it = iter(items)
+        while chunk := list(itertools.islice(it, MODULES_PER_RUN)):
+            refitting = [self.refit_pos.size > 0 and self.mac_targets[k] < 1.0 for k, _, _ in chunk]
+            feats = [refit_feature(small) if r else (None, self.no_refit_why or "disabled")
+                     for (_, _, small), r in zip(chunk, refitting)]
+            # per module: the images where class k is contested, plus a sample of the rest (re-weighted)
+            uses = [(self.relevant[:, k] > 0) | (self.rng.random(len(self.refit_pos)) < REFIT_OTHERS) if r else None
+                    for (k, _, _), r in zip(chunk, refitting)]
+            rows = np.unique(np.concatenate([at_platt, *(at_refit[u] for u in uses if u is not None)]))
+            t_run = time.perf_counter()
+            outs = module_outputs([small for _, _, small in chunk],
+                                  [[small.graph.output[0].name] + ([f] if f else [])
+                                   for (_, _, small), (f, _) in zip(chunk, feats)], self.x[rows], self.device,
+                                  self.batch)
+            self.module_runs_s += time.perf_counter() - t_run
+            for (k, keep, small), use, (f_name, why), out in zip(chunk, uses, feats, outs):
+                logit = out[0].reshape(len(rows), -1)[:, 0]
+                refit = {"refit": False, "why": self.no_refit_why or why or "disabled"}
+                if use is not None and f_name is not None:
+                    t_refit = time.perf_counter()
+                    at = np.searchsorted(rows, at_refit[use])
+                    small, row, refit = refit_output_row(
+                        small, out[1][at], logit[at], self.source_logits[use, k],
+                        np.where(self.relevant[use, k] > 0, REFIT_RELEVANT_WEIGHT, 1.0 / REFIT_OTHERS))
+                    logit = out[1] @ row[:-1] + row[-1]  # what the re-fitted module outputs
+                    self.refit_s += time.perf_counter() - t_refit
+                yield k, keep, small, refit, logit[np.searchsorted(rows, at_platt)]
+
+
 def module_filename(index: int, name: str) -> str:
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "class"
     return f"module_{index:03d}_{safe}.onnx"
@@ -453,22 +519,15 @@ def decompose(
                 if positions.size else None)
 
     do_repair = settings.repair and pruned
-    # layer-wise reconstruction and repair leave the source's class row right: no separate row re-fit
-    # the score and row fits need each module's own class: balanced over the wanted classes and the rest
-    refit_pos = _balanced_positions(stats.labels, 0 if do_reconstruct or do_repair else settings.refit_images,
-                                    settings.seed, groups=wanted)
-    refit_relevant = calibrate.relevance(stats.logits[refit_pos], stats.labels[refit_pos])
-    platt_pos = _balanced_positions(stats.labels, settings.platt_images, settings.seed + 5, groups=wanted)
-    fit_pos = np.union1d(refit_pos, platt_pos)  # one run of the modules per chunk serves both fits
-    fit_x = images(fit_pos)
-    at_refit, at_platt = np.searchsorted(fit_pos, refit_pos), np.searchsorted(fit_pos, platt_pos)
-    rng = np.random.default_rng(settings.seed + 2)
+    fitter = ModuleFitter.build(stats, wanted, mac_targets, images, settings, device, batch,
+                                no_refit_why="repaired by distillation" if do_repair
+                                else "reconstructed layer by layer" if do_reconstruct else "")
     all_channels = sum(g.size for g in selector.groups)
 
     tmp = outputs.temp_dir(out)
     try:
         modules = []
-        refit_s = writing_s = 0.0
+        writing_s = 0.0
         keeps = [selector.keep_for(k, mac_targets[k], settings.strategy, settings.depth_slope,
                                    multiple=settings.channel_multiple, shared_depth=settings.shared_depth)
                  for k in wanted]
@@ -489,44 +548,10 @@ def decompose(
             smalls, repair_report = _repair_modules(list(smalls), src, wanted, images, stats.labels, settings,
                                                     device, quiet)
             repair_s = time.perf_counter() - t_rep
-        how = "repaired by distillation" if do_repair else "reconstructed layer by layer" if do_reconstruct else ""
-        module_runs_s = 0.0
-
-        def fitted(items: Iterable[tuple[int, dict, onnx.ModelProto]]) -> Iterator[tuple]:
-            """(k, keep, small) -> (k, keep, small with its class row re-fitted, refit report, the
-            module's own logit on the Platt images), MODULES_PER_RUN modules to one run."""
-            nonlocal refit_s, module_runs_s
-            it = iter(items)
-            while chunk := list(itertools.islice(it, MODULES_PER_RUN)):
-                refitting = [refit_pos.size > 0 and mac_targets[k] < 1.0 for k, _, _ in chunk]
-                feats = [refit_feature(small) if r else (None, how or "disabled")
-                         for (_, _, small), r in zip(chunk, refitting)]
-                # per module: the images where class k is contested, plus a sample of the rest (re-weighted)
-                uses = [(refit_relevant[:, k] > 0) | (rng.random(len(refit_pos)) < REFIT_OTHERS) if r else None
-                        for (k, _, _), r in zip(chunk, refitting)]
-                rows = np.unique(np.concatenate([at_platt, *(at_refit[u] for u in uses if u is not None)]))
-                t_run = time.perf_counter()
-                outs = module_outputs([small for _, _, small in chunk],
-                                      [[small.graph.output[0].name] + ([f] if f else [])
-                                       for (_, _, small), (f, _) in zip(chunk, feats)], fit_x[rows], device, batch)
-                module_runs_s += time.perf_counter() - t_run
-                for (k, keep, small), use, (f_name, why), out in zip(chunk, uses, feats, outs):
-                    logit = out[0].reshape(len(rows), -1)[:, 0]
-                    refit = {"refit": False, "why": how or why or "disabled"}
-                    if use is not None and f_name is not None:
-                        t_refit = time.perf_counter()
-                        rel = refit_relevant[use, k] > 0
-                        at = np.searchsorted(rows, at_refit[use])
-                        small, row, refit = refit_output_row(small, out[1][at], logit[at], stats.logits[refit_pos[use], k],
-                                                             np.where(rel, REFIT_RELEVANT_WEIGHT, 1.0 / REFIT_OTHERS))
-                        logit = out[1] @ row[:-1] + row[-1]  # what the re-fitted module outputs
-                        refit_s += time.perf_counter() - t_refit
-                    yield k, keep, small, refit, logit[np.searchsorted(rows, at_platt)]
-
-        for k, keep, small, refit, platt_logit in progress(fitted(zip(wanted, keeps, smalls)), total=len(wanted),
+        for k, keep, small, refit, platt_logit in progress(fitter.fit(zip(wanted, keeps, smalls)), total=len(wanted),
                                                            desc="writing modules", quiet=quiet, unit="module"):
             # the score is calibrated on what the module itself outputs, not on the source's logit
-            a, b, nll0, nll1 = scoring.fit_platt(platt_logit, stats.labels[platt_pos] == k)
+            a, b, nll0, nll1 = scoring.fit_platt(platt_logit, stats.labels[fitter.platt_pos] == k)
             kept_channels = int(sum(keep[g.id].sum() for g in selector.groups))
             module = module_graph(small, a, b)
             params, macs = count_params(module), count_macs(module)
@@ -538,7 +563,7 @@ def decompose(
                       "channels": {"kept": kept_channels, "total": all_channels},
                       "target_macs": mac_targets[k], "strategy": settings.strategy, "fill": settings.fill,
                       "reconstructed": do_reconstruct, "repaired": do_repair},
-                calibration=Calibration("platt", a, b, temperature, int(len(platt_pos)), nll0, nll1),
+                calibration=Calibration("platt", a, b, temperature, int(len(fitter.platt_pos)), nll0, nll1),
                 preprocess=src.preprocess,
             )
             modelio.set_meta(module, {**spec.to_metadata(), modelio.FRONTEND: src.frontend_steps})
@@ -569,7 +594,7 @@ def decompose(
             "channels": analysis.summary(),
             "repair": repair_report,
             "timings": {"calibration_s": stats.seconds, "reconstruct_s": reconstruct_s, "repair_s": repair_s,
-                        "refit_s": refit_s, "module_runs_s": module_runs_s,
+                        "refit_s": fitter.refit_s, "module_runs_s": fitter.module_runs_s,
                         "writing_s": writing_s, "total_s": time.perf_counter() - t_start},
         }
         modelio.write_text_atomic(tmp / "manifest.json", json.dumps(manifest, indent=2))
