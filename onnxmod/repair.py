@@ -35,7 +35,7 @@ from onnxmod.torchgraph import ParameterStore, TorchGraph, trainable_initializer
 
 @dataclass
 class RepairSettings:
-    epochs: float = 8.0  # passes over the repair images (fractions allowed)
+    epochs: float = 5.0  # passes over the repair images (fractions allowed)
     min_steps: int = 200  # small calibration sets still get this many optimiser steps
     batch_size: int = 128
     lr: float = 1e-3  # Adam; cosine decay to 0 after a short warm-up
