@@ -460,6 +460,7 @@ class Bench:
         else:
             log(f"{key}: decompose ({settings_label(settings, self.default)}"
                 f"{'; classes ' + ','.join(classes) if classes else ''}) -> {d}")
+            shutil.rmtree(d, ignore_errors=True)  # bench's own cache dir: decompose never replaces a dir it did not write
             t = time.perf_counter()
             man = decompose(self.source(key), self.cfg.calib, d, classes=classes, settings=settings,
                             device=self.cfg.device, force=True, quiet=True)
