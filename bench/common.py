@@ -408,7 +408,7 @@ class Bench:
         memo = (f"source:{key}", tag)
         if memo not in self._eval_cache:
             log(f"{key}: source on {tag} ({len(ds)} images)")
-            self._eval_cache[memo] = evaluate_source(self.source(key), ds, device=self.cfg.device, quiet=True)
+            self._eval_cache[memo] = evaluate_source(self.source(key), ds, device=self.cfg.device, quiet=True, hits=True)
         return self._eval_cache[memo]
 
     def eval_composed(self, model: Any, dataset: Any = None, what: str = "composed") -> dict[str, Any]:
@@ -416,7 +416,7 @@ class Bench:
 
         ds = self.test if dataset is None else dataset
         log(f"{what}: evaluate on {len(ds)} images")
-        return evaluate_composed(model, ds, device=self.cfg.device, quiet=True)
+        return evaluate_composed(model, ds, device=self.cfg.device, quiet=True, hits=True)
 
     def eval_modules(self, d: Path, man: dict[str, Any]) -> list[dict[str, Any]]:
         """Each module's binary accuracy / AUC of its calibrated score (onnxmod.evaluate_module)."""
@@ -493,3 +493,15 @@ def settings_dict(s: Any) -> dict[str, Any]:
 def pt(a: float, b: float) -> float:
     """a - b in percentage points."""
     return 100.0 * (a - b)
+
+
+def paired(model: dict[str, Any], *baselines: dict[str, Any]) -> dict[str, Any]:
+    """Top-1 of ``model`` minus the mean top-1 of ``baselines``, all scored on the same images
+    (``evaluate_*(..., hits=True)``), in pt, with its paired standard error (per image: the
+    model's hit minus the baselines' mean hit). Single runs differ by less than ~2 se by chance."""
+    for base in baselines:
+        if not np.array_equal(base["indices"], model["indices"]):
+            raise ValueError(f"paired: {model['model']} and {base['model']} were scored on different images")
+    d = model["hits"].astype(np.float64) - np.mean([base["hits"] for base in baselines], axis=0)
+    return {"delta_pt": 100.0 * float(d.mean()), "se_pt": 100.0 * float(d.std(ddof=1) / np.sqrt(len(d))),
+            "discordant_images": int((d != 0).sum()), "images": int(len(d))}

@@ -30,8 +30,10 @@ def _pct(x: float | None, d: int = 2) -> str:
     return "–" if x is None else f"{100 * x:.{d}f}%"
 
 
-def _pt(x: float | None, sign: bool = False) -> str:
-    return "–" if x is None else (f"{x:+.2f} pt" if sign else f"{x:.2f} pt")
+def _pt(x: float | None, sign: bool = False, paired: dict[str, Any] | None = None) -> str:
+    """Points; with ``paired`` (bench.common.paired, absent in older results) its standard error too."""
+    se = f" ± {paired['se_pt']:.2f}" if paired else ""
+    return "–" if x is None else (f"{x:+.2f}{se} pt" if sign else f"{x:.2f}{se} pt")
 
 
 def _x(x: float | None, d: int = 2) -> str:
@@ -101,16 +103,16 @@ def block_paper(results: dict[str, Any]) -> str:
     rows = ["| | paper (Pan & Rajan, ICSE 2022) | ours |", "|---|---|---|"]
     if cost:
         rows.append("| decomposition cost: source − model composed from all modules (default flags) | 1.77 pt | " + "; ".join(
-            f"{r['label']} {_pt(r['default']['loss_pt'])} ({_pct(r['source_top1'])} → {_pct(r['default']['composed_top1'])}) "
+            f"{r['label']} {_pt(r['default']['loss_pt'], paired=r['default'].get('paired_vs_source'))} ({_pct(r['source_top1'])} → {_pct(r['default']['composed_top1'])}) "
             f"at {_pct(r['default']['modules']['mac_fraction']['mean'], 0)} module MACs" for r in cost["models"].values()) + " |")
         rows.append("| same, training-free (`--no-repair`) | | " + "; ".join(
             f"{r['label']} {_pt(r['no_repair']['loss_pt'])}" for r in cost["models"].values()) + " |")
     if reuse:
         rows.append(f"| reuse: loss of the composed model vs the sources restricted to its classes | {PAPER['reuse_loss_pt']} pt | "
-                    f"{_pt(-reuse['delta_vs_mean_source_pt'])} vs the mean of the restricted sources (4 classes from 2 models) |")
+                    f"{_pt(-reuse['delta_vs_mean_source_pt'], paired=reuse.get('paired_vs_mean_source'))} vs the mean of the restricted sources (4 classes from 2 models) |")
     if rep:
         rows.append(f"| replace: loss of the model after replacing a class vs its source | {PAPER['replace_loss_pt']} pt | "
-                    f"{_pt(-rep['delta_vs_source_pt'])} ({rep['base_label']}, '{rep['class']}' from {rep['donor_label']}; "
+                    f"{_pt(-rep['delta_vs_source_pt'], paired=rep.get('paired_vs_source'))} ({rep['base_label']}, '{rep['class']}' from {rep['donor_label']}; "
                     f"{_pt(rep['delta_vs_before_pt'], True)} vs the composed model before) |")
     if tm:
         rows.append(f"| cost vs training | ~{PAPER['co2e_ratio']:.0f}x less CO2e than retraining | " + "; ".join(
@@ -140,7 +142,7 @@ def block_cost(results: dict[str, Any]) -> str:
                    else f"– ({ov['counted_groups']} pruned class-specific groups)")
             rep_s = (f"{rep['steps']} steps on {rep['images']} images, {rep['device']}, {rep['seconds']:.0f} s" if rep else "–")
             t.append(f"| {r['label']} | {flags} | {_pct(r['source_top1'])} | {_pct(v['composed_top1'])} | "
-                     f"**{_pt(v['loss_pt'])}** | {_pct(mf['mean'], 1)} [{_pct(mf['min'], 1)}, {_pct(mf['max'], 1)}] | "
+                     f"**{_pt(v['loss_pt'], paired=v.get('paired_vs_source'))}** | {_pct(mf['mean'], 1)} [{_pct(mf['min'], 1)}, {_pct(mf['max'], 1)}] | "
                      f"{_x(v['composed_over_source_macs'])} | {v['module_auc']['mean']:.4f} [{v['module_auc']['min']:.4f}] | "
                      f"{jac} | {rep_s} |")
     first = next(iter(cost["models"].values()))
@@ -179,7 +181,7 @@ def block_subset(results: dict[str, Any]) -> str:
     t = [f"| model | classes | composed top-1 | {s['baseline']} | delta | composed MACs / source MACs |",
          "|---|---|---|---|---|---|",
          f"| {s['label']} | {', '.join(s['classes'])} | {_pct(s['composed_top1'])} | {_pct(s['source_restricted_top1'])} | "
-         f"**{_pt(s['delta_pt'], True)}** | **{_x(s['composed_over_source_macs'])}** ({s['composed_macs'] / 1e6:.1f} M / "
+         f"**{_pt(s['delta_pt'], True, s.get('paired'))}** | **{_x(s['composed_over_source_macs'])}** ({s['composed_macs'] / 1e6:.1f} M / "
          f"{s['source_macs'] / 1e6:.1f} M) |", "",
          f"{s['test_images']} test images (those of {', '.join(s['classes'])}). Per class, composed / restricted source / "
          f"the unrestricted 10-class source: " + "; ".join(
@@ -199,9 +201,10 @@ def block_reuse(results: dict[str, Any]) -> str:
         t.append(f"| {c['class']} | {c['from']} | {_pct(r['composed_per_class'][c['class']], 1)} | " + " | ".join(
             _pct(s["per_class"][c["class"]], 1) for s in srcs.values()) + " |")
     t.append(f"| **all ({r['test_images']} images)** | | **{_pct(r['composed_top1'])}** | " + " | ".join(
-        f"{_pct(s['top1'])} ({_pt(r['delta_vs_each_source_pt'][k], True)})" for k, s in srcs.items()) + " |")
+        f"{_pct(s['top1'])} ({_pt(r['delta_vs_each_source_pt'][k], True, _get(r, 'paired_vs_each_source', k))})"
+        for k, s in srcs.items()) + " |")
     t += ["", f"Baseline: {r['baseline']}. Composed vs the mean of the restricted sources: "
-              f"**{_pt(r['delta_vs_mean_source_pt'], True)}**."]
+              f"**{_pt(r['delta_vs_mean_source_pt'], True, r.get('paired_vs_mean_source'))}**."]
     return "\n".join(t)
 
 
@@ -221,7 +224,8 @@ def block_replace(results: dict[str, Any]) -> str:
          f"**{_pct(r['class_recall']['after'], 1)}** ({_pt(r['class_delta_vs_source_pt'], True)} vs source) | "
          f"{_pct(r['class_recall']['donor_source'], 1)} |",
          f"| top-1 | {_pct(r['top1']['source'])} | {_pct(r['top1']['before'])} | **{_pct(r['top1']['after'])}** "
-         f"({_pt(r['delta_vs_source_pt'], True)} vs source, {_pt(r['delta_vs_before_pt'], True)} vs before) | "
+         f"({_pt(r['delta_vs_source_pt'], True, r.get('paired_vs_source'))} vs source, "
+         f"{_pt(r['delta_vs_before_pt'], True, r.get('paired_vs_before'))} vs before) | "
          f"{_pct(r['top1']['donor_source'])} |"]
     return "\n".join(t)
 

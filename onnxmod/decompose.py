@@ -17,7 +17,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -397,7 +397,7 @@ class ModuleFitter:
 
     @classmethod
     def build(cls, stats: calibrate.ActivationStats, wanted: Sequence[int], mac_targets: dict[int, float],
-              images, settings: DecomposeSettings, device: str, batch: int, no_refit_why: str) -> "ModuleFitter":
+              images: Callable[[np.ndarray], np.ndarray | None], settings: DecomposeSettings, device: str, batch: int, no_refit_why: str) -> "ModuleFitter":
         """Images balanced over the wanted classes and one group of the rest (each module needs its own
         class); reconstruction and repair leave the source's class row right, so then no row re-fit."""
         refit_pos = _balanced_positions(stats.labels, 0 if no_refit_why else settings.refit_images, settings.seed,

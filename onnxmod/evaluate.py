@@ -89,6 +89,7 @@ def evaluate_source(
     name: str | None = None,
     kind: str = "source",
     output: str | None = None,
+    hits: bool = False,
 ) -> dict[str, Any]:
     """Top-1 / top-5 / per-class recall of a source classifier (logits ``[N, K]``).
 
@@ -97,7 +98,9 @@ def evaluate_source(
 
     Result keys (docs/DESIGN.md): model, kind, n, top1, top5 (None when K < 5), per_class
     {name: recall}; plus skipped (images of data classes the model lacks), skipped_classes,
-    per_class_n, matched_by ("name" | "index"), num_classes, device.
+    per_class_n, matched_by ("name" | "index"), num_classes, device. With ``hits``, also
+    ``hits`` (bool ``[n]``, top-1 right or not) and ``indices`` (the images scored, in that order):
+    what a paired comparison of two models on the same images needs.
     """
     model, label = _load(model_path_or_proto)
     label = name or label
@@ -148,6 +151,7 @@ def evaluate_source(
     correct5 = np.zeros(n_cls, np.int64)
     support = np.zeros(n_cls, np.int64)
     k_seen = None
+    hit_batches = []
     bar = progress(total=len(idx), desc="eval", quiet=quiet, unit="img")
     try:
         for x, y in ds.iter_batches(batch_size=batch_size, size=size, indices=idx):
@@ -169,6 +173,7 @@ def evaluate_source(
             np.add.at(support, y, 1)
             np.add.at(correct1, y, hit1.astype(np.int64))
             np.add.at(correct5, y, hit5.astype(np.int64))
+            hit_batches.append(hit1)
             bar.update(len(y))
     finally:
         bar.close()
@@ -176,7 +181,7 @@ def evaluate_source(
     n = int(support.sum())
     per_class = {ds.classes[d]: float(correct1[d] / support[d]) for d in range(n_cls) if support[d] > 0}
     per_class_n = {ds.classes[d]: int(support[d]) for d in range(n_cls) if support[d] > 0}
-    return {
+    result = {
         "model": label,
         "kind": kind,
         "n": n,
@@ -191,6 +196,9 @@ def evaluate_source(
         "data": str(ds.path),
         "device": runtime.session_device(sess),
     }
+    if hits:
+        result.update(hits=np.concatenate(hit_batches), indices=idx)
+    return result
 
 
 def evaluate_composed(model_path_or_proto: ModelArg, dataset: Dataset | str | os.PathLike, **kw: Any) -> dict[str, Any]:

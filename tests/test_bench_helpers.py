@@ -1,5 +1,5 @@
-"""bench/ helpers whose numbers the bench README reports: the restricted-source baseline and
-the kept-channel overlap."""
+"""bench/ helpers whose numbers the bench README reports: the restricted-source baseline,
+the kept-channel overlap and the paired difference of two models."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.common import kept_overlap, restricted_source, subset_view  # noqa: E402
+from bench.common import kept_overlap, paired, restricted_source, subset_view  # noqa: E402
 from onnxmod import runtime  # noqa: E402
 from onnxmod.data import open_dataset  # noqa: E402
 from onnxmod.evaluate import evaluate_source  # noqa: E402
@@ -86,3 +86,30 @@ def test_serve_http_client_processes_send_every_request_once(r8_composed):
     assert r["client_processes"] == 2 and r["requests"] == r["completed"] == 20
     assert r["errors"] == 0 and r["unanswered"] == 0, r["error_examples"]
     assert r["throughput_rps"] > 0 and r["latency_ms"]["p50"] > 0
+
+
+def test_evaluate_hits_are_the_per_image_top1():
+    ds = open_dataset(SAMPLE / "cifar10_test.npz")
+    r = evaluate_source(SAMPLE / "resnet8_cifar10.onnx", ds, device="cpu", quiet=True, hits=True, limit=300)
+    assert r["hits"].dtype == bool and len(r["hits"]) == r["n"] == 300
+    np.testing.assert_array_equal(r["indices"], np.arange(300))
+    assert r["hits"].mean() == pytest.approx(r["top1"])
+    assert "hits" not in evaluate_source(SAMPLE / "resnet8_cifar10.onnx", ds, device="cpu", quiet=True, limit=10)
+
+
+def test_paired_difference_and_standard_error():
+    def ev(name, hits, idx=None):
+        hits = np.array(hits, dtype=bool)
+        return {"model": name, "hits": hits, "indices": np.arange(len(hits)) if idx is None else np.array(idx)}
+
+    a, b, c = ev("a", [1, 1, 0, 0]), ev("b", [1, 0, 1, 0]), ev("c", [0, 0, 0, 0])
+    # per image a - b = [0, 1, -1, 0]: mean 0, sd sqrt(2/3), se sd / 2
+    r = paired(a, b)
+    assert r["delta_pt"] == 0 and r["se_pt"] == pytest.approx(100 * np.sqrt(2 / 3) / 2)
+    assert r["discordant_images"] == 2 and r["images"] == 4
+    # against the mean of two baselines: a - (b + c) / 2 = [0.5, 1, -0.5, 0]
+    m = paired(a, b, c)
+    assert m["delta_pt"] == pytest.approx(25.0) and m["se_pt"] == pytest.approx(100 * np.std([0.5, 1, -0.5, 0], ddof=1) / 2)
+    assert paired(a, a) == {"delta_pt": 0.0, "se_pt": 0.0, "discordant_images": 0, "images": 4}
+    with pytest.raises(ValueError, match="different images"):
+        paired(a, ev("d", [1, 1, 0, 0], idx=[0, 1, 2, 5]))

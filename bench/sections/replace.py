@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import Bench, balanced_indices, log, pt, subset_view
+from bench.common import Bench, balanced_indices, log, paired, pt, subset_view
 
 
 def selection_images(b: Bench) -> tuple[Any, dict[str, Any]]:
@@ -80,6 +80,7 @@ def run(b: Bench) -> dict[str, Any]:
                          "after": after_ev["per_class"][cls], "donor_source": s_s["per_class"][cls]},
         "delta_vs_before_pt": pt(after_ev["top1"], before_ev["top1"]),
         "delta_vs_source_pt": pt(after_ev["top1"], s_w["top1"]),
+        "paired_vs_before": paired(after_ev, before_ev), "paired_vs_source": paired(after_ev, s_w),
         "class_delta_vs_source_pt": pt(after_ev["per_class"][cls], s_w["per_class"][cls]),
         "per_class": {c: {"source": s_w["per_class"][c], "before": before_ev["per_class"][c],
                           "after": after_ev["per_class"][c], "donor_source": s_s["per_class"][c]}

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from bench.common import Bench, log, pt, restricted_source, subset_view, test_indices_of
+from bench.common import Bench, log, paired, pt, restricted_source, subset_view, test_indices_of
 
 
 def run(b: Bench) -> dict[str, Any]:
@@ -33,11 +33,12 @@ def run(b: Bench) -> dict[str, Any]:
     idx = test_indices_of(b.test.labels, b.test.classes, classes)
     images = subset_view(b.test, idx, f"test images of {', '.join(classes)}")
     ev = b.eval_composed(model, images, what=f"reuse {list(zip(origin, classes))}")
-    sources = {}
+    sources, restricted = {}, {}
     for key in dict.fromkeys(origin):
         log(f"reuse: {key} restricted to {classes}")
         src = onnx.load(str(b.source(key)))
-        r = evaluate_source(restricted_source(src, classes), images, device=cfg.device, quiet=True)
+        r = restricted[key] = evaluate_source(restricted_source(src, classes), images, device=cfg.device, quiet=True,
+                                              hits=True)
         sources[key] = {"label": cfg.model(key).label, "top1": r["top1"], "per_class": r["per_class"],
                         "macs": count_macs(src)}
     mean_src = float(np.mean([s["top1"] for s in sources.values()]))
@@ -49,5 +50,7 @@ def run(b: Bench) -> dict[str, Any]:
         "composed_macs": count_macs(model), "sources_restricted": sources,
         "delta_vs_mean_source_pt": pt(ev["top1"], mean_src),
         "delta_vs_each_source_pt": {k: pt(ev["top1"], s["top1"]) for k, s in sources.items()},
+        "paired_vs_mean_source": paired(ev, *restricted.values()),
+        "paired_vs_each_source": {k: paired(ev, r) for k, r in restricted.items()},
         "file": str(path),
     }

@@ -8,7 +8,7 @@ from typing import Any
 
 import onnx
 
-from bench.common import Bench, log, module_summary, pt, restricted_source, subset_view, test_indices_of
+from bench.common import Bench, log, module_summary, paired, pt, restricted_source, subset_view, test_indices_of
 
 
 def run(b: Bench) -> dict[str, Any]:
@@ -25,7 +25,7 @@ def run(b: Bench) -> dict[str, Any]:
     source = onnx.load(str(b.source(key)))
     restricted = restricted_source(source, names)
     log(f"{key}: source restricted to {names} on {len(idx)} images")
-    src = evaluate_source(restricted, images, device=cfg.device, quiet=True)
+    src = evaluate_source(restricted, images, device=cfg.device, quiet=True, hits=True)
     full = b.eval_source(key)  # the unrestricted source: its recall of these classes among all 10
     c_macs, s_macs = count_macs(composed), count_macs(source)
     log(f"subset {names}: composed {ev['top1']:.4f} vs restricted source {src['top1']:.4f} "
@@ -36,7 +36,7 @@ def run(b: Bench) -> dict[str, Any]:
         "test_images": ev["n"], "composed_top1": ev["top1"], "composed_per_class": ev["per_class"],
         "source_restricted_top1": src["top1"], "source_restricted_per_class": src["per_class"],
         "source_10class_recall": {n: full["per_class"][n] for n in names},
-        "delta_pt": pt(ev["top1"], src["top1"]),
+        "delta_pt": pt(ev["top1"], src["top1"]), "paired": paired(ev, src),
         "composed_macs": c_macs, "source_macs": s_macs, "composed_over_source_macs": c_macs / s_macs,
         "modules": module_summary(man), "repair": man.get("repair"),
         "decompose_run": man["bench"], "compose_s": compose_s, "module_dir": str(d),
