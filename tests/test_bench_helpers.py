@@ -113,3 +113,30 @@ def test_paired_difference_and_standard_error():
     assert paired(a, a) == {"delta_pt": 0.0, "se_pt": 0.0, "discordant_images": 0, "images": 4}
     with pytest.raises(ValueError, match="different images"):
         paired(a, ev("d", [1, 1, 0, 0], idx=[0, 1, 2, 5]))
+
+
+def test_held_out_sweep_never_scores_on_calibration_images(tmp_path, capsys):
+    """bench/sweep.py: calibration and held-out images partition the training data; each setting
+    gets one JSON line scored on the held-out images against the source on the same images."""
+    import json
+
+    from bench import sweep
+
+    data = SAMPLE / "cifar10_calib.npz"
+    calib, held = sweep.split_calibration(data, 10, tmp_path)
+    n_all, c, h = (len(np.load(p)["y"]) for p in (data, calib, held))
+    assert c + h == n_all and np.bincount(np.load(held)["y"], minlength=10).tolist() == [10] * 10
+    x_all = np.load(data)["x"].reshape(n_all, -1)
+    held_rows = {r.tobytes() for r in np.load(held)["x"].reshape(h, -1)}
+    assert not held_rows & {r.tobytes() for r in np.load(calib)["x"].reshape(c, -1)}
+    assert held_rows <= {r.tobytes() for r in x_all}  # 8-bit round trip is exact
+    out = tmp_path / "rows.jsonl"
+    assert sweep.main([str(SAMPLE / "resnet8_cifar10.onnx"), "--data", str(data), "--held-out-per-class", "10",
+                       "--device", "cpu", "--out", str(out), '{"samples_per_class": 20, "repair": false}',
+                       '{"samples_per_class": 20, "repair_epochs": 1, "repair_min_steps": 5}']) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert rows == [json.loads(line) for line in out.read_text().splitlines()] and len(rows) == 2
+    for r in rows:
+        assert r["held_out_images"] == 100 and r["calibration_images"] <= c
+        assert r["vs_source"]["delta_pt"] == pytest.approx(100 * (r["composed_top1"] - r["source_top1"]))
+    assert rows[0]["repair"] is None and rows[1]["repair"]["steps"] == 5
