@@ -382,7 +382,8 @@ class ModuleFitter:
     images, MODULES_PER_RUN modules to one onnxruntime run (what they share computed once); one run
     per chunk serves both fits. Positions index the calibration order; ``x`` holds their union."""
 
-    x: np.ndarray | None  # images at fit_pos = refit_pos ∪ platt_pos
+    x: np.ndarray | None  # images at fit_pos
+    fit_pos: np.ndarray  # refit_pos ∪ platt_pos, sorted
     refit_pos: np.ndarray  # the row re-fit's images (empty: no re-fit)
     platt_pos: np.ndarray  # the score calibration's images
     relevant: np.ndarray  # [len(refit_pos), K] > 0 where class k is contested (calibrate.relevance)
@@ -397,13 +398,15 @@ class ModuleFitter:
 
     @classmethod
     def build(cls, stats: calibrate.ActivationStats, wanted: Sequence[int], mac_targets: dict[int, float],
-              images: Callable[[np.ndarray], np.ndarray | None], settings: DecomposeSettings, device: str, batch: int, no_refit_why: str) -> "ModuleFitter":
+              images: Callable[[np.ndarray], np.ndarray | None], settings: DecomposeSettings, device: str,
+              batch: int, no_refit_why: str) -> "ModuleFitter":
         """Images balanced over the wanted classes and one group of the rest (each module needs its own
         class); reconstruction and repair leave the source's class row right, so then no row re-fit."""
         refit_pos = _balanced_positions(stats.labels, 0 if no_refit_why else settings.refit_images, settings.seed,
                                         groups=wanted)
         platt_pos = _balanced_positions(stats.labels, settings.platt_images, settings.seed + 5, groups=wanted)
-        return cls(images(np.union1d(refit_pos, platt_pos)), refit_pos, platt_pos,
+        fit_pos = np.union1d(refit_pos, platt_pos)
+        return cls(images(fit_pos), fit_pos, refit_pos, platt_pos,
                    calibrate.relevance(stats.logits[refit_pos], stats.labels[refit_pos]), stats.logits[refit_pos],
                    mac_targets, no_refit_why, device, batch, np.random.default_rng(settings.seed + 2))
 
@@ -411,8 +414,7 @@ class ModuleFitter:
             ) -> Iterator[tuple[int, dict, onnx.ModelProto, dict[str, Any], np.ndarray]]:
         """(k, keep, small) -> (k, keep, small with its class row re-fitted, re-fit report, the module's
         own logit on the Platt images)."""
-        fit_pos = np.union1d(self.refit_pos, self.platt_pos)
-        at_refit, at_platt = np.searchsorted(fit_pos, self.refit_pos), np.searchsorted(fit_pos, self.platt_pos)
+        at_refit, at_platt = (np.searchsorted(self.fit_pos, p) for p in (self.refit_pos, self.platt_pos))
         it = iter(items)
         while chunk := list(itertools.islice(it, MODULES_PER_RUN)):
             refitting = [self.refit_pos.size > 0 and self.mac_targets[k] < 1.0 for k, _, _ in chunk]

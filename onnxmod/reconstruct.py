@@ -29,6 +29,7 @@ import onnx_graphsurgeon as gs
 
 from onnxmod import graphio, ops, runtime
 from onnxmod.channels import ChannelAnalysis
+from onnxmod.ops.base import FitGeometry
 from onnxmod.progress import progress
 
 
@@ -39,10 +40,7 @@ class ConvSite:
 
     node: str
     output: str  # output tensor name (kept by surgery, so the same in every module)
-    kernel: tuple[int, int]
-    strides: tuple[int, int]
-    dilations: tuple[int, int]
-    pads: tuple[int, int, int, int]  # top, left, bottom, right
+    geometry: FitGeometry  # kernel, strides, dilations, pads
     residual: bool  # the only consumer is a residual Add: match the Add's output
     rows: np.ndarray  # [N, P] sampled output rows per image
     cols: np.ndarray  # [N, P]
@@ -97,8 +95,7 @@ def source_targets(analysis: ChannelAnalysis, x: np.ndarray, positions: int, see
         found = _residual_add(graph, n, analysis)
         residual = found is not None and shapes.get(found[1].name) == out
         add_out = found[0].outputs[0].name if residual else n.outputs[0].name
-        sites[n.name] = ConvSite(n.name, n.outputs[0].name, geometry.kernel, geometry.strides, geometry.dilations,
-                                 geometry.pads, residual, flat // w, flat % w)
+        sites[n.name] = ConvSite(n.name, n.outputs[0].name, geometry, residual, flat // w, flat % w)
         match[n.name] = add_out
     names = sorted(set(match.values()))
     values: dict[str, list[np.ndarray]] = {s: [] for s in sites}
@@ -116,11 +113,12 @@ def source_targets(analysis: ChannelAnalysis, x: np.ndarray, positions: int, see
 def patches(x: np.ndarray, site: ConvSite) -> np.ndarray:
     """im2col of the Conv input ``x`` at the site's sampled output positions:
     [N*P, C*kh*kw], features in the weights' (C, kh, kw) order."""
-    t, l, b, r = site.pads
+    geo = site.geometry
+    t, l, b, r = geo.pads
     xp = np.pad(x, ((0, 0), (0, 0), (t, b), (l, r)))
-    kh, kw = site.kernel
-    ri = site.rows[:, :, None] * site.strides[0] + np.arange(kh) * site.dilations[0]  # [N, P, kh]
-    ci = site.cols[:, :, None] * site.strides[1] + np.arange(kw) * site.dilations[1]  # [N, P, kw]
+    kh, kw = geo.kernel
+    ri = site.rows[:, :, None] * geo.strides[0] + np.arange(kh) * geo.dilations[0]  # [N, P, kh]
+    ci = site.cols[:, :, None] * geo.strides[1] + np.arange(kw) * geo.dilations[1]  # [N, P, kw]
     n = np.arange(x.shape[0])[:, None, None, None]
     g = xp[n, :, ri[:, :, :, None], ci[:, :, None, :]]  # [N, P, kh, kw, C]
     return np.ascontiguousarray(g.transpose(0, 1, 4, 2, 3)).reshape(-1, x.shape[1] * kh * kw)

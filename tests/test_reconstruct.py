@@ -15,6 +15,7 @@ from onnxmod import channels, graphio, ops, reconstruct, surgery
 from onnxmod.compose import compose, compose_info
 from onnxmod.data import open_dataset
 from onnxmod.decompose import DecomposeSettings, decompose, prepare_source
+from onnxmod.ops.base import FitGeometry
 from onnxmod.select import prunable_groups
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,8 +42,8 @@ def test_patches_reproduce_the_conv_at_sampled_positions(stride, dilation, pads)
     (y,) = run(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), x)
     h, wd = y.shape[2:]
     flat = np.stack([rng.choice(h * wd, 6, replace=False) for _ in range(len(x))])
-    site = reconstruct.ConvSite("c", "y", (3, 3), (stride, stride), (dilation, dilation),
-                                (pads[0], pads[1], pads[2], pads[3]), False, flat // wd, flat % wd)
+    geometry = FitGeometry((3, 3), (stride, stride), (dilation, dilation), (pads[0], pads[1], pads[2], pads[3]))
+    site = reconstruct.ConvSite("c", "y", geometry, False, flat // wd, flat % wd)
     got = reconstruct.patches(x, site) @ w.reshape(5, -1).T + b
     np.testing.assert_allclose(got, reconstruct.at_positions(y, site.rows, site.cols), atol=1e-4)
 
