@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -39,6 +39,8 @@ REPAIR_MEMORY_BYTES = 2e9  # repair holds its images in memory (float32): at mos
 # --classes: calibration images of the other classes per image of the wanted ones (at 4, a 2-class
 # subset of a 10-class set still calibrates on all its images)
 OTHERS_PER_WANTED = 4
+# repair.RepairSettings fields that DecomposeSettings.repair_* (and seed) set; repair_recipe sets the others
+REPAIR_SCHEDULE = {"epochs", "min_steps", "batch_size", "lr", "seed"}
 
 
 @dataclass
@@ -63,11 +65,12 @@ class DecomposeSettings:
     reconstruct_images: int = 256  # calibration images the layer-wise re-fits use
     reconstruct_positions: int = 16  # output positions sampled per image and layer
     repair: bool = True  # distil the modules against the source (onnxmod.repair)
-    repair_epochs: float = 5.0  # passes over the repair images (at least repair.RepairSettings.min_steps steps)
+    repair_epochs: float = 5.0  # passes over the repair images (at least repair_min_steps steps)
     repair_min_steps: int = 200  # small calibration sets still get this many optimiser steps
     repair_lr: float = 1e-3  # Adam learning rate of the distillation (2e-3 at batch 512 broke ResNet-56's repair)
     repair_batch_size: int | None = None  # None: 256 on CUDA (launch-bound: half the steps), 128 on CPU
     repair_images: int = 20000  # calibration images repair trains on (fewer when they would not fit in memory)
+    repair_recipe: dict[str, Any] = field(default_factory=dict)  # other repair.RepairSettings fields, for sweeps
     platt_images: int = 500  # calibration images each module's score calibration is fitted on
     split: str = "train"
     batch_size: int = 256
@@ -90,6 +93,14 @@ class DecomposeSettings:
             raise OnnxmodError(f"--repair-batch-size must be >= 1, got {self.repair_batch_size}")
         if self.repair and (self.repair_epochs <= 0 or self.repair_images < 1):
             raise OnnxmodError(f"--repair-epochs must be > 0 (got {self.repair_epochs}) and repair images >= 1")
+        if self.repair_recipe:
+            from onnxmod.repair import RepairSettings  # torch: only for a sweep that changes the recipe
+
+            recipe = {f.name for f in fields(RepairSettings)} - REPAIR_SCHEDULE
+            unknown = sorted(set(self.repair_recipe) - recipe)
+            if unknown:
+                raise OnnxmodError(f"repair_recipe: unknown field(s) {', '.join(unknown)}; "
+                                   f"known: {', '.join(sorted(recipe))}")
         if self.platt_images < 2:
             raise OnnxmodError(f"platt_images must be >= 2, got {self.platt_images}")
         if self.samples_per_class < 1:
@@ -622,7 +633,7 @@ def _repair_modules(smalls: list[onnx.ModelProto], src: PreparedSource, wanted: 
     x = images(_balanced_positions(labels, min(settings.repair_images, fits), settings.seed + 4))
     batch = settings.repair_batch_size or repair.default_batch_size(device)
     rs = repair.RepairSettings(epochs=settings.repair_epochs, min_steps=settings.repair_min_steps, batch_size=batch,
-                               lr=settings.repair_lr, seed=settings.seed)
+                               lr=settings.repair_lr, seed=settings.seed, **settings.repair_recipe)
     return repair.repair(smalls, src.model, wanted, x, rs, device, quiet)
 
 

@@ -140,3 +140,32 @@ def test_held_out_sweep_never_scores_on_calibration_images(tmp_path, capsys):
         assert r["held_out_images"] == 100 and r["calibration_images"] <= c
         assert r["vs_source"]["delta_pt"] == pytest.approx(100 * (r["composed_top1"] - r["source_top1"]))
     assert rows[0]["repair"] is None and rows[1]["repair"]["steps"] == 5
+    assert "vs_first_setting" not in rows[0]
+    assert rows[1]["vs_first_setting"]["delta_pt"] == pytest.approx(
+        100 * (rows[1]["composed_top1"] - rows[0]["composed_top1"]))
+
+
+def test_held_out_sweep_of_a_subset_scores_those_classes_against_the_restricted_source(tmp_path, capsys):
+    """bench/sweep.py --classes: only those classes are decomposed, and the composed 2-class model is scored on
+    their held-out images next to the source restricted to their two logits (as bench/subset does)."""
+    import json
+
+    import onnx
+
+    from bench import sweep
+    from bench.common import restricted_source
+    from onnxmod.evaluate import evaluate_source
+
+    data, model = SAMPLE / "cifar10_calib.npz", SAMPLE / "resnet8_cifar10.onnx"
+    assert sweep.main([str(model), "--data", str(data), "--held-out-per-class", "10", "--device", "cpu",
+                       "--classes", "cat,dog", '{"samples_per_class": 20, "repair": false}']) == 0
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert row["classes"] == ["cat", "dog"] and row["held_out_images"] == 20
+    held = np.load(sweep.split_calibration(data, 10, tmp_path)[1])  # the same fixed-seed split
+    classes = held["classes"].tolist()
+    mine = np.isin(held["y"], [classes.index("cat"), classes.index("dog")])
+    np.savez(tmp_path / "cat_dog.npz", x=held["x"][mine], y=held["y"][mine], classes=held["classes"])
+    direct = evaluate_source(restricted_source(onnx.load(str(model)), ["cat", "dog"]), tmp_path / "cat_dog.npz",
+                             device="cpu", quiet=True)
+    assert mine.sum() == 20 and row["source_top1"] == direct["top1"]
+    assert 0 < row["composed_macs_over_source"] < 2 * row["mean_module_macs"]

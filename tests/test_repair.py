@@ -17,6 +17,7 @@ from onnxmod import channels, decompose as dec, repair, surgery
 from onnxmod.compose import compose, compose_info
 from onnxmod.data import open_dataset
 from onnxmod.decompose import DecomposeSettings, decompose, prepare_source
+from onnxmod.errors import OnnxmodError
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "sample_graphs" / "resnet8_cifar10.onnx"
@@ -54,7 +55,7 @@ def repaired():
     src = prepare_source(SAMPLE)
     before = _random_prune(src.model, 0.5, seed=0)
     x = _images(CALIB, 600)
-    settings = repair.RepairSettings(epochs=1, min_steps=60, batch_size=64, seed=0)
+    settings = repair.RepairSettings(epochs=1, min_steps=60, batch_size=64, lr=1e-3, seed=0)
     after, report = repair.repair(before, src.model, CLASSES, x, settings, device="cpu", quiet=True)
     return src, before, after, report
 
@@ -121,14 +122,13 @@ def test_torch_and_onnxruntime_agree_on_repaired_modules(repaired):
 def test_unsupported_op_is_named_before_training():
     from onnx import TensorProto, helper
 
-    from onnxmod.errors import OnnxmodError
-
     g = helper.make_graph([helper.make_node("Hardmax", ["input"], ["logit"], name="head")], "g",
                           [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 3])],
                           [helper.make_tensor_value_info("logit", TensorProto.FLOAT, [None, 3])])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     with pytest.raises(OnnxmodError, match="Hardmax.*'head'.*--no-repair"):
-        repair.repair([m], m, [0], np.zeros((4, 3), np.float32), repair.RepairSettings(min_steps=1), "cpu", True)
+        repair.repair([m], m, [0], np.zeros((4, 3), np.float32),
+                      repair.RepairSettings(epochs=1, min_steps=1, batch_size=4, lr=1e-3), "cpu", True)
 
 
 # --------------------------------------------------------------------------- through decompose
@@ -183,6 +183,19 @@ def test_no_repair_keeps_the_training_free_path(tmp_path):
     man = decompose(SAMPLE, CALIB, tmp_path / "m", classes=["cat"], settings=settings, quiet=True, device="cpu")
     assert man["repair"] is None and man["timings"]["repair_s"] == 0
     assert man["modules"][0]["refit"]["refit"] is True  # the class-row re-fit of the training-free path
+
+
+def test_repair_recipe_reaches_the_distillation_and_unknown_fields_are_refused(tmp_path):
+    """DecomposeSettings.repair_recipe (held-out sweeps of the recipe) sets the other RepairSettings fields; the
+    report records them; a misspelt or schedule field is refused before any image is read."""
+    settings = DecomposeSettings(samples_per_class=10, repair_epochs=1, repair_min_steps=2,
+                                 repair_recipe={"temperature": 2.0, "mse_weight": 3.0})
+    man = decompose(SAMPLE, CALIB, tmp_path / "m", classes=["cat"], settings=settings, quiet=True, device="cpu")
+    assert (man["repair"]["temperature"], man["repair"]["mse_weight"]) == (2.0, 3.0)
+    assert man["settings"]["repair_recipe"] == {"temperature": 2.0, "mse_weight": 3.0}
+    for bad in ({"temprature": 2.0}, {"epochs": 3}):
+        with pytest.raises(OnnxmodError, match=f"unknown field.*{next(iter(bad))}.*known: .*mse_weight"):
+            decompose(SAMPLE, tmp_path / "no-such-data", tmp_path / "n", settings=DecomposeSettings(repair_recipe=bad))
 
 
 def test_cli_flags(tmp_path, capsys):
