@@ -83,11 +83,11 @@ def score(model: Path, changes: dict[str, Any], calib: Path, held: Any, source_e
     composed = compose([work / m["file"] for m in man["modules"]])
     ev = evaluate_composed(composed, held, device=device, quiet=True, hits=True)
     row = {"settings": changes, "classes": classes, "composed_top1": ev["top1"], "source_top1": source_eval["top1"],
-            "vs_source": paired(ev, source_eval), "held_out_images": ev["n"],
-            "mean_module_macs": float(np.mean([m["mac_fraction"] for m in man["modules"]])),
-            "composed_macs_over_source": count_macs(composed) / man["source"]["macs"],
-            "calibration_images": man["settings"]["calibration_images"], "repair": man.get("repair"),
-            "decompose_s": seconds}
+           "vs_source": paired(ev, source_eval), "held_out_images": ev["n"],
+           "mean_module_macs": float(np.mean([m["mac_fraction"] for m in man["modules"]])),
+           "composed_macs_over_source": count_macs(composed) / man["source"]["macs"],
+           "calibration_images": man["settings"]["calibration_images"], "repair": man.get("repair"),
+           "decompose_s": seconds}
     return row, ev
 
 
