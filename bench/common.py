@@ -238,9 +238,10 @@ def subset_view(ds: Any, indices: np.ndarray, what: str) -> Any:
     return SubsetView()
 
 
-def test_indices_of(labels: np.ndarray, classes: list[str], names: list[str]) -> np.ndarray:
-    want = [classes.index(n) for n in names]
-    return np.nonzero(np.isin(labels, want))[0].astype(np.int64)
+def class_view(ds: Any, names: list[str], what: str) -> Any:
+    """``ds``'s images of classes ``names`` (subset_view), described as "<what> of <names>"."""
+    want = [ds.classes.index(n) for n in names]
+    return subset_view(ds, np.nonzero(np.isin(ds.labels, want))[0].astype(np.int64), f"{what} of {', '.join(names)}")
 
 
 # --------------------------------------------------------------------------- graphs
@@ -270,6 +271,14 @@ def restricted_source(source: Any, names: list[str]) -> Any:
     out.type.tensor_type.shape.dim[1].dim_value = len(names)
     modelio.set_meta(m, {modelio.CLASSES: list(names)})
     return m
+
+
+def eval_restricted(source: Any, names: list[str], images: Any, device: str) -> dict[str, Any]:
+    """``source`` restricted to the logits of ``names`` (restricted_source), scored on ``images`` with per-image
+    hits (for bench.common.paired)."""
+    from onnxmod.evaluate import evaluate_source
+
+    return evaluate_source(restricted_source(source, names), images, device=device, quiet=True, hits=True)
 
 
 def module_summary(man: dict[str, Any]) -> dict[str, Any]:

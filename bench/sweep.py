@@ -32,7 +32,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.common import balanced_indices, paired, restricted_source, subset_view, test_indices_of  # noqa: E402
+from bench.common import balanced_indices, class_view, eval_restricted, paired  # noqa: E402
 
 
 def split_calibration(data: Path, per_class: int, out: Path, seed: int = 123) -> tuple[Path, Path]:
@@ -62,9 +62,8 @@ def held_out_view(model: Path, held: Path, classes: list[str] | None, device: st
 
     images, source = open_dataset(held), onnx.load(str(model))
     if classes:
-        images = subset_view(images, test_indices_of(images.labels, images.classes, classes),
-                             f"held-out images of {', '.join(classes)}")
-        source = restricted_source(source, classes)
+        images = class_view(images, classes, "held-out images")
+        return images, eval_restricted(source, classes, images, device)
     return images, evaluate_source(source, images, device=device, quiet=True, hits=True)
 
 

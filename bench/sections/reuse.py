@@ -10,14 +10,13 @@ from typing import Any
 import numpy as np
 import onnx
 
-from bench.common import Bench, log, paired, pt, restricted_source, subset_view, test_indices_of
+from bench.common import Bench, class_view, eval_restricted, log, paired, pt
 
 
 def run(b: Bench) -> dict[str, Any]:
     from onnxmod import modelio
     from onnxmod.compose import compose
     from onnxmod.cost import count_macs
-    from onnxmod.evaluate import evaluate_source
 
     cfg = b.cfg
     files, classes, origin = [], [], []
@@ -30,15 +29,13 @@ def run(b: Bench) -> dict[str, Any]:
     model = compose(files)
     path = cfg.work / "reuse-4class.onnx"
     modelio.save_model(model, path)
-    idx = test_indices_of(b.test.labels, b.test.classes, classes)
-    images = subset_view(b.test, idx, f"test images of {', '.join(classes)}")
+    images = class_view(b.test, classes, "test images")
     ev = b.eval_composed(model, images, what=f"reuse {list(zip(origin, classes))}")
     sources, restricted = {}, {}
     for key in dict.fromkeys(origin):
         log(f"reuse: {key} restricted to {classes}")
         src = onnx.load(str(b.source(key)))
-        r = restricted[key] = evaluate_source(restricted_source(src, classes), images, device=cfg.device, quiet=True,
-                                              hits=True)
+        r = restricted[key] = eval_restricted(src, classes, images, cfg.device)
         sources[key] = {"label": cfg.model(key).label, "top1": r["top1"], "per_class": r["per_class"],
                         "macs": count_macs(src)}
     mean_src = float(np.mean([s["top1"] for s in sources.values()]))

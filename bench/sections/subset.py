@@ -8,24 +8,21 @@ from typing import Any
 
 import onnx
 
-from bench.common import Bench, log, module_summary, paired, pt, restricted_source, subset_view, test_indices_of
+from bench.common import Bench, class_view, eval_restricted, log, module_summary, paired, pt
 
 
 def run(b: Bench) -> dict[str, Any]:
     from onnxmod.cost import count_macs
-    from onnxmod.evaluate import evaluate_source
 
     cfg = b.cfg
     key, names = cfg.subset_model, cfg.subset_classes
-    idx = test_indices_of(b.test.labels, b.test.classes, names)
-    images = subset_view(b.test, idx, f"test images of {', '.join(names)}")
+    images = class_view(b.test, names, "test images")
     d, man = b.decompose(key, b.default, classes=names)
     composed, compose_s = b.compose_dir(d, man)
     ev = b.eval_composed(composed, images, what=f"{key} {'+'.join(names)} composed")
     source = onnx.load(str(b.source(key)))
-    restricted = restricted_source(source, names)
-    log(f"{key}: source restricted to {names} on {len(idx)} images")
-    src = evaluate_source(restricted, images, device=cfg.device, quiet=True, hits=True)
+    log(f"{key}: source restricted to {names} on {len(images)} images")
+    src = eval_restricted(source, names, images, cfg.device)
     full = b.eval_source(key)  # the unrestricted source: its recall of these classes among all 10
     c_macs, s_macs = count_macs(composed), count_macs(source)
     log(f"subset {names}: composed {ev['top1']:.4f} vs restricted source {src['top1']:.4f} "
