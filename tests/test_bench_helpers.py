@@ -169,3 +169,32 @@ def test_held_out_sweep_of_a_subset_scores_those_classes_against_the_restricted_
                              device="cpu", quiet=True)
     assert mine.sum() == 20 and row["source_top1"] == direct["top1"]
     assert 0 < row["composed_macs_over_source"] < 2 * row["mean_module_macs"]
+
+
+def test_cuda_section_compares_two_devices_output_by_output(tmp_path):
+    """bench/sections/cuda.py run with CPU in both places (its CUDA run needs a GPU): the same device gives the
+    same outputs everywhere, torch's execution matches onnxruntime, and the composed model equals its modules run
+    one by one; where CUDA is missing the real section records why instead of measuring."""
+    from dataclasses import replace as dc_replace
+
+    from bench.common import Bench, smoke_config
+    from bench.sections import cuda
+
+    cfg = smoke_config(tmp_path, "test")
+    cfg = dc_replace(cfg, models=cfg.models[:1])
+    b = Bench(cfg)
+    res = cuda.run(b, devices=("cpu", "cpu"))
+    row = res["models"]["r8legacy"]
+    for kind in ("source", "composed"):
+        ev = row["eval"][kind]
+        assert ev["images"] == len(b.test) and ev["images_scored_differently"] == 0 and ev["cpu"]["images_per_s"] > 0
+    out = row["outputs"]
+    assert out["source_logits_max_abs"] == 0 and out["composed_probs_max_abs"] == 0
+    assert out["composed_on_cpu_vs_modules_one_by_one_on_cpu_max_abs"] < 1e-5
+    rep = row["repair"]
+    assert rep["cpu"]["max_abs_logit_diff_vs_onnxruntime_cpu"] < 1e-4 and rep["cpu"]["seconds_per_step"] > 0
+    assert len(rep["cpu"]["per_graph_max_abs"]) == 1 + rep["modules"] == 11
+    assert row["serve"]["labels_differing"] == 0 and row["serve"]["max_abs_probs_diff_vs_cpu"] < 1e-5
+    if cuda.why_no_cuda():
+        skipped = cuda.run(b)
+        assert skipped["skipped"] == cuda.why_no_cuda() and skipped["models"] == {}
