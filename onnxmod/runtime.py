@@ -27,6 +27,11 @@ CUDA = "CUDAExecutionProvider"
 DEVICES = ("auto", "cpu", "cuda")
 LOG_SEVERITY = 3  # 0 verbose .. 3 error .. 4 fatal
 STREAM_MEMORY_BYTES = 128e6  # largest activation of one streamed batch (stream_batch_size)
+# CUDA sessions: full fp32 (ORT's default TF32 convolutions moved ResNet logits by ~1e-2 against the CPU on an H200,
+# and changed 2 of 10k top-1 answers), and cuDNN's heuristic choice of algorithm instead of a timed search of every
+# algorithm for every new input shape (the search made a dynamically batched server, whose batch size varies per
+# run, answer 3 requests/s instead of hundreds: bench/results/cuda.json)
+CUDA_OPTIONS = {"use_tf32": "0", "cudnn_conv_algo_search": "HEURISTIC"}
 
 _cuda_loads_cache: bool | None = None
 
@@ -119,17 +124,23 @@ def choose_providers(device: str = "auto", available: Sequence[str] | None = Non
     return [CPU]
 
 
-def providers(device: str = "auto") -> list[str]:
-    """Execution providers to give a plain ``onnxruntime.InferenceSession`` (public helper).
+def with_options(names: Sequence[str]) -> list[str | tuple[str, dict[str, str]]]:
+    """``names`` as ORT's ``providers`` argument: CUDA with :data:`CUDA_OPTIONS`, the others as they are."""
+    return [(n, dict(CUDA_OPTIONS)) if n == CUDA else n for n in names]
 
-    ``auto``: ``["CUDAExecutionProvider", "CPUExecutionProvider"]`` where the CUDA provider
-    really loads and runs, else ``["CPUExecutionProvider"]``; the probe is silent, unlike
-    asking ORT for CUDA on a machine without CUDA libraries. ``cpu`` / ``cuda`` as for
+
+def providers(device: str = "auto") -> list[str | tuple[str, dict[str, str]]]:
+    """Execution providers to give a plain ``onnxruntime.InferenceSession`` (public helper), the
+    ones onnxmod's own sessions use.
+
+    ``auto``: ``[("CUDAExecutionProvider", CUDA_OPTIONS), "CPUExecutionProvider"]`` where the
+    CUDA provider really loads and runs, else ``["CPUExecutionProvider"]``; the probe is silent,
+    unlike asking ORT for CUDA on a machine without CUDA libraries. ``cpu`` / ``cuda`` as for
     ``--device``. Example::
 
         sess = onnxruntime.InferenceSession("fixed.onnx", providers=onnxmod.runtime.providers())
     """
-    return choose_providers(device)
+    return with_options(choose_providers(device))
 
 
 def _first_line(e: BaseException) -> str:
@@ -154,7 +165,7 @@ def make_session(
     (None: ORT default). ``name``: what error messages call the model. ``config``: ORT
     session config entries (e.g. ``{"session.intra_op.allow_spinning": "0"}``).
     """
-    providers = choose_providers(device)
+    chosen = providers(device)
     _quiet_logging()
     so = ort.SessionOptions()
     so.log_severity_level = LOG_SEVERITY
@@ -174,7 +185,7 @@ def make_session(
             raise OnnxmodError(f"{p}: is a directory, expected an .onnx file")
         payload = str(p)
     try:
-        session = ort.InferenceSession(payload, so, providers=providers)
+        session = ort.InferenceSession(payload, so, providers=chosen)
     except Exception as e:
         raise OnnxmodError(f"{label}: onnxruntime cannot load it: {_first_line(e)}") from None
     session.onnxmod_label = label  # what run() errors call the model

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnxruntime as ort
@@ -185,11 +186,16 @@ def test_readme_serving_snippet_runs_silently(tmp_path, capsys):
 def test_providers_helper_picks_cuda_only_where_it_loads(monkeypatch):
     monkeypatch.setattr(ort, "get_available_providers", lambda: [runtime.CUDA, runtime.CPU])
     monkeypatch.setattr(runtime, "_cuda_loads_cache", True)
-    assert runtime.providers("auto") == [runtime.CUDA, runtime.CPU]
+    # CUDA in full fp32 with cuDNN's heuristic algorithm choice, as onnxmod's own sessions (make_session)
+    cuda = (runtime.CUDA, {"use_tf32": "0", "cudnn_conv_algo_search": "HEURISTIC"})
+    assert runtime.providers("auto") == runtime.providers("cuda") == [cuda, runtime.CPU]
+    seen = []
+    monkeypatch.setattr(ort, "InferenceSession", lambda payload, so, providers: seen.append(providers) or SimpleNamespace())
+    runtime.make_session(runtime._tiny_model(), device="auto")
+    assert seen == [[cuda, runtime.CPU]]
     monkeypatch.setattr(runtime, "_cuda_loads_cache", False)
     assert runtime.providers("auto") == [runtime.CPU]
     assert runtime.providers("cpu") == [runtime.CPU]
-    assert runtime.providers() == runtime.choose_providers("auto")
 
 
 # --------------------------------------------------------------------------- settings validation (API, not only the CLI)

@@ -7,8 +7,9 @@
            CPU, and the composed model on CUDA against its modules run one by one on the CPU (the
            softmax of their logits, compose's rule for one source);
   repair   the torch execution repair trains (onnxmod.torchgraph) on CUDA against onnxruntime on the
-           CPU (largest |logit difference| over the source and every module), and seconds per repair
-           step on each device at the same batch size, all modules together;
+           CPU (largest |logit difference| over the source and every module), in full fp32 and with
+           torch's defaults (TF32 convolutions, what repair trains with), and seconds per repair step on
+           each device at the same batch size, all modules together;
   serve    ``onnxmod serve --device cuda`` answering ``tritonclient.http`` (binary tensors): probs and
            labels against the CPU onnxruntime run of the same model.
 
@@ -17,6 +18,7 @@ Where torch or onnxruntime has no working CUDA, the section records why and meas
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,18 @@ def outputs_once(model: onnx.ModelProto, x: np.ndarray, device: str, names: list
     return runtime.run(runtime.make_session(model, device=device), x, names)
 
 
+@contextlib.contextmanager
+def torch_tf32(allowed: bool):
+    import torch
+
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def compare_eval(model: onnx.ModelProto, kind: str, ds: Any, devices: tuple[str, str]) -> dict[str, Any]:
     """Whole-dataset evaluation on both devices (a warm-up batch first, so session start-up is not timed)."""
     from onnxmod.evaluate import evaluate_composed, evaluate_source
@@ -91,16 +105,19 @@ def compare_repair(source: onnx.ModelProto, modules: list[onnx.ModelProto], clas
     cpu_out = [outputs_once(g, x, "cpu")[0] for g in [source, *modules]]
     for dev in devices:
         tdev = torch_device(dev)
-        with torch.no_grad():
-            xt = torch.from_numpy(x).to(tdev)
-            diffs = [max_abs(TorchGraph(g).to(tdev)(xt)[0].cpu().numpy(), ref)
-                     for g, ref in zip([source, *modules], cpu_out)]
+        diffs = {}
+        for tag, tf32 in (("fp32", False), ("torch_default", torch.backends.cudnn.allow_tf32)):
+            with torch.no_grad(), torch_tf32(tf32):
+                xt = torch.from_numpy(x).to(tdev)
+                diffs[tag] = [max_abs(TorchGraph(g).to(tdev)(xt)[0].cpu().numpy(), ref)
+                              for g, ref in zip([source, *modules], cpu_out)]
         seconds = []
         for steps in REPAIR_STEPS:
             rs = RepairSettings(epochs=0, min_steps=steps, batch_size=BATCH, lr=1e-3)
             seconds.append(repair(modules, source, classes, x, rs, device=dev, quiet=True)[1]["seconds"])
-        out[dev] = {"torch": str(tdev), "max_abs_logit_diff_vs_onnxruntime_cpu": max(diffs),
-                    "per_graph_max_abs": diffs,
+        out[dev] = {"torch": str(tdev), "max_abs_logit_diff_vs_onnxruntime_cpu": max(diffs["fp32"]),
+                    "max_abs_logit_diff_vs_onnxruntime_cpu_torch_default": max(diffs["torch_default"]),
+                    "per_graph_max_abs": diffs["fp32"],
                     "seconds_per_step": (seconds[1] - seconds[0]) / (REPAIR_STEPS[1] - REPAIR_STEPS[0]),
                     "run_seconds": dict(zip(map(str, REPAIR_STEPS), seconds))}
     a, b = devices
