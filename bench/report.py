@@ -13,16 +13,21 @@ import numpy as np
 from bench.common import BENCH, PAPER, SCHEMA, SOURCE_TRAINING, Config, log, read_json
 
 TEMPLATE = BENCH / "README.template.md"
-SECTION_NAMES = ("cost", "curve", "subset", "reuse", "replace", "time", "serving", "manyclasses")
+SECTION_NAMES = ("cost", "curve", "subset", "reuse", "replace", "time", "serving", "manyclasses", "cuda")
 BLOCK_START, BLOCK_END = "<!-- bench:choosing-settings -->", "<!-- /bench:choosing-settings -->"
 
 
-def load_results(results_dir: Path) -> dict[str, Any]:
+def load_results(results_dir: Path, other_machines: bool = True) -> dict[str, Any]:
+    """Section results of ``results_dir``; each sub-directory (e.g. ``h200/``) holds another machine's run,
+    shown apart (``other_machines``) and never mixed into the main tables."""
     out: dict[str, Any] = {}
     for name in ("machine",) + SECTION_NAMES:
         r = read_json(results_dir / f"{name}.json")
         if r is not None and (name == "machine" or r.get("schema") == SCHEMA):
             out[name] = r
+    if other_machines and results_dir.is_dir():
+        others = {d.name: load_results(d, False) for d in sorted(results_dir.iterdir()) if d.is_dir()}
+        out["other_machines"] = {k: v for k, v in others.items() if set(v) - {"machine"}}
     return out
 
 
@@ -275,6 +280,54 @@ def block_serving(results: dict[str, Any]) -> str:
     return "\n".join(t)
 
 
+def block_cuda(results: dict[str, Any]) -> str:
+    cu = results.get("cuda")
+    if not cu:
+        return _not_run("cuda")
+    if cu.get("skipped"):
+        return f"_skipped in the last run: {cu['skipped']}_"
+    mach = _get(cu, "run", "machine") or {}
+    t = [f"{mach.get('gpu')} against {mach.get('usable_cpus')} CPU cores of the same machine, onnxruntime and torch on "
+         f"each, commit `{(mach.get('git_commit') or '?')[:7]}`.", "",
+         "| model | `eval` img/s, CPU → CUDA: source / composed | top-1 answers that differ | max abs diff, CUDA vs CPU: "
+         "source logits / composed probs | composed on CUDA vs its modules one by one on the CPU | torch (repair's "
+         "executor) on CUDA vs onnxruntime CPU, logits: fp32 / torch defaults | repair s/step CPU → CUDA | "
+         "`serve --device cuda` vs CPU run: max abs diff probs, labels that differ |",
+         "|---|---|---|---|---|---|---|---|"]
+    for r in cu["models"].values():
+        ev, out, rep, sv = r["eval"], r["outputs"], r["repair"], r["serve"]
+        diff = [k for k in out if k.startswith("composed_on_")][0]
+        t.append(f"| {r['label']} | " + " / ".join(
+            f"{ev[k]['cpu']['images_per_s']:.0f} → {ev[k]['cuda']['images_per_s']:.0f} (**{_x(ev[k]['cuda_over_cpu_throughput'])}**)"
+            for k in ("source", "composed")) +
+            f" | {ev['source']['images_scored_differently']} / {ev['composed']['images_scored_differently']} of "
+            f"{ev['source']['images']} | {out['source_logits_max_abs']:.1e} / {out['composed_probs_max_abs']:.1e} | "
+            f"{out[diff]:.1e} | {rep['cuda']['max_abs_logit_diff_vs_onnxruntime_cpu']:.1e} / "
+            f"{rep['cuda']['max_abs_logit_diff_vs_onnxruntime_cpu_torch_default']:.1e} | "
+            f"{rep['cpu']['seconds_per_step']:.3f} → {rep['cuda']['seconds_per_step']:.3f} "
+            f"(**{_x(rep['cpu_over_cuda_seconds_per_step'], 1)}**) | {sv['max_abs_probs_diff_vs_cpu']:.1e}, "
+            f"{sv['labels_differing']} of {sv['images']} |")
+    t += ["", f"Outputs compared on one batch of {cu['batch']} test images; repair steps: {rep['modules']} modules "
+              f"together at batch {rep['batch']}, the time of {cu['repair_steps'][1]} steps minus that of "
+              f"{cu['repair_steps'][0]}."]
+    for name, other in (results.get("other_machines") or {}).items():
+        cost, tm, m = other.get("cost"), other.get("time"), other.get("machine") or {}
+        t += ["", f"**The cost and time sections on `{name}`** ({m.get('gpu') or m.get('cpu')}, torch on "
+                  f"{m.get('torch_device')}, onnxruntime on {m.get('ort_device')}; `{(m.get('git_commit') or '?')[:7]}`; "
+                  f"{m.get('note', '')}). Not comparable with the tables above where the calibration images differ:", "",
+              "| model | calibration images | composed top-1 (source) | loss | decompose ÷ training epoch | repair |",
+              "|---|---|---|---|---|---|"]
+        for key, c in ((cost or {}).get("models") or {}).items():
+            d = c["default"]
+            tr = _get(tm, "models", key)
+            rep = d.get("repair") or {}
+            epochs = f"{tr['decompose_over_epoch']:.2f}" if tr else "–"
+            t.append(f"| {c['label']} | {tr['calibration_images'] if tr else '–'} | {_pct(d['composed_top1'])} "
+                     f"({_pct(c['source_top1'])}) | {_pt(d['loss_pt'], paired=d.get('paired_vs_source'))} | "
+                     f"{epochs} | {rep.get('steps')} steps, batch {rep.get('batch_size')}, {rep.get('seconds', 0):.1f} s |")
+    return "\n".join(t)
+
+
 def block_manyclasses(results: dict[str, Any]) -> str:
     r = results.get("manyclasses")
     if not r:
@@ -441,7 +494,7 @@ def render_readme(cfg: Config, results: dict[str, Any], figs: list[str]) -> str:
         "partial": _partial_note(results), "machine": block_machine(results), "paper": block_paper(results),
         "cost": block_cost(results), "curve": block_curve(results), "subset": block_subset(results),
         "reuse": block_reuse(results), "replace": block_replace(results), "time": block_time(results),
-        "serving": block_serving(results), "manyclasses": block_manyclasses(results),
+        "serving": block_serving(results), "manyclasses": block_manyclasses(results), "cuda": block_cuda(results),
         "choosing": block_choosing(results),
         "figures": "\n\n".join(f"![{f}]({os.path.relpath(cfg.results / f, cfg.readme.parent)})" for f in figs)
                    or "_no figures_",

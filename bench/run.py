@@ -95,9 +95,12 @@ def machine_info(cfg: Config) -> dict[str, Any]:
 
 
 def merge(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
-    """A per-model section's new results over the old ones of the other models."""
+    """A per-model section's new results over the old ones of the other models. A section that measured
+    nothing here (``skipped``: e.g. cuda on a machine without CUDA) leaves earlier measurements as they are."""
     if not old or old.get("schema") != SCHEMA or "models" not in new or "models" not in old:
         return new
+    if new.get("skipped") and old["models"]:
+        return old
     return {**new, "models": {**old["models"], **new["models"]}}
 
 

@@ -233,11 +233,32 @@ def run_chunked(session: ort.InferenceSession, x: np.ndarray, output_names: Sequ
     return [np.concatenate(outs) for outs in zip(*parts)]
 
 
+def pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+    """``x`` with zero rows appended up to ``rows`` (``x`` itself when it has that many).
+
+    On CUDA every new input shape costs a cuDNN set-up of every convolution (about 0.44 s for a composed ResNet-56
+    on an H200, against 7 ms for a run of a shape seen before, and a run of 64 images costs what a run of 1 does),
+    so CUDA runs keep one shape and cut the outputs back to the real rows."""
+    if len(x) >= rows:
+        return x
+    out = np.zeros((rows, *x.shape[1:]), dtype=x.dtype)
+    out[:len(x)] = x
+    return out
+
+
 def run_batches(
     session: ort.InferenceSession,
     batches: Iterable[np.ndarray],
     output_names: Sequence[str] | None = None,
 ) -> Iterator[list[np.ndarray]]:
-    """Run each batch through the single-input ``session``; yields the output list per batch."""
+    """Run each batch through the single-input ``session``; yields the output list per batch. On CUDA a shorter
+    batch (the last one) is padded to the first one's size (:func:`pad_rows`), its outputs cut back."""
+    rows = None
     for x in batches:
-        yield run(session, np.ascontiguousarray(x, dtype=np.float32), output_names)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if rows is None:
+            rows = len(x) if session_device(session) == "cuda" else 0
+        if len(x) < rows:
+            yield [o[:len(x)] for o in run(session, pad_rows(x, rows), output_names)]
+        else:
+            yield run(session, x, output_names)

@@ -198,3 +198,15 @@ def test_cuda_section_compares_two_devices_output_by_output(tmp_path):
     if cuda.why_no_cuda():
         skipped = cuda.run(b)
         assert skipped["skipped"] == cuda.why_no_cuda() and skipped["models"] == {}
+
+
+def test_a_skipped_section_keeps_the_measured_results():
+    """bench/run.py merge: per-model results combine by model; a run that skipped (no CUDA here) replaces nothing."""
+    from bench.common import SCHEMA
+    from bench.run import merge
+
+    measured = {"schema": SCHEMA, "section": "cuda", "models": {"resnet20": {"x": 1}}}
+    assert merge(measured, {"schema": SCHEMA, "section": "cuda", "models": {}, "skipped": "no GPU"}) == measured
+    newer = {"schema": SCHEMA, "section": "cuda", "models": {"resnet56": {"x": 2}}}
+    assert merge(measured, newer)["models"] == {"resnet20": {"x": 1}, "resnet56": {"x": 2}}
+    assert merge(None, newer) == newer

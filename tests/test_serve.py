@@ -283,6 +283,54 @@ def test_batcher_gathers_and_splits():
     assert sizes == [4, 3, 4, 3]
 
 
+def test_batcher_fixed_shape_pads_every_run_and_hands_back_only_real_rows():
+    """fixed_shape (CUDA): every run sees max_batch rows, zero-padded at the end; callers get exactly their rows."""
+    seen: list[np.ndarray] = []
+
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        seen.append(x.copy())
+        return [x * 2]
+
+    async def scenario():
+        b = Batcher(run, max_batch=4, max_delay_s=0.05, fixed_shape=True)
+        b.start()
+        try:
+            xs = [np.full((n, 2), i + 1, np.float32) for i, n in enumerate([1, 2, 3, 6])]
+            return xs, await asyncio.gather(*(b.infer(x) for x in xs)), b.stats.to_json("m", "1")
+        finally:
+            await b.stop()
+
+    xs, outs, stats = asyncio.run(scenario())
+    for x, (doubled,) in zip(xs, outs):
+        np.testing.assert_array_equal(doubled, x * 2)
+    assert [len(x) for x in seen] == [4] * len(seen) and len(seen) == 4  # [1+2] [3] [4 of 6] [2 of 6]
+    real = [3, 3, 4, 2]
+    for x, n in zip(seen, real):
+        assert (x[:n] > 0).all() and not x[n:].any()
+    assert stats["inference_count"] == sum(real)  # statistics count callers' images, not padding
+
+
+def test_cuda_models_are_served_in_runs_of_one_shape(r8_composed, images):
+    """A model on CUDA (here a CPU session marked so) is warmed up and run at max_batch rows every time: on CUDA
+    each new input shape costs a cuDNN set-up of every convolution (bench/results/cuda.json)."""
+    (m,) = load_models([r8_composed], ["r8"], device="cpu")
+    m.device = "cuda"
+    shapes: list[int] = []
+    plain_run = m.run
+    m.run = lambda x: shapes.append(len(x)) or plain_run(x)
+    with serve_in_thread([m], ServeSettings(port=0, device="cpu", max_batch=8)) as url:
+        c = triton.InferenceServerClient(url.removeprefix("http://"))
+        try:
+            x = images[:3]
+            r = _infer(c, "r8", x, ["probs", "label"], binary=True)
+        finally:
+            c.close()
+    assert shapes and set(shapes) == {8}  # the warm-up run and the request's run
+    direct = _direct(r8_composed, x)
+    np.testing.assert_allclose(r.as_numpy("probs"), direct["probs"], atol=1e-5)
+    np.testing.assert_array_equal(r.as_numpy("label"), direct["label"])
+
+
 def test_batcher_runs_instances_at_once():
     """instances=2: two runs are in flight together (each waits for the other at a barrier)."""
     both_in = threading.Barrier(2)

@@ -6,12 +6,14 @@ request never takes the server down. Model names are only looked up in a dict.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import logging
 import zlib
 from typing import AsyncIterator, Awaitable, Callable
 
+import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -80,7 +82,8 @@ class Registry:
     def __init__(self, models: list[ServedModel], max_batch: int, max_delay_s: float, max_body_bytes: int,
                  instances: int = 1):
         self.models = {m.name: m for m in models}
-        self.batchers = {m.name: Batcher(m.run, max_batch, max_delay_s, m.name, instances) for m in models}
+        self.batchers = {m.name: Batcher(m.run, max_batch, max_delay_s, m.name, instances, fixed_shape=m.device == "cuda")
+                         for m in models}
         self.max_batch, self.max_body_bytes = max_batch, max_body_bytes
 
     def get(self, request: Request) -> tuple[ServedModel, Batcher]:
@@ -228,8 +231,6 @@ async def classify(request: Request, reg: Registry) -> Response:
         raise bad("no image files in the form")
 
     def decode_all():
-        import numpy as np
-
         return np.stack([fit_image(decode_image(io.BytesIO(b), n, model.chw[0]), model.chw[1:])
                          for n, b in zip(names, blobs)])
 
@@ -277,6 +278,9 @@ def create_app(models: list[ServedModel], max_batch: int = 64, max_delay_ms: flo
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        for m in models:  # a fixed-shape model's first run sets up cuDNN (~0.5 s): not on a caller's time
+            if registry.batchers[m.name].fixed_shape:
+                await asyncio.to_thread(m.run, np.zeros((max_batch, *m.chw), np.float32))
         for b in registry.batchers.values():
             b.start()
         try:

@@ -23,6 +23,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from onnxmod.runtime import pad_rows
+
 RunFn = Callable[[np.ndarray], list[np.ndarray]]
 
 
@@ -92,10 +94,13 @@ class ModelStats:
 class Batcher:
     """Gathers jobs into runs of at most ``max_batch`` images, waiting at most ``max_delay_s`` for more."""
 
-    def __init__(self, run: RunFn, max_batch: int, max_delay_s: float, name: str = "model", instances: int = 1):
+    def __init__(self, run: RunFn, max_batch: int, max_delay_s: float, name: str = "model", instances: int = 1,
+                 fixed_shape: bool = False):
+        """``fixed_shape``: every run gets ``max_batch`` rows, zero-padded (for CUDA: onnxmod.runtime.pad_rows)."""
         if max_batch < 1 or max_delay_s < 0 or instances < 1:
             raise ValueError("max_batch and instances must be >= 1, max_delay_s >= 0")
         self._run_fn, self.max_batch, self.max_delay_s, self.instances = run, max_batch, max_delay_s, instances
+        self.fixed_shape = fixed_shape
         self.stats = ModelStats()
         self._pending: deque[_Job] = deque()
         self._pending_images = 0
@@ -191,6 +196,8 @@ class Batcher:
         if not jobs:
             return
         x = jobs[0].x if len(jobs) == 1 else np.concatenate([j.x for j in jobs])
+        if self.fixed_shape:  # the padding rows come last: each job's rows below are counted from 0
+            x = pad_rows(x, self.max_batch)
         start = time.perf_counter_ns()
         try:
             outs = await loop.run_in_executor(self._executor, self._run_fn, x)
