@@ -27,10 +27,10 @@ CUDA = "CUDAExecutionProvider"
 DEVICES = ("auto", "cpu", "cuda")
 LOG_SEVERITY = 3  # 0 verbose .. 3 error .. 4 fatal
 STREAM_MEMORY_BYTES = 128e6  # largest activation of one streamed batch (stream_batch_size)
-# CUDA sessions: full fp32 (ORT's default TF32 convolutions moved ResNet logits by ~1e-2 against the CPU on an H200,
-# and changed 2 of 10k top-1 answers), and cuDNN's heuristic choice of algorithm instead of a timed search of every
-# algorithm for every new input shape (the search made a dynamically batched server, whose batch size varies per
-# run, answer 3 requests/s instead of hundreds: bench/results/cuda.json)
+# CUDA sessions: full fp32 (ORT's default TF32 convolutions moved ResNet logits by ~1e-2 against the CPU on an H200
+# and changed 2 of 10k top-1 answers; bench/README.md section 9 has the fp32 numbers), and cuDNN's heuristic choice of
+# algorithm rather than ORT's default timed search of every algorithm (a one-off H200 diagnostic: a new input shape
+# cost a composed ResNet-56 ~0.44 s with the heuristic, 0.35-0.93 s with the search; see pad_rows for keeping shapes)
 CUDA_OPTIONS = {"use_tf32": "0", "cudnn_conv_algo_search": "HEURISTIC"}
 
 _cuda_loads_cache: bool | None = None
