@@ -236,8 +236,9 @@ def run_chunked(session: ort.InferenceSession, x: np.ndarray, output_names: Sequ
 def pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
     """``x`` with zero rows appended up to ``rows`` (``x`` itself when it has that many).
 
-    On CUDA every new input shape costs a cuDNN set-up of every convolution (about 0.44 s for a composed ResNet-56
-    on an H200, against 7 ms for a run of a shape seen before, and a run of 64 images costs what a run of 1 does),
+    On CUDA every change of input shape costs a cuDNN set-up of every convolution (a one-off H200 diagnostic: about
+    0.44 s for a composed ResNet-56, against 7 ms for a run of the previous run's shape; ORT keeps only the last
+    shape's set-up, so returning to an earlier shape costs it again; a run of 64 images cost what a run of 1 did),
     so CUDA runs keep one shape and cut the outputs back to the real rows."""
     if len(x) >= rows:
         return x
