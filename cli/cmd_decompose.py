@@ -38,6 +38,21 @@ def _class_targets(values: tuple[str, ...]) -> dict[str, float]:
     return out
 
 
+TARGET_TOLERANCE = 0.05  # of the source's MACs: a module further than this from its target gets a warning
+
+
+def target_misses(manifest: dict) -> list[str]:
+    """One line per module whose MACs are further than TARGET_TOLERANCE from its target, and why."""
+    st = manifest["settings"]
+    differ = len({m["target_macs"] for m in manifest["modules"]}) > 1
+    why = (f"the layers all modules share (--shared-depth {st['shared_depth']:g}) are chosen once, at the mean target, "
+           "so only its class-specific layers follow its own; a lower --shared-depth widens the range"
+           if differ and st["shared_depth"] > 0 else "the channel granularity allows no closer size")
+    return [f"module '{m['class_name']}' has {m['mac_fraction']:.2f}x the source's MACs, not its target "
+            f"{m['target_macs']:g}: {why}" for m in manifest["modules"]
+            if abs(m["mac_fraction"] - m["target_macs"]) > TARGET_TOLERANCE]
+
+
 def _size(value: str | None) -> list[int] | None:
     if value is None:
         return None
@@ -140,6 +155,8 @@ def decompose_cmd(model, calib, out_dir, classes, samples_per_class, split, mean
     for u in manifest["unsupported"]:
         say(f"warning: {u['op']} node '{u['node']}' is not understood; channels through it are kept ({u['why']})",
             quiet)
+    for line in target_misses(manifest):
+        say(f"warning: {line}", quiet)
 
     def human(m: dict) -> str:
         src = m["source"]

@@ -544,8 +544,14 @@ def decompose(
     try:
         modules = []
         writing_s = 0.0
+        # modules of different targets (--class-target) still share the early layers: those are chosen once, at the
+        # mean target, and each module's own target is met in its class-specific layers
+        shared_keep = (selector.shared_keep(float(np.mean(list(mac_targets.values()))), settings.strategy,
+                                            settings.depth_slope, settings.channel_multiple, settings.shared_depth)
+                       if settings.shared_depth > 0 and len(set(mac_targets.values())) > 1 else None)
         keeps = [selector.keep_for(k, mac_targets[k], settings.strategy, settings.depth_slope,
-                                   multiple=settings.channel_multiple, shared_depth=settings.shared_depth)
+                                   multiple=settings.channel_multiple, shared_depth=settings.shared_depth,
+                                   fixed=shared_keep)
                  for k in wanted]
         # lazily, so without reconstruction or repair each module is cut right before it is re-fitted and written
         smalls: Iterable[onnx.ModelProto] = (surgery.remove_channels(analysis, keep, _fills(stats, k, settings.fill))
@@ -591,7 +597,7 @@ def decompose(
             writing_s += time.perf_counter() - t_write
             modules.append({"file": fname, "class_index": k, "class_name": src.classes[k], "params": params,
                             "macs": macs, "param_fraction": params / max(src.params, 1),
-                            "mac_fraction": macs / max(src.macs, 1),
+                            "mac_fraction": macs / max(src.macs, 1), "target_macs": mac_targets[k],
                             "calibration": {"platt_a": a, "platt_b": b, "nll_before": nll0, "nll_after": nll1},
                             "kept_channels": {str(g.id): np.nonzero(keep[g.id])[0].tolist() for g in selector.groups},
                             "refit": refit})

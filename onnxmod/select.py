@@ -138,12 +138,24 @@ class Selector:
         # depth is in [0, 1]: shared_depth 1 shares every group, the last one included
         return self.depth[gid] < shared_depth or shared_depth >= 1
 
+    def shared_keep(self, target: float, strategy: str = "uniform", depth_slope: float = 0.4, multiple: int = 1,
+                    shared_depth: float = 0.0) -> dict[int, np.ndarray]:
+        """The shared groups' masks of a module at ``target`` (any class: they follow the class-averaged
+        importance, and at one target every class gets the same counts), to hand to :meth:`keep_for` as
+        ``fixed`` when modules of different targets must still share those layers."""
+        keep = self.keep_for(self.stats.classes[0], target, strategy, depth_slope, multiple=multiple,
+                             shared_depth=shared_depth)
+        return {g.id: keep[g.id] for g in self.groups if self.is_shared(g.id, shared_depth)}
+
     def keep_for(self, k: int, target: float, strategy: str = "uniform", depth_slope: float = 0.4,
-                 prune_tied: bool = False, multiple: int = 1, shared_depth: float = 0.0) -> dict[int, np.ndarray]:
+                 prune_tied: bool = False, multiple: int = 1, shared_depth: float = 0.0,
+                 fixed: dict[int, np.ndarray] | None = None) -> dict[int, np.ndarray]:
         """Closed keep-masks for a class-``k`` module with at most ``target`` x source MACs
-        (as close as the channel granularity allows; output keeps row k only)."""
+        (as close as the channel granularity allows; output keeps row k only). ``fixed``: masks of
+        groups taken as they are (the other groups meet the target around them)."""
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}")
+        fixed = fixed or {}
         a = self.a
         imp = self.importance(k)
         if shared_depth > 0:  # early groups: one class-agnostic choice, so composed models compute them once
@@ -152,7 +164,8 @@ class Selector:
         base = a.full_keep()
         base[self.out_group.id][:] = False
         base[self.out_group.id][k] = True
-        if target >= 1.0:  # keep everything: no channel rounding may take any away
+        base.update({gid: m.copy() for gid, m in fixed.items()})
+        if target >= 1.0 and not fixed:  # keep everything: no channel rounding may take any away
             return a.close(base)
 
         if strategy == "uniform":
@@ -163,7 +176,7 @@ class Selector:
             def build(frac: float, mult: int = multiple) -> dict[int, np.ndarray]:
                 keep = {g: m.copy() for g, m in base.items()}
                 for gid, o in order.items():
-                    if gid in tied_ids and not prune_tied:
+                    if (gid in tied_ids and not prune_tied) or gid in fixed:
                         continue
                     f = min(1.0, frac * (1.0 + depth_slope * (self.depth[gid] - 0.5)))
                     if gid in self.blocks:  # a grouped Conv's side: the same count, the best, in every group
@@ -180,6 +193,8 @@ class Selector:
             full = a.full_keep()
             cands = []
             for g in self.groups:
+                if g.id in fixed:
+                    continue
                 per = self._marginal_macs(g.id, full)
                 score = imp[g.id] / max(per, 1.0)
                 # never empty a layer: a floor of GLOBAL_FLOOR of its channels stays
@@ -201,7 +216,7 @@ class Selector:
             return keep
         # rounding to `multiple` moves every small group at once: the bisection alone can land far
         # below the target (16-channel groups jump 8 -> 16 together). Top up, then try finer roundings.
-        skip = set() if prune_tied else tied_ids
+        skip = (set() if prune_tied else tied_ids) | set(fixed)
         mult = multiple
         while self.macs(keep) < goal - MAC_SLACK * self.total_macs and mult >= 1:
             cand = keep if mult == multiple else self._bisect(lambda f, m=mult: build(f, m), lo, hi, goal)

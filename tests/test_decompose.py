@@ -262,15 +262,43 @@ def test_unlabelled_calibration_uses_the_sources_predictions(tmp_path, layout):
 
 def test_per_class_targets(tmp_path, capsys):
     """--class-target gives one class a different MAC budget; the others keep --target-macs."""
-    code, out, _ = _cli(["decompose", str(SAMPLE), "--calib", str(CALIB), "-o", str(tmp_path / "m"), "--classes",
-                         "cat,ship", "--samples-per-class", "20", "--no-repair", "--target-macs", "0.4",
-                         "--class-target", "cat=0.8", "--json", "-q"], capsys)
-    assert code == 0
+    common = ["--calib", str(CALIB), "--classes", "cat,ship", "--samples-per-class", "20", "--no-repair",
+              "--target-macs", "0.4", "--class-target", "cat=0.8", "--json"]
+    code, out, err = _cli(["decompose", str(SAMPLE), "-o", str(tmp_path / "m"), "--shared-depth", "0", *common], capsys)
+    assert code == 0 and "warning" not in err
     fracs = {m["class_name"]: m["mac_fraction"] for m in json.loads(out)["modules"]}
     assert fracs["cat"] == pytest.approx(0.8, abs=0.05) and fracs["ship"] == pytest.approx(0.4, abs=0.05)
     spec = ModuleSpec.from_model(onnx.load(tmp_path / "m" / "module_003_cat.onnx"))
     assert spec.kept["target_macs"] == 0.8
+    # with shared layers (chosen at the mean target, 0.6) the bigger module can only grow its class-specific layers
+    code, out, err = _cli(["decompose", str(SAMPLE), "-o", str(tmp_path / "s"), "--shared-depth", "0.75", *common],
+                          capsys)
+    cat = next(m for m in json.loads(out)["modules"] if m["class_name"] == "cat")
+    assert code == 0 and cat["target_macs"] == 0.8 and cat["mac_fraction"] < 0.75
+    assert f"module 'cat' has {cat['mac_fraction']:.2f}x the source's MACs, not its target 0.8" in err
+    assert "--shared-depth 0.75" in err
     for bad, why in (("unicorn=0.5", "unicorn"), ("cat=1.5", "(0, 1]"), ("cat", "NAME=FRACTION")):
         code, _, err = _cli(["decompose", str(SAMPLE), "--calib", str(CALIB), "-o", str(tmp_path / "n"),
                              "--class-target", bad], capsys)
         assert code == 2 and why in err and not (tmp_path / "n").exists()
+
+
+def test_modules_of_different_targets_still_share_the_early_layers(tmp_path):
+    """--class-target with --shared-depth: the shared layers are chosen once (at the mean target), so modules of
+    different budgets keep the same channels there and compose computes those layers once; each module's own
+    budget is met in its class-specific layers."""
+    from onnxmod.compose import compose, compose_info
+
+    settings = DecomposeSettings(samples_per_class=30, refit_images=0, repair=False, shared_depth=0.6, target_macs=0.55,
+                                 class_targets={"cat": 0.7, "ship": 0.4})
+    man = decompose(SAMPLE, CALIB, tmp_path / "m", settings=settings, classes=["cat", "dog", "ship"], quiet=True)
+    mods = {m["class_name"]: m for m in man["modules"]}
+    assert mods["cat"]["mac_fraction"] > mods["dog"]["mac_fraction"] > mods["ship"]["mac_fraction"]
+    for name, target in (("cat", 0.7), ("dog", 0.55), ("ship", 0.4)):
+        assert mods[name]["mac_fraction"] == pytest.approx(target, abs=0.05)
+    kept = [m["kept_channels"] for m in man["modules"]]
+    same = [g for g in kept[0] if all(k[g] == kept[0][g] for k in kept)]
+    differ = [g for g in kept[0] if g not in same]
+    assert same and differ  # shared early groups, class-specific late ones
+    info = compose_info(compose([tmp_path / "m"]))
+    assert info["macs"] < info["module_macs_sum"] * 0.9  # the shared layers are computed once
