@@ -259,7 +259,8 @@ def run_batches(
         x = np.ascontiguousarray(x, dtype=np.float32)
         if rows is None:
             rows = len(x) if session_device(session) == "cuda" else 0
-        if len(x) < rows:
-            yield [o[:len(x)] for o in run(session, pad_rows(x, rows), output_names)]
+        if len(x) < rows:  # outputs without the batch as first dimension are left whole
+            yield [o[:len(x)] if o.ndim and o.shape[0] == rows else o
+                   for o in run(session, pad_rows(x, rows), output_names)]
         else:
             yield run(session, x, output_names)
