@@ -235,6 +235,12 @@ def block_replace(results: dict[str, Any]) -> str:
     return "\n".join(t)
 
 
+def _epochs_note(epoch: dict[str, Any]) -> str:
+    """", median of N epochs" where the time section timed more than one (short, GPU epochs)."""
+    n = len(epoch.get("epochs_s") or [])
+    return f", median of {n} epochs" if n > 1 else ""
+
+
 def block_time(results: dict[str, Any]) -> str:
     tm = results.get("time")
     if not tm:
@@ -244,7 +250,7 @@ def block_time(results: dict[str, Any]) -> str:
     for r in tm["models"].values():
         e = r["training_epoch"]
         t.append(f"| {r['label']} | {r['calibration_images']} | {r['plain_pass_median_s']:.2f} s (median of "
-                 f"{len(r['plain_pass_s'])}) | {e['epoch_s']:.2f} s ({e['device']}{', extrapolated from ' + str(e['timed_batches']) + ' batches' if e['extrapolated'] else ''}) | "
+                 f"{len(r['plain_pass_s'])}) | {e['epoch_s']:.2f} s ({e['device']}{', extrapolated from ' + str(e['timed_batches']) + ' batches' if e['extrapolated'] else ''}{_epochs_note(e)}) | "
                  f"{r['decompose_s']:.1f} s (repair {r['decompose_timings'].get('repair_s', 0):.1f} s) | "
                  f"{_x(r['decompose_over_plain'])} | **{r['decompose_over_epoch']:.2f}** | {r['decompose_no_repair_s']:.1f} s | "
                  f"**{_x(r['no_repair_over_plain'])}** |")
