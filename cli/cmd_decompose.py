@@ -87,7 +87,8 @@ def _size(value: str | None) -> list[int] | None:
 @click.option("--class-target", "class_targets", multiple=True, metavar="NAME=FRACTION",
               show_default="none: every class gets --target-macs",
               help="A different --target-macs for one class (repeatable), e.g. --class-target cat=0.6: "
-                   "a hard class can get a bigger module, an easy one a smaller.")
+                   "a hard class can get a bigger module, an easy one a smaller. Layers --shared-depth "
+                   "shares stay shared (chosen at the mean target): the difference goes to class-specific layers.")
 @click.option("--strategy", default=_D.strategy, show_default=True, type=click.Choice(["uniform", "global"]),
               help="Per-layer budget: same kept fraction per layer, or global importance per MAC.")
 @click.option("--fill", default=_D.fill, show_default=True, type=click.Choice(["linear", "mean", "zero"]),
