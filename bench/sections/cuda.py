@@ -73,8 +73,9 @@ def torch_tf32(allowed: bool):
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def compare_eval(model: onnx.ModelProto, kind: str, ds: Any, devices: tuple[str, str]) -> dict[str, Any]:
-    """Whole-dataset evaluation on both devices (a warm-up batch first, so session start-up is not timed)."""
+def compare_eval(model: onnx.ModelProto | Path, kind: str, ds: Any, devices: tuple[str, str]) -> dict[str, Any]:
+    """Whole-dataset evaluation on both devices. A one-batch evaluation first keeps CUDA's one-time start-up out of
+    the timing; each timed evaluation includes its own session's creation, as ``onnxmod eval`` does."""
     from onnxmod.evaluate import evaluate_composed, evaluate_source
 
     fn = evaluate_composed if kind == "composed" else evaluate_source
