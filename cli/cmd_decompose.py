@@ -153,11 +153,12 @@ def decompose_cmd(model, calib, out_dir, classes, samples_per_class, split, mean
         settings=settings, mean=float_list(mean, "--mean"), std=float_list(std, "--std"), scale=scale,
         device=device, force=force, quiet=quiet, layout=layout, input_size=_size(input_size),
     )
+    # the same "onnxmod: warning:" lines as the logger's warnings (cli/main.py)
     for u in manifest["unsupported"]:
-        say(f"warning: {u['op']} node '{u['node']}' is not understood; channels through it are kept ({u['why']})",
-            quiet)
+        say(f"onnxmod: warning: {u['op']} node '{u['node']}' is not understood; channels through it are kept "
+            f"({u['why']})", quiet)
     for line in target_misses(manifest):
-        say(f"warning: {line}", quiet)
+        say(f"onnxmod: warning: {line}", quiet)
 
     def human(m: dict) -> str:
         src = m["source"]

@@ -302,3 +302,17 @@ def test_modules_of_different_targets_still_share_the_early_layers(tmp_path):
     assert same and differ  # shared early groups, class-specific late ones
     info = compose_info(compose([tmp_path / "m"]))
     assert info["macs"] < info["module_macs_sum"] * 0.9  # the shared layers are computed once
+
+
+def test_a_target_below_what_the_channels_allow_is_warned_about(tmp_path, capsys):
+    """A module that cannot get within 0.05 of its target (here 5% of the source: every layer keeps at least
+    one channel-multiple) is written anyway, and decompose says so on stderr; --quiet silences it."""
+    common = ["decompose", str(SAMPLE), "--calib", str(CALIB), "--classes", "cat", "--samples-per-class", "20",
+              "--no-repair", "--target-macs", "0.05", "--json"]
+    code, out, err = _cli([*common, "-o", str(tmp_path / "m")], capsys)
+    (cat,) = json.loads(out)["modules"]
+    assert code == 0 and cat["mac_fraction"] > 0.1
+    assert err.strip() == (f"onnxmod: warning: module 'cat' has {cat['mac_fraction']:.2f}x the source's MACs, not its "
+                           "target 0.05: the channel granularity allows no closer size")
+    code, _, err = _cli([*common, "-o", str(tmp_path / "q"), "-q"], capsys)
+    assert code == 0 and err == ""
