@@ -189,6 +189,8 @@ def make_session(
     except Exception as e:
         raise OnnxmodError(f"{label}: onnxruntime cannot load it: {_first_line(e)}") from None
     session.onnxmod_label = label  # what run() errors call the model
+    # CUDA: the most images one run has had; run() pads smaller batches up to it (see pad_rows)
+    session.onnxmod_rows = 0 if session_device(session) == "cuda" else None
     return session
 
 
@@ -205,17 +207,29 @@ def input_name(session: ort.InferenceSession) -> str:
 
 
 def run(session: ort.InferenceSession, x: np.ndarray, output_names: Sequence[str] | None = None) -> list[np.ndarray]:
-    """One run with the single input fed ``x``; ORT run errors (shape mismatch...) become OnnxmodError."""
+    """One run with the single input fed ``x``; ORT run errors (shape mismatch...) become OnnxmodError. On a CUDA
+    session from :func:`make_session` a batch smaller than the largest run so far is zero-padded to its size and
+    the outputs cut back (:func:`pad_rows`): a loop's last, shorter batch keeps the shape."""
     options = ort.RunOptions()
     options.log_severity_level = 4  # a failing run raises (and becomes one error line); ORT need not log it too
+    rows = getattr(session, "onnxmod_rows", None)
+    fed = x
+    if rows is not None and x.ndim:
+        if len(x) < rows:
+            fed = pad_rows(x, rows)
+        else:
+            session.onnxmod_rows = len(x)
     try:
-        return session.run(list(output_names) if output_names else None, {input_name(session): x}, options)
+        outs = session.run(list(output_names) if output_names else None, {input_name(session): fed}, options)
     except OnnxmodError:
         raise
     except Exception as e:
         label = getattr(session, "onnxmod_label", None)
         where = f"{label}: " if label else ""
         raise OnnxmodError(f"{where}onnxruntime failed on input of shape {list(x.shape)}: {_first_line(e)}") from None
+    if fed is x:
+        return outs
+    return [o[:len(x)] if o.ndim and o.shape[0] == len(fed) else o for o in outs]  # outputs without the batch: whole
 
 
 def stream_batch_size(model: onnx.ModelProto, requested: int) -> int:
@@ -252,15 +266,6 @@ def run_batches(
     batches: Iterable[np.ndarray],
     output_names: Sequence[str] | None = None,
 ) -> Iterator[list[np.ndarray]]:
-    """Run each batch through the single-input ``session``; yields the output list per batch. On CUDA a shorter
-    batch (the last one) is padded to the first one's size (:func:`pad_rows`), its outputs cut back."""
-    rows = None
+    """Run each batch through the single-input ``session``; yields the output list per batch."""
     for x in batches:
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        if rows is None:
-            rows = len(x) if session_device(session) == "cuda" else 0
-        if len(x) < rows:  # outputs without the batch as first dimension are left whole
-            yield [o[:len(x)] if o.ndim and o.shape[0] == rows else o
-                   for o in run(session, pad_rows(x, rows), output_names)]
-        else:
-            yield run(session, x, output_names)
+        yield run(session, np.ascontiguousarray(x, dtype=np.float32), output_names)

@@ -101,19 +101,19 @@ def test_run_shape_mismatch_is_onnxmod_error():
         next(run_batches(sess, [np.zeros((2, 5), np.float32)]))
 
 
-def test_run_batches_keeps_one_shape_on_cuda(monkeypatch):
-    """On CUDA the last, shorter batch is padded to the first one's size and its outputs cut back (a new input
-    shape costs a cuDNN set-up there); on the CPU batches run as they are. Here a CPU session is marked CUDA."""
-    sess = make_session(_relu_model(), device="cpu")
+def test_runs_on_cuda_keep_one_shape(monkeypatch):
+    """On CUDA a batch smaller than the largest run so far (a loop's last batch) is padded to its size and its
+    outputs cut back (a change of input shape costs a cuDNN set-up there); on the CPU batches run as they are.
+    Here CPU sessions are marked CUDA; what ORT itself is fed is recorded."""
     batches = [np.arange(15, dtype=np.float32).reshape(5, 3) - 7, np.ones((5, 3), np.float32), -np.ones((2, 3), np.float32)]
-    seen = []
-    plain_run = runtime.run
-    monkeypatch.setattr(runtime, "run", lambda s, x, names=None: seen.append(x.shape) or plain_run(s, x, names))
     expected = [np.maximum(b, 0) for b in batches]
     for device, shapes in (("cpu", [(5, 3), (5, 3), (2, 3)]), ("cuda", [(5, 3)] * 3)):
-        seen.clear()
         monkeypatch.setattr(runtime, "session_device", lambda s: device)
-        outs = [y for (y,) in run_batches(sess, batches)]
+        sess = make_session(_relu_model(), device="cpu")
+        seen = []
+        plain_run = sess.run
+        sess.run = lambda names, feed, options: seen.append(next(iter(feed.values())).shape) or plain_run(names, feed, options)
+        outs = [y for (y,) in run_batches(sess, batches)]  # run_batches -> runtime.run, as every loop of onnxmod
         assert seen == shapes
         for y, e in zip(outs, expected):
             np.testing.assert_array_equal(y, e)
