@@ -190,7 +190,8 @@ def test_providers_helper_picks_cuda_only_where_it_loads(monkeypatch):
     cuda = (runtime.CUDA, {"use_tf32": "0", "cudnn_conv_algo_search": "HEURISTIC"})
     assert runtime.providers("auto") == runtime.providers("cuda") == [cuda, runtime.CPU]
     seen = []
-    monkeypatch.setattr(ort, "InferenceSession", lambda payload, so, providers: seen.append(providers) or SimpleNamespace(get_providers=lambda: [p if isinstance(p, str) else p[0] for p in providers]))
+    fake = SimpleNamespace(get_providers=lambda: [runtime.CUDA, runtime.CPU])
+    monkeypatch.setattr(ort, "InferenceSession", lambda payload, so, providers: seen.append(providers) or fake)
     runtime.make_session(runtime._tiny_model(), device="auto")
     assert seen == [[cuda, runtime.CPU]]
     monkeypatch.setattr(runtime, "_cuda_loads_cache", False)
