@@ -17,18 +17,59 @@ SECTION_NAMES = ("cost", "curve", "subset", "reuse", "replace", "time", "serving
 BLOCK_START, BLOCK_END = "<!-- bench:choosing-settings -->", "<!-- /bench:choosing-settings -->"
 
 
-def load_results(results_dir: Path, other_machines: bool = True) -> dict[str, Any]:
-    """Section results of ``results_dir``; each sub-directory (e.g. ``h200/``) holds another machine's run,
-    shown apart (``other_machines``) and never mixed into the main tables."""
+def load_results(results_dir: Path, other_runs: bool = True) -> dict[str, Any]:
+    """Section results of ``results_dir``. Each sub-directory holds another run of some sections, shown apart and
+    never mixed into the main tables: on another machine (e.g. ``h200/``, shown in section 9), or on this one
+    with changed decompose settings (e.g. ``repair_epochs_10/``, whose runs record ``settings_overrides``;
+    shown in section 6)."""
     out: dict[str, Any] = {}
     for name in ("machine",) + SECTION_NAMES:
         r = read_json(results_dir / f"{name}.json")
         if r is not None and (name == "machine" or r.get("schema") == SCHEMA):
             out[name] = r
-    if other_machines and results_dir.is_dir():
+    if other_runs and results_dir.is_dir():
         others = {d.name: load_results(d, False) for d in sorted(results_dir.iterdir()) if d.is_dir()}
-        out["other_machines"] = {k: v for k, v in others.items() if set(v) - {"machine"}}
+        out["other_runs"] = {k: v for k, v in others.items() if set(v) - {"machine"}}
     return out
+
+
+def _overrides(run_results: dict[str, Any]) -> dict[str, Any]:
+    """The decompose settings a run changed (``bench/run.py --repair-epochs`` etc.); empty for the defaults."""
+    return next((o for s in ("cost", "time") if (o := _get(run_results, s, "run", "settings_overrides"))), {})
+
+
+def _other_runs(results: dict[str, Any], changed_settings: bool) -> list[tuple[str, dict[str, Any]]]:
+    """The sub-directories' runs with changed decompose settings, or (False) those at the defaults."""
+    return [(k, v) for k, v in (results.get("other_runs") or {}).items() if bool(_overrides(v)) == changed_settings]
+
+
+def _flags(overrides: dict[str, Any]) -> str:
+    return " ".join(f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
+                    for k, v in sorted(overrides.items()))
+
+
+COST_TIME_HEADER = ["| model | run | calibration images | composed top-1 (source) | loss | decompose ÷ training epoch "
+                    "(bar ≤ 10) | repair |", "|---|---|---|---|---|---|---|"]
+
+
+def _cost_time_rows(run_results: dict[str, Any], run: str, keys: list[str] | None = None) -> list[str]:
+    """One table row per model of a run's cost and time sections (``run``: what the second column says)."""
+    cost, tm = run_results.get("cost"), run_results.get("time")
+    rows = []
+    for key, c in ((cost or {}).get("models") or {}).items():
+        if keys is not None and key not in keys:
+            continue
+        d, tr = c["default"], _get(tm, "models", key)
+        rep = d.get("repair") or {}
+        epochs = f"**{tr['decompose_over_epoch']:.2f}**" if tr else "–"
+        rows.append(f"| {c['label']} | {run} | {tr['calibration_images'] if tr else '–'} | {_pct(d['composed_top1'])} "
+                    f"({_pct(c['source_top1'])}) | **{_pt(d['loss_pt'], paired=d.get('paired_vs_source'))}** | {epochs} | "
+                    f"{rep.get('steps')} steps, batch {rep.get('batch_size')}, {rep.get('seconds', 0):.1f} s |")
+    return rows
+
+
+def _commit(run_results: dict[str, Any]) -> str:
+    return (_get(run_results, "cost", "run", "machine", "git_commit") or "?")[:7]
 
 
 def _pct(x: float | None, d: int = 2) -> str:
@@ -262,6 +303,20 @@ def block_time(results: dict[str, Any]) -> str:
     return "\n".join(t)
 
 
+def block_budget(results: dict[str, Any]) -> str:
+    """The default decomposition next to runs of the cost and time sections, on the same machine, with changed
+    decompose settings (sub-directories of the results whose runs record ``settings_overrides``)."""
+    variants = _other_runs(results, changed_settings=True)
+    if not variants:
+        return "_No run with changed decompose settings is recorded._"
+    t = list(COST_TIME_HEADER)
+    for key, _ in _per_model(results):
+        t += _cost_time_rows(results, f"default flags (`{_commit(results)}`)", [key])
+        for name, v in variants:
+            t += _cost_time_rows(v, f"`{_flags(_overrides(v))}` (`{_commit(v)}`, `{name}/`)", [key])
+    return "\n".join(t)
+
+
 def block_serving(results: dict[str, Any]) -> str:
     sv = results.get("serving")
     if not sv:
@@ -316,21 +371,12 @@ def block_cuda(results: dict[str, Any]) -> str:
     t += ["", f"Outputs compared on one batch of {cu['batch']} test images; repair steps: {rep['modules']} modules "
               f"together at batch {rep['batch']}, the time of {cu['repair_steps'][1]} steps minus that of "
               f"{cu['repair_steps'][0]}."]
-    for name, other in (results.get("other_machines") or {}).items():
-        cost, tm, m = other.get("cost"), other.get("time"), other.get("machine") or {}
+    for name, other in _other_runs(results, changed_settings=False):
+        m = other.get("machine") or {}
         t += ["", f"**The cost and time sections on `{name}`** ({m.get('gpu') or m.get('cpu')}, torch on "
-                  f"{m.get('torch_device')}, onnxruntime on {m.get('ort_device')}; `{(m.get('git_commit') or '?')[:7]}`; "
+                  f"{m.get('torch_device')}, onnxruntime on {m.get('ort_device')}; `{_commit(other)}`; "
                   f"{m.get('note', '')}). Not comparable with the tables above where the calibration images differ:", "",
-              "| model | calibration images | composed top-1 (source) | loss | decompose ÷ training epoch | repair |",
-              "|---|---|---|---|---|---|"]
-        for key, c in ((cost or {}).get("models") or {}).items():
-            d = c["default"]
-            tr = _get(tm, "models", key)
-            rep = d.get("repair") or {}
-            epochs = f"{tr['decompose_over_epoch']:.2f}" if tr else "–"
-            t.append(f"| {c['label']} | {tr['calibration_images'] if tr else '–'} | {_pct(d['composed_top1'])} "
-                     f"({_pct(c['source_top1'])}) | {_pt(d['loss_pt'], paired=d.get('paired_vs_source'))} | "
-                     f"{epochs} | {rep.get('steps')} steps, batch {rep.get('batch_size')}, {rep.get('seconds', 0):.1f} s |")
+              *COST_TIME_HEADER, *_cost_time_rows(other, f"`{name}`")]
     return "\n".join(t)
 
 
@@ -500,6 +546,7 @@ def render_readme(cfg: Config, results: dict[str, Any], figs: list[str]) -> str:
         "partial": _partial_note(results), "machine": block_machine(results), "paper": block_paper(results),
         "cost": block_cost(results), "curve": block_curve(results), "subset": block_subset(results),
         "reuse": block_reuse(results), "replace": block_replace(results), "time": block_time(results),
+        "budget": block_budget(results),
         "serving": block_serving(results), "manyclasses": block_manyclasses(results), "cuda": block_cuda(results),
         "choosing": block_choosing(results),
         "figures": "\n\n".join(f"![{f}]({os.path.relpath(cfg.results / f, cfg.readme.parent)})" for f in figs)

@@ -210,3 +210,38 @@ def test_a_skipped_section_keeps_the_measured_results():
     newer = {"schema": SCHEMA, "section": "cuda", "models": {"resnet56": {"x": 2}}}
     assert merge(measured, newer)["models"] == {"resnet20": {"x": 1}, "resnet56": {"x": 2}}
     assert merge(None, newer) == newer
+
+
+def test_report_shows_other_machines_and_changed_settings_apart(tmp_path):
+    """A results sub-directory at default settings is another machine's run (section 9); one whose runs record
+    settings_overrides is a budget row of section 6, next to the default, with its own loss and time ratio."""
+    import json
+
+    from bench.common import SCHEMA
+    from bench.report import _other_runs, block_budget, load_results
+
+    def write(d: Path, overrides: dict, loss: float, epochs: float, commit: str) -> None:
+        d.mkdir(parents=True, exist_ok=True)
+        run = {"settings_overrides": overrides, "machine": {"git_commit": commit}}
+        cost = {"schema": SCHEMA, "section": "cost", "run": run, "models": {"resnet20": {
+            "label": "ResNet20", "source_top1": 0.9, "default": {
+                "composed_top1": 0.9 - loss / 100, "loss_pt": loss, "repair": {"steps": 7, "batch_size": 128, "seconds": 1.0}}}}}
+        time = {"schema": SCHEMA, "section": "time", "run": run, "models": {"resnet20": {
+            "label": "ResNet20", "calibration_images": 160, "decompose_over_epoch": epochs}}}
+        (d / "cost.json").write_text(json.dumps(cost))
+        (d / "time.json").write_text(json.dumps(time))
+
+    write(tmp_path, {}, 3.0, 8.5, "aaaaaaa1")
+    write(tmp_path / "gpu", {}, 4.0, 6.0, "bbbbbbb2")
+    write(tmp_path / "repair_epochs_10", {"repair_epochs": 10.0}, 2.25, 17.0, "ccccccc3")
+    results = load_results(tmp_path)
+    assert [k for k, _ in _other_runs(results, changed_settings=False)] == ["gpu"]
+    assert [k for k, _ in _other_runs(results, changed_settings=True)] == ["repair_epochs_10"]
+    rows = [r for r in block_budget(results).splitlines() if r.startswith("| ResNet20")]
+    assert len(rows) == 2
+    assert "default flags (`aaaaaaa`)" in rows[0] and "**3.00 pt**" in rows[0] and "**8.50**" in rows[0]
+    assert "`--repair-epochs 10` (`ccccccc`" in rows[1] and "**2.25 pt**" in rows[1] and "**17.00**" in rows[1]
+    assert "4.00 pt" not in block_budget(results)  # the other machine's run is not a budget row
+    (tmp_path / "repair_epochs_10" / "cost.json").unlink()
+    (tmp_path / "repair_epochs_10" / "time.json").unlink()
+    assert "No run with changed decompose settings" in block_budget(load_results(tmp_path))
