@@ -408,6 +408,8 @@ def block_manyclasses(results: dict[str, Any]) -> str:
 
 
 def block_choosing(results: dict[str, Any]) -> str:
+    from onnxmod.decompose import DecomposeSettings
+
     cost, curve, tm, sv = (results.get(k) for k in ("cost", "curve", "time", "serving"))
     models = _per_model(results)
     labels = " / ".join(lbl for _, lbl in models)
@@ -455,6 +457,16 @@ def block_choosing(results: dict[str, Any]) -> str:
             f"{per(lambda k: _pt(c(k, 'no_repair', 'loss_pt')))} | {per(lambda k: _x(tmm(k, 'no_repair_over_plain')))} | "
             f"{per(lambda k: _x(tmm(k, 'no_repair_over_epoch')))} | "
             f"{per(lambda k: _x(c(k, 'no_repair', 'composed_over_source_macs')))} the source's MACs |")
+    for name, other in _other_runs(results, changed_settings=True):  # same machine, its own cost and time run
+        oc = lambda k, *p, o=other: _get(o, "cost", "models", k, "default", *p)  # noqa: E731
+        ot = lambda k, *p, o=other: _get(o, "time", "models", k, *p)  # noqa: E731
+        more = _overrides(other).get("repair_epochs", 0) > DecomposeSettings.repair_epochs
+        rows.append(
+            f"| {'closer to the source, for a slower decompose' if more else f'changed settings (`{name}/`)'} | "
+            f"`{_flags(_overrides(other))}` | "
+            f"{per(lambda k: _pct(oc(k, 'modules', 'mac_fraction', 'mean'), 0))} | {per(lambda k: _pt(oc(k, 'loss_pt')))} | "
+            f"{per(lambda k: _x(ot(k, 'decompose_over_plain')))} | {per(lambda k: _x(ot(k, 'decompose_over_epoch')))} | "
+            f"{per(lambda k: _x(oc(k, 'composed_over_source_macs')))} the source's MACs |")
     if curve:
         n = curve["subset"]["images"]
         rows.append(

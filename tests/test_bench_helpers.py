@@ -214,15 +214,16 @@ def test_a_skipped_section_keeps_the_measured_results():
 
 def test_report_shows_other_machines_and_changed_settings_apart(tmp_path):
     """A results sub-directory at default settings is another machine's run (section 9); one whose runs record
-    settings_overrides is a budget row of section 6, next to the default, with its own loss and time ratio."""
+    settings_overrides is a budget row of section 6, next to the default, with its own loss and time ratio, and a row of
+    the README's choosing-settings table."""
     import json
 
     from bench.common import SCHEMA
-    from bench.report import _other_runs, block_budget, load_results
+    from bench.report import _other_runs, block_budget, block_choosing, load_results
 
     def write(d: Path, overrides: dict, loss: float, epochs: float, commit: str) -> None:
         d.mkdir(parents=True, exist_ok=True)
-        run = {"settings_overrides": overrides, "machine": {"git_commit": commit}}
+        run = {"settings_overrides": overrides, "machine": {"git_commit": commit}, "date": "2026-11-26T08:00:00"}
         cost = {"schema": SCHEMA, "section": "cost", "run": run, "models": {"resnet20": {
             "label": "ResNet20", "source_top1": 0.9, "default": {
                 "composed_top1": 0.9 - loss / 100, "loss_pt": loss, "repair": {"steps": 7, "batch_size": 128, "seconds": 1.0}}}}}
@@ -242,6 +243,8 @@ def test_report_shows_other_machines_and_changed_settings_apart(tmp_path):
     assert "default flags (`aaaaaaa`)" in rows[0] and "**3.00 pt**" in rows[0] and "**8.50**" in rows[0]
     assert "`--repair-epochs 10` (`ccccccc`" in rows[1] and "**2.25 pt**" in rows[1] and "**17.00**" in rows[1]
     assert "4.00 pt" not in block_budget(results)  # the other machine's run is not a budget row
+    choosing = [r for r in block_choosing(results).splitlines() if "`--repair-epochs 10`" in r]
+    assert len(choosing) == 1 and "2.25 pt" in choosing[0] and "17.00x" in choosing[0]
     (tmp_path / "repair_epochs_10" / "cost.json").unlink()
     (tmp_path / "repair_epochs_10" / "time.json").unlink()
     assert "No run with changed decompose settings" in block_budget(load_results(tmp_path))
