@@ -46,7 +46,7 @@ def serve_cmd(models: tuple[Path, ...], names: tuple[str, ...], host: str, port:
 
     Routes per model NAME: GET /v2/models/NAME (inputs, outputs, classes), POST /v2/models/NAME/infer
     (JSON or binary tensors, as tritonclient.http sends them), POST /v2/models/NAME/classify (image files),
-    GET /v2/models/NAME/stats. Stops cleanly on Ctrl-C / SIGTERM.
+    GET /v2/models/NAME/stats. Stops cleanly on Ctrl-C / SIGTERM / SIGHUP.
     """
     from onnxmod.serve.server import ServeSettings, bind, default_threads, http_stack, load_models, serve, url
 

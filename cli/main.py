@@ -43,8 +43,12 @@ def _register() -> None:
     )
 
 
+# SIGHUP (the terminal closed, an ssh session dropped) ends a command like SIGTERM: temporary outputs removed
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 class Interrupted(BaseException):
-    """SIGINT or SIGTERM, raised in the main thread so that every ``except BaseException`` cleanup runs.
+    """SIGINT, SIGTERM or SIGHUP, raised in the main thread so that every ``except BaseException`` cleanup runs.
 
     Not a KeyboardInterrupt, so click does not turn it into an Abort (which prints a blank line first).
     """
@@ -56,8 +60,8 @@ class Interrupted(BaseException):
 
 def _on_signal(signum, frame) -> None:
     # a second signal must not cut the cleanup short
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     raise Interrupted(signum)
 
 
@@ -83,7 +87,8 @@ def _interrupted(e: BaseException) -> None:
     from onnxmod import outputs
 
     outputs.sweep_own_temps()  # also those created a moment before the signal, outside any cleanup block
-    why = "terminated (SIGTERM)" if getattr(e, "signum", None) == signal.SIGTERM else "interrupted"
+    signum = getattr(e, "signum", None)
+    why = f"terminated ({signal.Signals(signum).name})" if signum in (signal.SIGTERM, signal.SIGHUP) else "interrupted"
     _fail(f"{why}; temporary outputs removed", 130)
 
 
@@ -97,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         log.addHandler(_StderrWarnings(logging.WARNING))
         log.propagate = False
     in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = ({sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = ({sig: signal.signal(sig, _on_signal) for sig in STOP_SIGNALS}
                 if in_main_thread else {})
     try:
         group.main(args=argv, prog_name="onnxmod", standalone_mode=False)

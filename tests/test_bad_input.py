@@ -528,7 +528,7 @@ def _wait_for_temp(cwd: Path, out: str, proc: subprocess.Popen, timeout: float =
     return False
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=["SIGTERM", "SIGINT", "SIGHUP"])
 def test_signal_during_write_leaves_nothing(sig, inp: Path, tmp_path: Path):
     before = snapshot(inp)
     proc = _start_decompose(inp, tmp_path, "r8.modules")
@@ -538,7 +538,7 @@ def test_signal_during_write_leaves_nothing(sig, inp: Path, tmp_path: Path):
     assert proc.returncode == 130, err
     lines = err.splitlines()  # exactly one line: not even click's blank line before it
     assert len(lines) == 1 and lines[0].startswith("onnxmod: error: "), err
-    assert ("terminated (SIGTERM)" if sig == signal.SIGTERM else "interrupted") in lines[0]
+    assert (f"terminated ({sig.name})" if sig != signal.SIGINT else "interrupted") in lines[0]
     assert "Traceback" not in err
     assert list(tmp_path.iterdir()) == []  # no output, no temp
     assert snapshot(inp) == before

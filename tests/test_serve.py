@@ -543,7 +543,7 @@ def test_serve_help_has_example_and_defaults(capsys):
     assert "Example:" in out and "onnxmod serve" in out and "default: 127.0.0.1" in out and "default: 8000" in out
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=["SIGTERM", "SIGINT", "SIGHUP"])
 def test_serve_command_answers_then_stops_cleanly(r8_composed, images, sig):
     """The real command in a subprocess: port 0, a tritonclient round trip, then a clean stop (exit 0)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

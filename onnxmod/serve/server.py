@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import signal
 import socket
 import threading
 import time
@@ -114,8 +115,17 @@ def make_server(models: list[ServedModel], settings: ServeSettings) -> uvicorn.S
 
 
 def serve(sock: socket.socket, models: list[ServedModel], settings: ServeSettings) -> None:
-    """Serve until SIGINT/SIGTERM: stop accepting, finish in-flight requests, stop the batchers."""
-    make_server(models, settings).run(sockets=[sock])
+    """Serve until SIGINT/SIGTERM/SIGHUP: stop accepting, finish in-flight requests, stop the batchers."""
+    server = make_server(models, settings)
+    if threading.current_thread() is not threading.main_thread():
+        server.run(sockets=[sock])
+        return
+    # uvicorn handles SIGINT/SIGTERM only; a SIGHUP (terminal closed) stops serve the same graceful way
+    previous = signal.signal(signal.SIGHUP, lambda sig, frame: server.handle_exit(signal.SIGTERM, frame))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        signal.signal(signal.SIGHUP, previous)
 
 
 @contextlib.contextmanager
