@@ -102,8 +102,15 @@ def test_repair_can_run_every_module_in_torch(zoo):
     x = resize_batch(next(open_dataset(TEST_IMAGES).iter_batches(4))[0], tuple(hw))
     for entry in small["modules"]:
         module = onnx.load(tmp / "small" / entry["file"])
-        for got, want in zip(torchgraph.run_numpy(module, x), run(module, x)):
-            np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+        # score = sigmoid(a * logit + b) magnifies the logit's float rounding by up to |a| / 4, and on these
+        # random-weight nets a nearly constant logit gets Platt slopes near 1e5 (torch_fire_legacy: a = 80,713 with
+        # onnx 1.23.2 / onnxscript 0.7.2, logits equal to 7e-9): the score may differ by the slope times a logit
+        # rounding of 1e-7, when that exceeds the usual 1e-4
+        slope = abs(entry["calibration"]["platt_a"]) / 4
+        for name, got, want in zip([o.name for o in module.graph.output], torchgraph.run_numpy(module, x),
+                                   run(module, x)):
+            atol = max(1e-4, slope * 1e-7) if name == "score" else 1e-4
+            np.testing.assert_allclose(got, want, atol=atol, rtol=1e-4, err_msg=f"{entry['file']}: {name}")
 
 
 def test_mac_target_and_pinned_channels(zoo):
