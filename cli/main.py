@@ -44,7 +44,7 @@ def _register() -> None:
 
 
 # SIGHUP (the terminal closed, an ssh session dropped) ends a command like SIGTERM: temporary outputs removed
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 class Interrupted(BaseException):
@@ -88,7 +88,7 @@ def _interrupted(e: BaseException) -> None:
 
     outputs.sweep_own_temps()  # also those created a moment before the signal, outside any cleanup block
     signum = getattr(e, "signum", None)
-    why = f"terminated ({signal.Signals(signum).name})" if signum in (signal.SIGTERM, signal.SIGHUP) else "interrupted"
+    why = f"terminated ({signal.Signals(signum).name})" if signum not in (None, signal.SIGINT) else "interrupted"
     _fail(f"{why}; temporary outputs removed", 130)
 
 

@@ -117,7 +117,7 @@ def make_server(models: list[ServedModel], settings: ServeSettings) -> uvicorn.S
 def serve(sock: socket.socket, models: list[ServedModel], settings: ServeSettings) -> None:
     """Serve until SIGINT/SIGTERM/SIGHUP: stop accepting, finish in-flight requests, stop the batchers."""
     server = make_server(models, settings)
-    if threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGHUP"):
         server.run(sockets=[sock])
         return
     # uvicorn handles SIGINT/SIGTERM only; a SIGHUP (terminal closed) stops serve the same graceful way
