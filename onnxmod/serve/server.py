@@ -98,11 +98,25 @@ def url(sock: socket.socket) -> str:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn re-raises SIGINT/SIGTERM after its graceful shutdown; for ``serve`` that stop is a clean exit."""
+    """uvicorn re-raises SIGINT/SIGTERM after its graceful shutdown; for ``serve`` that stop is a clean exit.
+    SIGHUP stops it the same way."""
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         super().handle_exit(sig, frame)
         self._captured_signals.clear()
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """uvicorn listens for SIGINT/SIGTERM; a SIGHUP (terminal closed) stops serve the same graceful way."""
+        with super().capture_signals():
+            if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGHUP"):
+                yield
+                return
+            previous = signal.signal(signal.SIGHUP, self.handle_exit)
+            try:
+                yield
+            finally:
+                signal.signal(signal.SIGHUP, previous)
 
 
 def make_server(models: list[ServedModel], settings: ServeSettings) -> uvicorn.Server:
@@ -116,16 +130,7 @@ def make_server(models: list[ServedModel], settings: ServeSettings) -> uvicorn.S
 
 def serve(sock: socket.socket, models: list[ServedModel], settings: ServeSettings) -> None:
     """Serve until SIGINT/SIGTERM/SIGHUP: stop accepting, finish in-flight requests, stop the batchers."""
-    server = make_server(models, settings)
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGHUP"):
-        server.run(sockets=[sock])
-        return
-    # uvicorn handles SIGINT/SIGTERM only; a SIGHUP (terminal closed) stops serve the same graceful way
-    previous = signal.signal(signal.SIGHUP, lambda sig, frame: server.handle_exit(signal.SIGTERM, frame))
-    try:
-        server.run(sockets=[sock])
-    finally:
-        signal.signal(signal.SIGHUP, previous)
+    make_server(models, settings).run(sockets=[sock])
 
 
 @contextlib.contextmanager
