@@ -6,11 +6,12 @@ import math
 
 import click
 
-from onnxmod.cli.common import (device_option, emit, float_list, fmt_count, force_option, json_option,
-                                quiet_option, say)
+from onnxmod.cli.common import (BATCH, FiniteFloat, device_option, emit, float_list, fmt_count, force_option,
+                                int_range, json_option, quiet_option, say)
 from onnxmod.cli.main import cli
 from onnxmod.decompose import DecomposeSettings
 from onnxmod.errors import OnnxmodError
+from onnxmod.modelio import MAX_SIDE
 
 
 _D = DecomposeSettings()  # the defaults shown in --help are the ones decompose uses
@@ -33,7 +34,7 @@ def _class_targets(values: tuple[str, ...]) -> dict[str, float]:
             out[name.strip()] = float(frac)
         except ValueError:
             sep = ""
-        if not sep or not name.strip():
+        if not sep or not name.strip() or not math.isfinite(out.get(name.strip(), 0.0)):
             raise OnnxmodError(f"--class-target: expected NAME=FRACTION like cat=0.6, got '{v}'")
     return out
 
@@ -56,8 +57,9 @@ def target_misses(manifest: dict) -> list[str]:
 def _size(value: str | None) -> list[int] | None:
     if value is None:
         return None
-    parts = value.replace("x", ",").split(",")
-    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+    parts = [p.strip() for p in value.replace("x", ",").split(",")]
+    # ASCII digits only ('²'.isdigit() is true, int('²') fails), and a size an image can have
+    if len(parts) != 2 or not all(p.isascii() and p.isdigit() and 0 < int(p) <= MAX_SIDE for p in parts):
         raise OnnxmodError(f"--input-size: expected H,W like 48,192, got '{value}'")
     return [int(p) for p in parts]
 
@@ -68,21 +70,22 @@ def _size(value: str | None) -> list[int] | None:
 @click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False), default=None,
               show_default="<model stem>.modules in the current dir", help="Output dir.")
 @click.option("--classes", default=None, show_default="all", help="Comma-separated class names or indices.")
-@click.option("--samples-per-class", default=_D.samples_per_class, show_default=True, type=int,
+@click.option("--samples-per-class", default=_D.samples_per_class, show_default=True, type=int_range(1, 1_000_000),
               help="Calibration images per class.")
 @click.option("--split", default=_D.split, show_default=True, type=click.Choice(["train", "test"]))
 @click.option("--mean", default=None, show_default="the model's onnxmod.preprocess, else 0",
               help="Source input normalisation mean, e.g. 0.485,0.456,0.406.")
 @click.option("--std", default=None, show_default="the model's onnxmod.preprocess, else 1",
               help="Source input normalisation std.")
-@click.option("--scale", default=None, type=float, show_default="the model's onnxmod.preprocess, else 1",
+@click.option("--scale", default=None, type=FiniteFloat(0, 1e6, min_open=True),
+              show_default="the model's onnxmod.preprocess, else 1",
               help="Multiply [0,1] pixels by this first (255 for 0..255 models).")
 @click.option("--layout", default=None, type=click.Choice(["nchw", "nhwc"]),
               show_default="NHWC when a Transpose to NCHW follows the input, else NCHW",
               help="Layout of the source's image input. The modules always take NCHW `input`.")
 @click.option("--input-size", default=None, show_default="the calibration images' size",
               help="H,W for a source whose input height/width are dynamic.")
-@click.option("--target-macs", default=_D.target_macs, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+@click.option("--target-macs", default=_D.target_macs, show_default=True, type=FiniteFloat(0, 1, min_open=True),
               help="Module MACs as a fraction of the source's: the size/accuracy knob.")
 @click.option("--class-target", "class_targets", multiple=True, metavar="NAME=FRACTION",
               show_default="none: every class gets --target-macs",
@@ -93,14 +96,15 @@ def _size(value: str | None) -> list[int] | None:
               help="Per-layer budget: same kept fraction per layer, or global importance per MAC.")
 @click.option("--fill", default=_D.fill, show_default=True, type=click.Choice(["linear", "mean", "zero"]),
               help="What replaces removed channels in the layers that read them.")
-@click.option("--depth-slope", default=_D.depth_slope, show_default=True, type=float,
+@click.option("--depth-slope", default=_D.depth_slope, show_default=True,
+              type=FiniteFloat(-2, 2, min_open=True, max_open=True),
               help="Uniform budget: how much more late layers keep than early ones (0 = same fraction; in (-2, 2)).")
-@click.option("--shared-depth", default=_D.shared_depth, show_default=True, type=click.FloatRange(0, 1),
+@click.option("--shared-depth", default=_D.shared_depth, show_default=True, type=FiniteFloat(0, 1),
               help="Layers in this first fraction of the depth are chosen once for all classes, so a composed "
                    "model computes them once (1 = every layer shared).")
-@click.option("--channel-multiple", default=_D.channel_multiple, show_default=True, type=click.IntRange(min=1),
+@click.option("--channel-multiple", default=_D.channel_multiple, show_default=True, type=int_range(1, 4096),
               help="Round kept channel counts to this multiple.")
-@click.option("--refit-images", default=_D.refit_images, show_default=True, type=click.IntRange(min=0),
+@click.option("--refit-images", default=_D.refit_images, show_default=True, type=int_range(0, 10_000_000),
               help="Re-fit each module's class row by least squares on this many calibration images (0: off).")
 @click.option("--reconstruct/--no-reconstruct", default=_D.reconstruct, show_default=True,
               help="Re-fit every Conv, layer by layer, to reproduce the source's activations (least squares, "
@@ -109,12 +113,12 @@ def _size(value: str | None) -> list[int] | None:
 @click.option("--repair/--no-repair", default=_D.repair, show_default=True,
               help="Distil the pruned modules against the source on the calibration images (torch; CUDA when "
                    "--device allows). --no-repair keeps the training-free path.")
-@click.option("--repair-epochs", default=_D.repair_epochs, show_default=True, type=click.FloatRange(0, min_open=True),
+@click.option("--repair-epochs", default=_D.repair_epochs, show_default=True, type=FiniteFloat(0, 10_000, min_open=True),
               help="Repair budget: passes over the calibration images (at least 200 optimiser steps).")
-@click.option("--repair-batch-size", default=None, type=click.IntRange(min=1), show_default="256 on CUDA, 128 on CPU",
+@click.option("--repair-batch-size", default=None, type=BATCH, show_default="256 on CUDA, 128 on CPU",
               help="Images per repair step.")
-@click.option("--batch-size", default=_D.batch_size, show_default=True, type=click.IntRange(min=1))
-@click.option("--seed", default=_D.seed, show_default=True, type=click.IntRange(min=0))
+@click.option("--batch-size", default=_D.batch_size, show_default=True, type=BATCH)
+@click.option("--seed", default=_D.seed, show_default=True, type=int_range(0, 2**32 - 1))
 @force_option
 @device_option
 @json_option
@@ -136,8 +140,6 @@ def decompose_cmd(model, calib, out_dir, classes, samples_per_class, split, mean
     """
     from onnxmod.decompose import decompose
 
-    if scale is not None and not (math.isfinite(scale) and scale > 0):
-        raise OnnxmodError(f"--scale must be a finite number > 0, got {scale}")
     settings = DecomposeSettings(samples_per_class=samples_per_class, split=split, batch_size=batch_size, seed=seed)
     knobs = {"target_macs": target_macs, "strategy": strategy, "fill": fill, "depth_slope": depth_slope,
              "shared_depth": shared_depth,

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from onnxmod.cli.common import device_option, emit, json_option, quiet_option
+from onnxmod.cli.common import BATCH, device_option, emit, json_option, quiet_option
 from onnxmod.cli.main import cli
 from onnxmod.evaluate import evaluate
 
@@ -42,7 +42,7 @@ def render(r: dict[str, Any]) -> str:
 @click.option("--split", type=click.Choice(["train", "test"]), default="test", show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=None, show_default="all",
               help="Evaluate at most N images.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--batch-size", type=BATCH, default=256, show_default=True)
 @device_option
 @json_option
 @quiet_option

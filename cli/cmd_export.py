@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from onnxmod import outputs
+from onnxmod import modelio, outputs
 from onnxmod.modelio import require_file
 from onnxmod.cli.common import emit, float_list, force_option, json_option, quiet_option, say
 from onnxmod.cli.main import cli
@@ -31,7 +31,7 @@ def _read_classes(path: str) -> list[str]:
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise OnnxmodError(f"{p}: duplicate class names: {', '.join(dup[:5])}")
-    return names
+    return modelio.check_class_names(names, str(p))  # a tab, a control character, 300 characters
 
 
 @cli.command("export")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from onnxmod.cli.common import emit, json_option, quiet_option
+from onnxmod.cli.common import BATCH, DELAY_MS, emit, force_option, json_option, quiet_option
 from onnxmod.cli.main import cli
 
 
@@ -18,10 +18,10 @@ Example:
 @click.option("-o", "--output", "repo", required=True, type=click.Path(path_type=Path),
               help="Model repository folder (created if missing); the entry is REPO/NAME/.")
 @click.option("--name", default=None, show_default="the file stem", help="Model name in Triton.")
-@click.option("--max-batch", type=click.IntRange(min=1), default=64, show_default=True, help="max_batch_size.")
-@click.option("--max-delay-ms", type=click.FloatRange(min=0), default=2.0, show_default=True,
+@click.option("--max-batch", type=BATCH, default=64, show_default=True, help="max_batch_size.")
+@click.option("--max-delay-ms", type=DELAY_MS, default=2.0, show_default=True,
               help="dynamic_batching max_queue_delay.")
-@click.option("--force", is_flag=True, help="Replace an existing entry's model.onnx, config.pbtxt and labels.txt.")
+@force_option
 @json_option
 @quiet_option
 def export_triton_cmd(model: Path, repo: Path, name: str | None, max_batch: int, max_delay_ms: float, force: bool,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from onnxmod.cli.common import device_option, quiet_option, say
+from onnxmod.cli.common import BATCH, DELAY_MS, FiniteFloat, device_option, int_range, quiet_option, say
 from onnxmod.cli.main import cli
 
 
@@ -25,15 +25,15 @@ Example:
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
               help="TCP port (0: any free port, printed at start).")
 @device_option
-@click.option("--max-batch", type=click.IntRange(min=1), default=64, show_default=True,
+@click.option("--max-batch", type=BATCH, default=64, show_default=True,
               help="Most images in one onnxruntime run (larger requests are split).")
-@click.option("--max-delay-ms", type=click.FloatRange(min=0), default=2.0, show_default=True,
+@click.option("--max-delay-ms", type=DELAY_MS, default=2.0, show_default=True,
               help="Longest wait for more requests to fill a batch.")
-@click.option("--instances", type=click.IntRange(min=1), default=2, show_default=True,
+@click.option("--instances", type=int_range(1, 64), default=2, show_default=True,
               help="onnxruntime runs in flight at once per model (one batch's HTTP work overlaps another's run).")
-@click.option("--threads", type=click.IntRange(min=1), default=None, show_default="usable cores / --instances",
+@click.option("--threads", type=int_range(1, 1024), default=None, show_default="usable cores / --instances",
               help="onnxruntime intra-op threads per run.")
-@click.option("--max-body-mb", type=click.FloatRange(min=0, min_open=True), default=64.0, show_default=True,
+@click.option("--max-body-mb", type=FiniteFloat(0, 16_384, min_open=True), default=64.0, show_default=True,
               help="Largest request body accepted (413 above it).")
 @click.option("--access-log", is_flag=True, help="Log every request on stderr.")
 @click.option("--json", "as_json", is_flag=True,

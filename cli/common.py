@@ -25,6 +25,31 @@ device_option = click.option(
 )
 
 
+class FiniteFloat(click.FloatRange):
+    """A float flag in its range and finite: nan, inf and 1e400 are usage errors (exit 2) at the flag,
+    not values a command trips over later (a batcher waiting forever, a config that cannot be written)."""
+
+    name = "float"
+
+    def __init__(self, min: float, max: float, min_open: bool = False, max_open: bool = False):
+        super().__init__(min, max, min_open=min_open, max_open=max_open)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        v = super().convert(value, param, ctx)  # nan passes the range comparisons: refused here
+        if not math.isfinite(v):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return v
+
+
+def int_range(min: int, max: int) -> click.IntRange:
+    """An integer flag with both bounds: a count or size beyond ``max`` would only exhaust memory or time."""
+    return click.IntRange(min, max)
+
+
+BATCH = int_range(1, 65_536)  # images per run; also Triton's max_batch_size
+DELAY_MS = FiniteFloat(0, 60_000)  # dynamic batching's longest wait for a fuller batch
+
+
 def float_list(text: str | None, option: str, count: int | None = None) -> list[float] | None:
     """``'0.485,0.456,0.406'`` (commas or spaces) -> finite floats; None when not given."""
     if text is None:

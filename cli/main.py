@@ -79,6 +79,8 @@ _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >
 
 
 def _fail(message: str, code: int = 2) -> None:
+    # one line whatever the message quotes (a file or node name with a newline): control characters escaped
+    message = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
     click.echo(f"onnxmod: error: {message}", err=True)
     sys.exit(code)
 

@@ -82,6 +82,7 @@ def _check_args(input_shape, classes, mean, std, scale, exporter) -> tuple[int, 
         raise OnnxmodError("classes must be a non-empty list of names")
     if len(set(classes)) != len(classes):
         raise OnnxmodError("class names must be unique")
+    modelio.check_class_names(list(classes), "classes")
     return c, h, w
 
 

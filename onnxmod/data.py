@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from onnxmod.errors import OnnxmodError
-from onnxmod.modelio import atomic_path, require_file
+from onnxmod.modelio import MAX_CLASSES, MAX_SIDE, atomic_path, check_class_names, require_file
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 SPLITS = ("train", "test")
@@ -133,22 +133,32 @@ def resize_batch(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return out
 
 
-def _check_labels(labels: np.ndarray, num_classes: int, where: Path | str) -> np.ndarray:
+def _check_labels(labels: np.ndarray, num_classes: int | None, where: Path | str) -> np.ndarray:
+    """Labels as int64 class indices: integers (a float label must be whole and finite) in 0..num_classes-1.
+
+    ``num_classes`` None (an npz without 'classes'): the labels make the classes, at most MAX_CLASSES of
+    them, so a label of 1e9 is an error rather than a billion class names.
+    """
     labels = np.asarray(labels)
     if labels.ndim != 1:
         raise OnnxmodError(f"{where}: labels must be 1-D, got shape {list(labels.shape)}")
-    if labels.size and labels.dtype.kind == "f":
-        if not np.all(np.isfinite(labels)) or not np.all(labels == np.round(labels)):
-            raise OnnxmodError(f"{where}: labels must be integers")
-    elif labels.size and labels.dtype.kind not in "iub":
+    if labels.dtype.kind not in "iubf":
         raise OnnxmodError(f"{where}: labels must be integers, got dtype {labels.dtype}")
-    labels = labels.astype(np.int64)
-    if labels.size:
-        lo, hi = int(labels.min()), int(labels.max())
-        if lo < 0 or hi >= num_classes:
-            bad = lo if lo < 0 else hi
-            raise OnnxmodError(f"{where}: label {bad} out of range 0..{num_classes - 1}")
-    return labels
+    if not labels.size:
+        return labels.astype(np.int64)
+    if labels.dtype.kind == "f":
+        bad = ~np.isfinite(labels) | (labels != np.round(labels))
+        if bad.any():
+            raise OnnxmodError(f"{where}: labels must be integers, got {labels[bad][0].item()} (label #{int(np.argmax(bad))})")
+    lo, hi = labels.min().item(), labels.max().item()
+    limit = MAX_CLASSES if num_classes is None else num_classes
+    if lo < 0 or hi >= limit:
+        bad = int(lo if lo < 0 else hi)
+        if num_classes is None and lo >= 0:
+            raise OnnxmodError(f"{where}: label {bad} would make {bad + 1} classes; at most {MAX_CLASSES} "
+                               "without a 'classes' array naming them")
+        raise OnnxmodError(f"{where}: label {bad} out of range 0..{limit - 1}")
+    return labels.astype(np.int64)
 
 
 # --------------------------------------------------------------------------- CIFAR pickles
@@ -184,6 +194,13 @@ def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
     return text.encode("latin1")
 
 
+def _empty_bytes(*args):
+    # how protocol 2 writes b"" (an empty array's buffer): bytes(); bytes(n) would allocate n bytes
+    if args:
+        raise _Refused(f"bytes{args!r}")
+    return b""
+
+
 def _np_frombuffer(buf, dtype, shape, order):
     if not isinstance(dtype, np.dtype) or dtype.hasobject:
         raise _Refused(f"an array of dtype {dtype!r}")
@@ -200,6 +217,8 @@ _CIFAR_GLOBALS = {
     ("numpy.core.multiarray", "scalar"): _np_multiarray.scalar,
     ("numpy._core.multiarray", "scalar"): _np_multiarray.scalar,
     ("_codecs", "encode"): _latin1_bytes,
+    ("__builtin__", "bytes"): _empty_bytes,
+    ("builtins", "bytes"): _empty_bytes,
     ("numpy.core.numeric", "_frombuffer"): _np_frombuffer,  # pickle protocol 5
     ("numpy._core.numeric", "_frombuffer"): _np_frombuffer,
 }
@@ -232,7 +251,13 @@ def _unpickle(path: Path) -> dict:
 def _names(v, path: Path) -> list[str]:
     if v is None:
         raise OnnxmodError(f"{path}: no label names")
-    return [x.decode() if isinstance(x, bytes) else str(x) for x in v]
+    if not isinstance(v, (list, tuple)) and not (isinstance(v, np.ndarray) and v.ndim == 1):
+        raise OnnxmodError(f"{path}: label names must be a list of strings, got {type(v).__name__}")
+    try:
+        names = [x.decode() if isinstance(x, bytes) else x for x in v]
+    except UnicodeDecodeError:
+        raise OnnxmodError(f"{path}: label names must be UTF-8 text") from None
+    return check_class_names([str(x) if isinstance(x, np.str_) else x for x in names], f"{path}: label names")
 
 
 def _cifar_kind(d: Path) -> str | None:
@@ -277,26 +302,30 @@ class CifarDataset(Dataset):
                 raise OnnxmodError(f"{f}: CIFAR batch without 'data'")
             if lab is None:
                 raise OnnxmodError(f"{f}: CIFAR batch without labels ('{label_key}')")
-            data = np.asarray(data)
+            try:
+                data, lab = np.asarray(data), np.asarray(lab)
+            except (ValueError, TypeError):  # ragged lists
+                raise OnnxmodError(f"{f}: 'data' and labels must be arrays") from None
             if data.dtype != np.uint8 or data.ndim not in (2, 4):
                 raise OnnxmodError(f"{f}: 'data' must be uint8 [N, 3*H*W], got {data.dtype} {list(data.shape)}")
             if data.ndim == 2:
                 per = data.shape[1] // 3
                 s = math.isqrt(per)
-                if data.shape[1] % 3 or s * s != per:
+                if data.shape[1] % 3 or s * s != per or not 0 < s <= MAX_SIDE:
                     raise OnnxmodError(f"{f}: 'data' rows of {data.shape[1]} values are not 3 square planes")
                 data = data.reshape(-1, 3, s, s)
-            elif data.shape[1] != 3:
+            elif data.shape[1] != 3 or not (0 < data.shape[2] <= MAX_SIDE and 0 < data.shape[3] <= MAX_SIDE):
                 raise OnnxmodError(f"{f}: 'data' must be [N, 3, H, W], got {list(data.shape)}")
             if side is not None and data.shape[2:] != side:
                 raise OnnxmodError(f"{f}: image size {data.shape[2:]} differs from the other batches {side}")
             side = data.shape[2:]
-            lab = np.asarray(lab)
             if lab.shape[0:1] != data.shape[0:1]:
                 raise OnnxmodError(f"{f}: {data.shape[0]} images but {lab.shape[0] if lab.ndim else 0} labels")
             parts.append(data)
             labels.append(_check_labels(lab, len(self.classes), f))
         self._data = parts[0] if len(parts) == 1 else np.concatenate(parts)  # uint8 NCHW
+        if not len(self._data):
+            raise OnnxmodError(f"{path}: no images in the {split} split")
         self.labels = np.concatenate(labels).astype(np.int64)
         self.image_size = (int(self._data.shape[2]), int(self._data.shape[3]))
         self.channels = 3
@@ -380,6 +409,8 @@ class FolderDataset(Dataset):
             labels.extend([len(classes) - 1] * len(imgs))
         if not files:
             raise OnnxmodError(f"{path}: no images found (expected {path}/<class>/*.png|jpg)")
+        if labelled:
+            check_class_names(classes, f"{path}: class folders")
         self.labelled = labelled
         self.classes = classes if labelled else []
         self.files = files
@@ -416,6 +447,7 @@ class NpzDataset(Dataset):
             if "classes" in z.files:
                 c = z["classes"]
                 classes = [s.decode() if isinstance(s, bytes) else str(s) for s in np.asarray(c).reshape(-1)]
+                check_class_names(classes, f"{path}: 'classes'")
         except OnnxmodError:
             raise
         except Exception as e:
@@ -442,6 +474,9 @@ class NpzDataset(Dataset):
             self.image_size = (int(x.shape[2]), int(x.shape[3]))
         else:
             raise OnnxmodError(f"{path}: 'x' must be uint8 (N,H,W,C) or float (N,C,H,W), got dtype {x.dtype}")
+        if not (0 < self.image_size[0] <= MAX_SIDE and 0 < self.image_size[1] <= MAX_SIDE):
+            raise OnnxmodError(f"{path}: images of {self.image_size[0]}x{self.image_size[1]} pixels "
+                               f"(height and width must be 1..{MAX_SIDE})")
         self._x = x
         if y is None:
             if not x.shape[0]:
@@ -455,9 +490,8 @@ class NpzDataset(Dataset):
             raise OnnxmodError(f"{path}: 'y' must be 1-D [N], got shape {list(y.shape)}")
         if y.shape[0] != x.shape[0]:
             raise OnnxmodError(f"{path}: 'x' has {x.shape[0]} images but 'y' has {y.shape[0]} labels")
-        if classes is None:
-            k = int(y.max()) + 1 if y.size and y.dtype.kind in "iuf" else 0
-            labels = _check_labels(y, max(k, 1), path)
+        if classes is None:  # the labels make the classes
+            labels = _check_labels(y, None, path)
             classes = [str(i) for i in range(int(labels.max()) + 1 if labels.size else 0)]
         else:
             labels = _check_labels(y, len(classes), path)

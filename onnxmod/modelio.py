@@ -8,10 +8,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import tempfile
+import unicodedata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import onnx
 
@@ -56,6 +58,8 @@ def load_model(path: str | os.PathLike, check: bool = False) -> onnx.ModelProto:
         raise OnnxmodError(f"{p}: not an ONNX model ({type(e).__name__})") from None
     if len(model.graph.node) == 0 or len(model.graph.output) == 0:
         raise OnnxmodError(f"{p}: not an ONNX model (empty graph)")
+    check_metadata(model, str(p))  # before anything reads it: no command sees raw, unchecked metadata
+    check_graph(model, str(p))
     _load_external_data(model, p)
     if check:
         check_input(model, str(p))
@@ -93,6 +97,380 @@ def check_input(model: onnx.ModelProto, where: str) -> None:
         onnx.checker.check_model(model, full_check=True)
     except Exception as e:
         raise OnnxmodError(f"{where}: invalid ONNX model ({_first_line(e)})") from None
+
+
+# --------------------------------------------------------------------------- graph structure
+def _node_label(n: onnx.NodeProto, i: int) -> str:
+    return f"'{n.name}' ({n.op_type})" if n.name else f"#{i} ({n.op_type})"
+
+
+def check_graph(model: onnx.ModelProto, where: str) -> None:
+    """Every node input has a producer and the nodes form no cycle, checked when a file is loaded:
+    onnx-graphsurgeon's topological sort and onnxruntime would otherwise fail far from the file's fault."""
+    g = model.graph
+    known = {i.name for i in g.input} | {t.name for t in g.initializer} | {t.values.name for t in g.sparse_initializer}
+    producer: dict[str, int] = {}
+    for i, n in enumerate(g.node):
+        for o in n.output:
+            if o and o in producer:
+                raise OnnxmodError(f"{where}: tensor '{o}' is written by two nodes, "
+                                   f"{_node_label(g.node[producer[o]], producer[o])} and {_node_label(n, i)}")
+            if o:
+                producer[o] = i
+    for i, n in enumerate(g.node):
+        for t in n.input:
+            if t and t not in producer and t not in known:
+                raise OnnxmodError(f"{where}: node {_node_label(n, i)} reads '{t}', which no node, initializer "
+                                   "or graph input produces")
+    for o in g.output:
+        if o.name not in producer and o.name not in known:
+            raise OnnxmodError(f"{where}: graph output '{o.name}' is produced by no node")
+    preds = [sorted({producer[t] for t in n.input if t in producer}) for n in g.node]
+    succ: list[list[int]] = [[] for _ in g.node]
+    waiting = [len(p) for p in preds]
+    for i, ps in enumerate(preds):
+        for j in ps:
+            succ[j].append(i)
+    ready = [i for i, w in enumerate(waiting) if w == 0]
+    while ready:  # Kahn's sort: what is never ready lies on a cycle or after one
+        for j in succ[ready.pop()]:
+            waiting[j] -= 1
+            if waiting[j] == 0:
+                ready.append(j)
+    left = {i for i, w in enumerate(waiting) if w > 0}
+    if left:
+        i, seen = min(left), set()
+        while i not in seen:  # back through predecessors still left until one repeats: that node is on the cycle
+            seen.add(i)
+            i = next(j for j in preds[i] if j in left)
+        raise OnnxmodError(f"{where}: the graph has a cycle through node {_node_label(g.node[i], i)}")
+
+
+# --------------------------------------------------------------------------- metadata schema
+# Every onnxmod.* key is checked once, when a file is loaded (load_model), so no command reads a value it
+# cannot use: a class_index of "1e400", classes "42", a preprocess list, NaN calibration, a name with a newline.
+MAX_CLASSES = 100_000  # class lists (and npz labels without names) beyond this are refused, never allocated
+MAX_NAME = 256  # characters of a class name
+MAX_SIDE = 8192  # image height/width a flag or metadata value may ask for (8192² RGB floats: 0.8 GB an image)
+_MAX_DEPTH = 32  # nesting of a metadata JSON value (onnxmod writes 4 at most)
+KINDS = ("source", "module", "composed")
+_LINE_BREAKING = ("Cc", "Cs", "Zl", "Zp")  # control characters, lone surrogates, line/paragraph separators
+
+
+class _Bad(ValueError):
+    """What is wrong with one metadata value; check_metadata adds the key and the file."""
+
+
+def show(value: Any, most: int = 60) -> str:
+    """``value`` for a one-line message: its repr (control characters escaped), cut to ``most`` characters."""
+    r = repr(value[:most + 1] if isinstance(value, str) else value)
+    return r if len(r) <= most else r[:most - 4] + "...'"
+
+
+def class_name_problem(name: Any) -> str | None:
+    """Why ``name`` cannot be a class name, None when it can. A name becomes one line of Triton's
+    labels.txt, part of a file name and a JSON key: a non-empty string, no control characters or line breaks."""
+    if not isinstance(name, str):
+        return f"must be a string, not {type(name).__name__}"
+    if not name.strip():
+        return "is empty"
+    if len(name) > MAX_NAME:
+        return f"is {len(name)} characters long (at most {MAX_NAME})"
+    bad = next((c for c in name if unicodedata.category(c) in _LINE_BREAKING), None)
+    return None if bad is None else f"holds the control character {bad!r}"
+
+
+def class_names_problem(names: list[Any]) -> str | None:
+    """Why ``names`` cannot be a model's class list (a bad name, a name twice, too many), None when it can."""
+    if len(names) > MAX_CLASSES:
+        return f"{len(names)} class names (at most {MAX_CLASSES})"
+    seen: set[str] = set()
+    for n in names:
+        why = class_name_problem(n)
+        if why:
+            return f"class name {show(n)} {why}"
+        if n in seen:
+            return f"class name {show(n)} appears twice; class names must be unique"
+        seen.add(n)
+    return None
+
+
+def check_class_names(names: list[Any], where: str) -> list[str]:
+    """``names`` when they can be a model's classes (where they enter: data, metadata), else OnnxmodError."""
+    why = class_names_problem(names)
+    if why:
+        raise OnnxmodError(f"{where}: {why}")
+    return names
+
+
+def _parse(raw: str) -> Any:
+    def constant(token: str) -> None:
+        raise _Bad(f"holds {token}, not a finite number")
+
+    try:
+        value = json.loads(raw, parse_constant=constant)
+    except _Bad:
+        raise
+    except RecursionError:
+        raise _Bad("is nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError; an integer of thousands of digits
+        raise _Bad(f"is not valid JSON ({str(e).split(':')[0]})") from None
+    stack = [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        if depth > _MAX_DEPTH:
+            raise _Bad("is nested too deeply")
+        if isinstance(v, float) and not math.isfinite(v):  # 1e400 parses as inf
+            raise _Bad(f"holds {v}, not a finite number")
+        if isinstance(v, (dict, list)):
+            stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return value
+
+
+def _is_int(v: Any, lo: int = 0, hi: int | None = None) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo and (hi is None or v <= hi)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _need(ok: bool, what: str, v: Any) -> None:
+    if not ok:
+        raise _Bad(f"{what}, got {show(v)}")
+
+
+def _obj(v: Any, what: str = "the value") -> dict[str, Any]:
+    _need(isinstance(v, dict), f"{what} must be a JSON object", v)
+    return v
+
+
+def _opt(d: dict[str, Any], key: str, ok: Callable[[Any], bool], what: str, required: bool = False) -> None:
+    """``d[key]`` must pass ``ok`` (when present, or always when ``required``)."""
+    if key in d or required:
+        _need(ok(d.get(key)), f"'{key}' must be {what}", d.get(key))
+
+
+def _size_ok(v: Any) -> bool:
+    return isinstance(v, list) and len(v) == 2 and all(_is_int(s, 1, MAX_SIDE) for s in v)
+
+
+def _strs_ok(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(s, str) for s in v)
+
+
+def _image_channels(model: onnx.ModelProto) -> set[int]:
+    """Channel counts the image input may have (dims 1 and 3 when fixed: NCHW or NHWC), empty when unknown."""
+    inits = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    if len(inputs) != 1:
+        return set()
+    dims = inputs[0].type.tensor_type.shape.dim
+    return {d.dim_value for j, d in enumerate(dims) if j in (1, 3) and d.HasField("dim_value")} if len(dims) == 4 else set()
+
+
+def _num_outputs(model: onnx.ModelProto) -> int | None:
+    """K of a first output [N, K], None when not fixed."""
+    if not model.graph.output:
+        return None
+    dims = model.graph.output[0].type.tensor_type.shape.dim
+    return dims[1].dim_value if len(dims) == 2 and dims[1].HasField("dim_value") else None
+
+
+def _check_kind(raw: str, model: onnx.ModelProto) -> None:
+    if raw not in KINDS:
+        raise _Bad(f"{show(raw)} is not supported ({', '.join(KINDS)})")
+
+
+def _check_format(raw: str, model: onnx.ModelProto) -> None:
+    _need(raw == FORMAT, f"this onnxmod reads format {FORMAT}", raw)
+
+
+def _check_class_name(raw: str, model: onnx.ModelProto) -> None:
+    why = class_name_problem(raw)
+    if why:
+        raise _Bad(f"class name {show(raw)} {why}")
+
+
+def _check_class_index(v: Any, model: onnx.ModelProto) -> None:
+    _need(_is_int(v, 0, MAX_CLASSES - 1), f"must be an integer in 0..{MAX_CLASSES - 1}", v)
+
+
+def _check_source(v: Any, model: onnx.ModelProto) -> None:
+    d = _obj(v)
+    for k in ("name", "sha256"):
+        _opt(d, k, lambda x: isinstance(x, str), "a string", required=True)
+    _opt(d, "num_classes", lambda x: _is_int(x, 1, MAX_CLASSES), f"an integer in 1..{MAX_CLASSES}", required=True)
+    for k in ("params", "flops"):
+        _opt(d, k, _is_int, "an integer >= 0", required=True)
+
+
+def _check_kept(v: Any, model: onnx.ModelProto) -> None:
+    d = _obj(v)
+    for k in ("param_fraction", "flop_fraction", "target_macs"):
+        _opt(d, k, lambda x: _is_num(x) and x >= 0, "a number >= 0")
+    if "channels" in d:
+        ch = _obj(d["channels"], "'channels'")
+        for k in ("kept", "total"):
+            _opt(ch, k, _is_int, "an integer >= 0")
+    for k in ("strategy", "fill"):
+        _opt(d, k, lambda x: isinstance(x, str), "a string")
+    for k in ("reconstructed", "repaired"):
+        _opt(d, k, lambda x: isinstance(x, bool), "true or false")
+
+
+def _check_calibration(v: Any, model: onnx.ModelProto) -> None:
+    d = _obj(v)
+    _opt(d, "method", lambda x: isinstance(x, str), "a string", required=True)
+    for k in ("a", "b"):
+        _opt(d, k, _is_num, "a number", required=True)
+    _opt(d, "temperature", lambda x: _is_num(x) and x > 0, "a number > 0", required=True)
+    _opt(d, "samples", _is_int, "an integer >= 0", required=True)
+    for k in ("nll_before", "nll_after"):
+        _opt(d, k, lambda x: x is None or _is_num(x), "a number or null")
+
+
+def _check_preprocess(v: Any, model: onnx.ModelProto) -> None:
+    d = _obj(v)
+    for k in ("mean", "std"):
+        _opt(d, k, lambda x: isinstance(x, list) and 0 < len(x) <= 16 and all(map(_is_num, x)),
+             "a list of 1 to 16 numbers")
+    _opt(d, "std", lambda x: all(s != 0 for s in x), "non-zero")
+    _opt(d, "scale", lambda x: _is_num(x) and x > 0, "a number > 0")
+    for k in ("in_graph", "assumed"):
+        _opt(d, k, lambda x: isinstance(x, bool), "true or false")
+    _opt(d, "input_size", _size_ok, f"[H, W], integers in 1..{MAX_SIDE}")
+    if "mean" in d and "std" in d and len(d["mean"]) != len(d["std"]):
+        raise _Bad(f"'mean' has {len(d['mean'])} values but 'std' {len(d['std'])}")
+    if d.get("in_graph", True) is False:  # decompose puts this normalisation into the graph: it must fit the input
+        if not all(k in d for k in ("mean", "std", "scale")):
+            raise _Bad("'mean', 'std' and 'scale' are needed when 'in_graph' is false")
+        channels = _image_channels(model)
+        if channels and len(d["mean"]) not in channels | {1}:
+            raise _Bad(f"'mean' has {len(d['mean'])} values but the input has {' or '.join(map(str, sorted(channels)))} "
+                       "channels")
+
+
+def _check_classes(v: Any, model: onnx.ModelProto) -> None:
+    composed = get_meta(model, KIND, as_json=False) == "composed"
+    form = "{name, ...} objects" if composed else "class names or of {name, ...} objects"
+    _need(isinstance(v, list) and 0 < len(v) <= MAX_CLASSES, f"must be a list of {form}", v)
+    names = []
+    for i, c in enumerate(v):
+        if isinstance(c, dict):
+            for k in ("class_name", "source_sha256", "source_name", "module_sha256"):
+                _opt(c, k, lambda x: isinstance(x, str), f"a string (entry {i})")
+            _opt(c, "class_index", lambda x: _is_int(x, 0, MAX_CLASSES - 1), f"an integer >= 0 (entry {i})")
+            c = c.get("name")
+        else:
+            _need(not composed, f"entry {i} must be a {{name, ...}} object", c)
+        names.append(c)
+    why = class_names_problem(names)
+    if why:
+        raise _Bad(why)
+    k = _num_outputs(model) if model.graph.output and get_meta(model, KIND, "source", as_json=False) != "module" else None
+    if k and k != len(names):
+        raise _Bad(f"lists {len(names)} classes but output '{model.graph.output[0].name}' has {k}")
+
+
+def _check_frontend(v: Any, model: onnx.ModelProto) -> None:
+    _need(isinstance(v, list), "must be a list of records", v)
+    for i, s in enumerate(v):
+        d = _obj(s, f"record {i}")
+        _opt(d, "step", lambda x: isinstance(x, str), f"a string (record {i})", required=True)
+        for k in ("reshapes", "nodes", "splits", "also_removed"):
+            _opt(d, k, _strs_ok, f"a list of names (record {i})")
+        for k in ("shuffles", "rewrites"):
+            _opt(d, k, lambda x: isinstance(x, list) and all(isinstance(e, dict) for e in x),
+                 f"a list of objects (record {i})")
+        for k in ("from", "to"):
+            _opt(d, k, lambda x: isinstance(x, dict), f"an object (record {i})")
+        _opt(d, "size", _size_ok, f"[H, W] (record {i})")
+
+
+def _check_compose(v: Any, model: onnx.ModelProto) -> None:
+    d = _obj(v)
+    _opt(d, "rule", lambda x: isinstance(x, str), "a string")
+    _opt(d, "rename", lambda x: isinstance(x, bool), "true or false")
+    for k in ("opset", "module_macs_sum", "params", "module_params_sum", "nodes", "module_nodes_sum"):
+        _opt(d, k, _is_int, "an integer >= 0")
+    _opt(d, "macs", lambda x: x is None or _is_int(x), "an integer >= 0 or null")
+    _opt(d, "temperatures", lambda x: isinstance(x, list) and all(_is_num(t) and t > 0 for t in x),
+         "a list of numbers > 0")
+    _opt(d, "module_macs", lambda x: isinstance(x, list) and all(map(_is_int, x)), "a list of integers >= 0")
+    _opt(d, "resized", _strs_ok, "a list of strings")
+
+
+def _check_members(v: Any, model: onnx.ModelProto) -> None:
+    _need(isinstance(v, list) and len(v) > 0, "must be a list of member records", v)
+    for j, m in enumerate(v):
+        d = _obj(m, f"member {j}")
+        meta = _obj(d.get("metadata"), f"member {j}: 'metadata'")
+        _need(all(isinstance(x, str) for x in meta.values()), f"member {j}: 'metadata' values must be strings", meta)
+        for k in ("logit", "input"):
+            _opt(d, k, lambda x: isinstance(x, str) and x, f"a tensor name (member {j})", required=True)
+        _opt(d, "graph_name", lambda x: isinstance(x, str), f"a string (member {j})")
+        _opt(d, "input_shape", lambda x: isinstance(x, list) and len(x) == 3 and all(_is_int(s, 1, MAX_SIDE) for s in x),
+             f"[C, H, W] (member {j})", required=True)
+        _opt(d, "batch", lambda x: (isinstance(x, str) and x) or _is_int(x, 1), f"a dimension name or size (member {j})",
+             required=True)
+        _opt(d, "opset", _is_int, f"an integer (member {j})")
+        # the member's own module metadata, as a module file's (compose extracts modules from it)
+        sub = onnx.ModelProto()
+        for k, x in meta.items():
+            sub.metadata_props.add(key=k, value=x)
+        if get_meta(sub, KIND, as_json=False) != "module" or MEMBERS in meta:
+            raise _Bad(f"member {j}: 'metadata' must be a module's")
+        try:
+            _check_props(sub)
+        except _Bad as e:
+            raise _Bad(f"member {j}: {e}") from None
+
+
+COMPOSE = "onnxmod.compose"  # composed models: rule, temperatures, sizes (written by onnxmod.compose)
+MEMBERS = "onnxmod.members"  # composed models: each member module's metadata and where it sits in the graph
+_RAW = {KIND, CLASS_NAME, FORMAT_VERSION}  # plain strings; every other key holds JSON
+_CHECKS: dict[str, Callable[[Any, onnx.ModelProto], None]] = {
+    KIND: _check_kind, FORMAT_VERSION: _check_format, CLASS_NAME: _check_class_name, CLASS_INDEX: _check_class_index,
+    SOURCE: _check_source, KEPT: _check_kept, CALIBRATION: _check_calibration, PREPROCESS: _check_preprocess,
+    CLASSES: _check_classes, FRONTEND: _check_frontend, COMPOSE: _check_compose, MEMBERS: _check_members,
+}
+_REQUIRED = {"module": (CLASS_NAME, CLASS_INDEX, SOURCE, CALIBRATION), "composed": (CLASSES,)}
+
+
+def _check_props(model: onnx.ModelProto) -> None:
+    """Raise _Bad("KEY = VALUE: problem") for the first onnxmod.* key of ``model`` that breaks the schema."""
+    seen: dict[str, str] = {}
+    for p in model.metadata_props:
+        if p.key.startswith("onnxmod.") and p.key in seen:
+            raise _Bad(f"{p.key}: appears twice")
+        seen[p.key] = p.value
+    kind = seen.get(KIND, "source")
+    for key, raw in seen.items():
+        check = _CHECKS.get(key)
+        if check is None:  # a key this version does not know (a newer onnxmod's): nothing reads it
+            continue
+        try:
+            check(raw if key in _RAW else _parse(raw), model)
+        except _Bad as e:
+            raise _Bad(f"{key} = {show(raw, 40)}: {e}") from None
+    for key in _REQUIRED.get(kind, ()):
+        if key not in seen:
+            raise _Bad(f"{key}: missing (every {kind} model records it)")
+    if kind == "module":
+        index, n = _parse(seen[CLASS_INDEX]), _parse(seen[SOURCE])["num_classes"]
+        if index >= n:
+            raise _Bad(f"{CLASS_INDEX} = {index}: out of range for a source of {n} classes")
+    if CLASSES in seen and MEMBERS in seen and len(_parse(seen[CLASSES])) != len(_parse(seen[MEMBERS])):
+        raise _Bad(f"{MEMBERS}: {len(_parse(seen[MEMBERS]))} members for {len(_parse(seen[CLASSES]))} classes")
+
+
+def check_metadata(model: onnx.ModelProto, where: str) -> None:
+    """The schema of every ``onnxmod.*`` key (docs/DESIGN.md): OnnxmodError naming the key and ``where``."""
+    try:
+        _check_props(model)
+    except _Bad as e:
+        raise OnnxmodError(f"{where}: bad metadata {e}") from None
 
 
 def file_sha256(path: str | os.PathLike) -> str:

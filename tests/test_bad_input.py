@@ -9,6 +9,7 @@ during writes run the CLI in a subprocess. Only sample_graphs/ and tiny files ar
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
 import shutil
@@ -95,10 +96,34 @@ def _external(src: Path, dst: Path, location: str) -> None:
     onnx.save(m, str(dst))
 
 
-def _cifar_dir(d: Path, batch: bytes | None = None) -> Path:
+def _retag(src: Path, dst: Path, changes: dict[str, str | None]) -> None:
+    """A copy of ``src`` with these metadata values (None: the key removed): a tampered file."""
+    m = onnx.load(str(src))
+    kept = [p for p in m.metadata_props if p.key not in changes]
+    del m.metadata_props[:]
+    m.metadata_props.extend(kept)
+    for k, v in changes.items():
+        if v is not None:
+            m.metadata_props.add(key=k, value=v)
+    onnx.save(m, str(dst))
+
+
+def _meta(path: Path, key: str):
+    return json.loads(next(p.value for p in onnx.load(str(path)).metadata_props if p.key == key))
+
+
+def _cycle(src: Path, dst: Path, dangling: bool = False) -> None:
+    """The second Conv reads the last Relu's output (a cycle), or a tensor nothing produces."""
+    m = onnx.load(str(src))
+    conv = [n for n in m.graph.node if n.op_type == "Conv"][1]
+    conv.input[0] = "ghost" if dangling else [n for n in m.graph.node if n.op_type == "Relu"][-1].output[0]
+    onnx.save(m, str(dst))
+
+
+def _cifar_dir(d: Path, batch: bytes | None = None, names=(b"cat", b"dog")) -> Path:
     d.mkdir()
     with open(d / "batches.meta", "wb") as f:
-        pickle.dump({b"label_names": [b"cat", b"dog"]}, f, protocol=2)
+        pickle.dump({b"label_names": names if isinstance(names, int) else list(names)}, f, protocol=2)
     (d / "test_batch").write_bytes(batch if batch is not None else b"")
     return d
 
@@ -157,6 +182,35 @@ def inp(tmp_path_factory) -> Path:
     torch.save(_Evil(d / MARKER), d / "evil.th")
     (d / "dup_classes.txt").write_text("cat\ndog\ncat\n")
     (d / "emptymods").mkdir()
+    # ---- issue 24: tampered metadata, labels that are not class indices, graphs that cannot be sorted
+    cat, catdog = mods / "module_003_cat.onnx", d / "catdog.onnx"
+    _retag(cat, d / "index_1e400.onnx", {"onnxmod.class_index": "1e400"})
+    _retag(cat, d / "name_newline.onnx", {"onnxmod.class_name": "cat\ndog"})
+    cal = _meta(cat, "onnxmod.calibration")
+    _retag(cat, d / "nan_calibration.onnx", {"onnxmod.calibration": json.dumps({**cal, "a": float("nan")})})
+    _retag(catdog, d / "classes_42.onnx", {"onnxmod.classes": "42"})
+    classes = _meta(catdog, "onnxmod.classes")
+    _retag(catdog, d / "composed_newline.onnx",
+           {"onnxmod.classes": json.dumps([{**classes[0], "name": "cat\nairplane"}, classes[1]])})
+    members = _meta(catdog, "onnxmod.members")
+    members[0]["metadata"]["onnxmod.class_index"] = "1e400"
+    _retag(catdog, d / "member_1e400.onnx", {"onnxmod.members": json.dumps(members)})
+    _retag(d / "r8.onnx", d / "pre_list.onnx", {"onnxmod.preprocess": "[0.5, 0.5, 0.5]"})
+    _retag(d / "r8.onnx", d / "pre_bad_mean.onnx", {"onnxmod.preprocess": json.dumps(
+        {"mean": ["a", 0, 0], "std": [1, 1, 1], "scale": 1.0, "in_graph": False})})
+    _retag(d / "r8.onnx", d / "pre_zero_std.onnx", {"onnxmod.preprocess": json.dumps(
+        {"mean": [0, 0, 0], "std": [0, 1, 1], "scale": 1.0, "in_graph": False})})
+    _retag(d / "r8.onnx", d / "classes_no_name.onnx", {"onnxmod.classes": json.dumps([{"label": i} for i in range(10)])})
+    _cycle(d / "r8.onnx", d / "cycle.onnx")
+    _cycle(d / "r8.onnx", d / "dangling.onnx", dangling=True)
+    np.savez(d / "y_nan.npz", x=x, y=np.array([0, 1, 2, np.nan, 0, 1, 2, 3]))
+    np.savez(d / "y_inf.npz", x=x, y=np.array([0, 1, 2, np.inf, 0, 1, 2, 3]))
+    np.savez(d / "y_1e9.npz", x=x, y=np.array([0, 1, 2, 1e9, 0, 1, 2, 3]))
+    np.savez(d / "y_1e9_named.npz", x=x, y=np.array([0, 1, 2, 1e9, 0, 1, 2, 3]), classes=np.array(["cat", "dog"]))
+    np.savez(d / "classes_newline.npz", x=x, y=np.zeros(8, np.int64), classes=np.array(["cat\nx", "dog"]))
+    _cifar_dir(d / "cifar_int_names", pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1]}), 7)
+    _cifar_dir(d / "cifar_zero_columns", pickle.dumps({b"data": np.zeros((2, 0), np.uint8), b"labels": [0, 1]},
+                                                      protocol=2))
     broken = d / "brokenmods"
     broken.mkdir()
     (broken / "manifest.json").write_text("{ not json")
@@ -228,6 +282,12 @@ def _a_dir(inp: Path, cwd: Path) -> None:
     (cwd / "adir").mkdir()
 
 
+def _triton_user_folder(inp: Path, cwd: Path) -> None:
+    """`mkdir -p proj/1; echo mine > proj/labels.txt`: a folder that looks like an entry, but is the user's."""
+    (cwd / "proj" / "1").mkdir(parents=True)
+    (cwd / "proj" / "labels.txt").write_text("mine\n")
+
+
 def _fifo(inp: Path, cwd: Path) -> None:
     """A named pipe: reading it would block forever, replacing it would replace a device-like file."""
     os.mkfifo(cwd / "pipe")
@@ -291,9 +351,9 @@ CASES = [
     Case("decompose-target-macs-0", lambda i, c: [*DEC, i / R8, "--calib", i / CALIB, "--target-macs", "0"],
          "--target-macs"),
     Case("decompose-depth-slope-3", lambda i, c: [*DEC, i / R8, "--calib", i / CALIB, "--depth-slope", "3"],
-         "--depth-slope must be in (-2, 2)"),
+         "'--depth-slope': 3.0 is not in the range -2<x<2"),
     Case("decompose-samples-0", lambda i, c: [*DEC, i / R8, "--calib", i / CALIB, "--samples-per-class", "0"],
-         "--samples-per-class must be >= 1"),
+         "'--samples-per-class': 0 is not in the range 1<=x"),
     Case("decompose-mean-count", lambda i, c: [*DEC, i / R8, "--calib", i / CALIB, "--mean", "0.5,0.5"],
          "--mean/--std need 3 values"),
     Case("decompose-mean-text", lambda i, c: [*DEC, i / R8, "--calib", i / CALIB, "--mean", "a,b,c"], "expected numbers"),
@@ -425,11 +485,100 @@ CASES = [
     Case("decompose-nan-mean", lambda i, c: [*DEC, i / R8, "--calib", i / CALIB, "--mean", "nan,0.5,0.5"],
          "--mean: values must be finite"),
     Case("decompose-zero-scale", lambda i, c: [*DEC, i / R8, "--calib", i / CALIB, "--scale", "0"],
-         "--scale must be a finite number > 0"),
+         "'--scale': 0.0 is not in the range 0<x"),
     Case("decompose-empty-classes", lambda i, c: [*DEC, i / R8, "--calib", i / CALIB, "--classes", " , "],
          "--classes: no class names"),
     Case("export-zero-std", lambda i, c: ["export", "resnet8", "--weights", i / "r8.th", "-o", "x.onnx", "--std", "0,1,1",
                                           "-q"], "--std"),
+    # ---- issue 24: numbers from flags (finite, in range: cli/common.py)
+    Case("decompose-repair-epochs-nan", lambda i, c: [*DEC, i / R8, "--calib", i / CALIB, "--repair-epochs", "nan"],
+         "'--repair-epochs': 'nan' is not a finite number"),
+    Case("decompose-repair-epochs-inf", lambda i, c: [*DEC, i / R8, "--calib", i / CALIB, "--repair-epochs", "inf"],
+         "'--repair-epochs': inf is not in the range"),
+    Case("decompose-target-macs-nan", lambda i, c: [*DEC, i / R8, "--calib", i / CALIB, "--target-macs", "nan"],
+         "'--target-macs': 'nan' is not a finite number"),
+    Case("decompose-shared-depth-1e400", lambda i, c: [*DEC, i / R8, "--calib", i / CALIB, "--shared-depth", "1e400"],
+         "'--shared-depth'"),
+    Case("decompose-class-target-nan", lambda i, c: [*DEC, i / R8, "--calib", i / CALIB, "--class-target", "cat=nan"],
+         "--class-target: expected NAME=FRACTION"),
+    Case("decompose-input-size-superscript", lambda i, c: [*DEC, i / R8, "--calib", i / CALIB, "--input-size", "\u00b2,3"],
+         "--input-size: expected H,W"),
+    Case("decompose-seed-huge", lambda i, c: [*DEC, i / R8, "--calib", i / CALIB, "--seed", str(2 ** 70)], "'--seed'"),
+    Case("export-triton-max-delay-nan", lambda i, c: ["export-triton", i / "catdog.onnx", "-o", "repo",
+                                                      "--max-delay-ms", "nan"], "'--max-delay-ms': 'nan' is not a finite"),
+    Case("export-triton-max-delay-inf", lambda i, c: ["export-triton", i / "catdog.onnx", "-o", "repo",
+                                                      "--max-delay-ms", "inf"], "'--max-delay-ms': inf is not in the range"),
+    Case("serve-max-body-inf", lambda i, c: ["serve", i / "catdog.onnx", "--max-body-mb", "inf"], "'--max-body-mb'"),
+    Case("serve-max-body-nan", lambda i, c: ["serve", i / "catdog.onnx", "--max-body-mb", "nan"],
+         "'--max-body-mb': 'nan' is not a finite number"),
+    Case("serve-max-delay-nan", lambda i, c: ["serve", i / "catdog.onnx", "--max-delay-ms", "nan"], "'--max-delay-ms'"),
+    Case("serve-max-delay-1e12", lambda i, c: ["serve", i / "catdog.onnx", "--max-delay-ms", "1e12"], "'--max-delay-ms'"),
+    Case("serve-max-batch-huge", lambda i, c: ["serve", i / "catdog.onnx", "--max-batch", "1000000000"], "'--max-batch'"),
+    # ---- issue 24: onnxmod metadata, checked once when a file is loaded (modelio.check_metadata)
+    *[Case(f"{cmd}-class-index-1e400", args, "index_1e400.onnx: bad metadata onnxmod.class_index = '1e400'")
+      for cmd, args in [
+          ("info", lambda i, c: ["info", i / "index_1e400.onnx"]),
+          ("compose", lambda i, c: ["compose", i / "index_1e400.onnx", "-o", "x.onnx"]),
+          ("replace", lambda i, c: ["replace", i / "catdog.onnx", "--class", "cat", "--with", i / "index_1e400.onnx",
+                                    "-o", "x.onnx"]),
+          ("eval", lambda i, c: ["eval", i / "index_1e400.onnx", "--data", i / CALIB, "-q"]),
+          ("predict", lambda i, c: ["predict", i / "index_1e400.onnx", i / "good.png", "-q"]),
+          ("serve", lambda i, c: ["serve", i / "index_1e400.onnx", "-q"]),
+          ("export-triton", lambda i, c: ["export-triton", i / "index_1e400.onnx", "-o", "repo"])]],
+    Case("info-composed-classes-42", lambda i, c: ["info", i / "classes_42.onnx"],
+         "classes_42.onnx: bad metadata onnxmod.classes = '42': must be a list"),
+    Case("replace-member-class-index-1e400", lambda i, c: ["replace", i / "member_1e400.onnx", "--class", "cat", "--with",
+                                                           i / "r8.modules" / "module_003_cat.onnx", "-o", "x.onnx"],
+         "bad metadata onnxmod.members = "),
+    Case("info-calibration-nan", lambda i, c: ["info", i / "nan_calibration.onnx"],
+         "bad metadata onnxmod.calibration = "),
+    Case("decompose-preprocess-list", lambda i, c: [*DEC, i / "pre_list.onnx", "--calib", i / CALIB],
+         "pre_list.onnx: bad metadata onnxmod.preprocess = '[0.5, 0.5, 0.5]': the value must be a JSON object"),
+    Case("eval-preprocess-list", lambda i, c: ["eval", i / "pre_list.onnx", "--data", i / CALIB, "-q"],
+         "bad metadata onnxmod.preprocess"),
+    Case("decompose-preprocess-bad-mean", lambda i, c: [*DEC, i / "pre_bad_mean.onnx", "--calib", i / CALIB],
+         "'mean' must be a list of 1 to 16 numbers"),
+    Case("decompose-preprocess-zero-std", lambda i, c: [*DEC, i / "pre_zero_std.onnx", "--calib", i / CALIB],
+         "'std' must be non-zero"),
+    Case("decompose-classes-without-names", lambda i, c: [*DEC, i / "classes_no_name.onnx", "--calib", i / CALIB],
+         "classes_no_name.onnx: bad metadata onnxmod.classes"),
+    Case("eval-classes-without-names", lambda i, c: ["eval", i / "classes_no_name.onnx", "--data", i / CALIB, "-q"],
+         "bad metadata onnxmod.classes"),
+    Case("export-triton-class-name-newline", lambda i, c: ["export-triton", i / "name_newline.onnx", "-o", "repo"],
+         "holds the control character '\\n'"),
+    Case("export-triton-composed-name-newline", lambda i, c: ["export-triton", i / "composed_newline.onnx", "-o",
+                                                              "repo"], "holds the control character '\\n'"),
+    # ---- issue 24: labels (data loaders)
+    Case("eval-npz-nan-labels", lambda i, c: ["eval", i / R8, "--data", i / "y_nan.npz", "-q"],
+         "y_nan.npz: labels must be integers, got nan"),
+    Case("eval-npz-inf-labels", lambda i, c: ["eval", i / R8, "--data", i / "y_inf.npz", "-q"],
+         "y_inf.npz: labels must be integers, got inf"),
+    Case("decompose-npz-nan-labels", lambda i, c: [*DEC, i / R8, "--calib", i / "y_nan.npz"], "labels must be integers"),
+    Case("eval-npz-1e9-labels", lambda i, c: ["eval", i / R8, "--data", i / "y_1e9.npz", "-q"],
+         "label 1000000000 would make 1000000001 classes"),
+    Case("decompose-npz-1e9-labels", lambda i, c: [*DEC, i / R8, "--calib", i / "y_1e9.npz"], "label 1000000000"),
+    Case("eval-npz-1e9-labels-named", lambda i, c: ["eval", i / R8, "--data", i / "y_1e9_named.npz", "-q"],
+         "label 1000000000 out of range 0..1"),
+    Case("eval-npz-class-name-newline", lambda i, c: ["eval", i / R8, "--data", i / "classes_newline.npz", "-q"],
+         "classes_newline.npz: 'classes': class name 'cat\\nx' holds the control character"),
+    Case("eval-cifar-label-names-int", lambda i, c: ["eval", i / R8, "--data", i / "cifar_int_names", "-q"],
+         "batches.meta: label names must be a list of strings, got int"),
+    Case("eval-cifar-zero-columns", lambda i, c: ["eval", i / R8, "--data", i / "cifar_zero_columns", "-q"],
+         "test_batch: 'data' rows of 0 values"),
+    # ---- issue 24: graphs that cannot be sorted (modelio.check_graph)
+    Case("decompose-cycle", lambda i, c: [*DEC, i / "cycle.onnx", "--calib", i / CALIB],
+         "cycle.onnx: the graph has a cycle through node '"),
+    Case("info-cycle", lambda i, c: ["info", i / "cycle.onnx"], "has a cycle through node"),
+    Case("eval-cycle", lambda i, c: ["eval", i / "cycle.onnx", "--data", i / CALIB, "-q"], "has a cycle through node"),
+    Case("decompose-dangling-input", lambda i, c: [*DEC, i / "dangling.onnx", "--calib", i / CALIB],
+         "reads 'ghost', which no node, initializer or graph input produces"),
+    # ---- issue 24: export-triton follows the output rule of every command
+    Case("export-triton-into-user-folder", lambda i, c: ["export-triton", i / "catdog.onnx", "-o", ".", "--name", "proj",
+                                                         "--force"], "proj: is not an onnxmod output", _triton_user_folder),
+    Case("export-triton-root", lambda i, c: ["export-triton", i / "catdog.onnx", "-o", "/", "--force"],
+         "is the file system root"),
+    Case("export-triton-entry-exists", lambda i, c: ["export-triton", i / "catdog.onnx", "-o", ".", "--name", "proj"],
+         "already exists (use --force", _triton_user_folder),
 ]
 
 
@@ -595,3 +744,27 @@ def test_own_temps_are_swept_even_outside_a_cleanup_block(tmp_path: Path):
     assert d.exists()
     outputs.sweep_own_temps()
     assert [p.name for p in tmp_path.iterdir()] == [other.name]
+
+
+# --------------------------------------------------------------------------- a calibration set of one image
+@pytest.mark.parametrize("extra", [
+    [],
+    pytest.param(["--no-repair"], marks=pytest.mark.xfail(
+        strict=True, reason="issue 24, onnxmod/decompose.py: the training-free path fails on one image "
+                            "(refit_output_row: np.linalg.solve on a singular matrix)")),
+    ["--no-repair", "--refit-images", "0"],
+    pytest.param(["--classes", "cat", "--no-repair", "--refit-images", "0"], marks=pytest.mark.xfail(
+        strict=True, reason="issue 24, onnxmod/decompose.py: TypeError in the module fitter (self.x is None) "
+                            "when no image is of the wanted class")),
+], ids=["repair", "no-repair", "no-repair-no-refit", "no-image-of-the-class"])
+def test_one_image_calibration_works_or_is_refused(extra: list, inp: Path, tmp_path: Path, monkeypatch, capsys):
+    """Decompose on a calibration set of a single image: a result, or one clear line; never a traceback."""
+    x = np.load(inp / CALIB)
+    np.savez(tmp_path / "one.npz", x=x["x"][:1], y=x["y"][:1], classes=x["classes"])
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _run_cli(capsys, ["decompose", inp / R8, "--calib", "one.npz", "-o", "one.modules", "-q",
+                                       "--device", "cpu", *extra])
+    assert "Traceback" not in err and code in (0, 2), err
+    if code == 2:
+        assert len(err.strip().splitlines()) == 1 and err.startswith("onnxmod: error: ")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["one.npz"]

@@ -259,6 +259,11 @@ def test_eval_unknown_kind_and_broken_composed(tmp_path):
     with pytest.raises(OnnxmodError, match="not supported"):
         evaluate(model, tmp_path / "d.npz", device="cpu", quiet=True)
     fake = build_model(tmp_path / "c.onnx", kind="composed")  # says composed but has no `probs` output
+    with pytest.raises(OnnxmodError, match="bad metadata onnxmod.classes = .*: entry 0 must be a"):
+        evaluate(fake, tmp_path / "d.npz", device="cpu", quiet=True)  # a composed model names its classes in objects
+    m = onnx.load(str(fake))
+    next(p for p in m.metadata_props if p.key == "onnxmod.classes").value = json.dumps([{"name": c} for c in CLASSES])
+    onnx.save(m, str(fake))
     with pytest.raises(OnnxmodError, match="no output 'probs'"):
         evaluate(fake, tmp_path / "d.npz", device="cpu", quiet=True)
 

@@ -41,7 +41,10 @@ def test_composed_entry_matches_the_model(r8_composed, tmp_path, capsys):
     name = r8_composed.stem
     assert json.loads(out)["entry"] == str(repo / name)
     entry = repo / name
-    assert sorted(_tree(repo)) == [f"{name}/1/model.onnx", f"{name}/config.pbtxt", f"{name}/labels.txt"]
+    assert sorted(_tree(repo)) == [f"{name}/1/model.onnx", f"{name}/config.pbtxt", f"{name}/labels.txt",
+                                   f"{name}/manifest.json"]
+    # the manifest lists what onnxmod wrote, so --force may replace the entry later (onnxmod.outputs)
+    assert json.loads((entry / "manifest.json").read_text())["files"] == ["1/model.onnx", "config.pbtxt", "labels.txt"]
     assert (entry / "1" / "model.onnx").read_bytes() == r8_composed.read_bytes()
 
     cfg = _config(entry)
@@ -79,22 +82,52 @@ def test_source_and_module_entries(r8_dir, tmp_path, capsys):
         modelio.get_meta(modelio.load_model(module), modelio.CLASS_NAME) + "\n"
 
 
-def test_refuses_existing_entry_and_force_keeps_foreign_files(r8_composed, tmp_path, capsys):
+def test_refuses_existing_entry_and_force_only_replaces_its_own(r8_composed, tmp_path, capsys):
+    """The output rule of every command: --force replaces an entry onnxmod wrote, never one holding the user's files."""
     repo = tmp_path / "models"
     assert _run(["export-triton", str(r8_composed), "-o", str(repo), "--name", "m", "--max-batch", "8"], capsys)[0] == 0
+    code, _, err = _run(["export-triton", str(r8_composed), "-o", str(repo), "--name", "m"], capsys)
+    assert code == 2 and err.startswith("onnxmod: error: ") and "--force" in err
+    code, _, err = _run(["export-triton", str(r8_composed), "-o", str(repo), "--name", "m", "--force"], capsys)
+    assert code == 0, err
+    assert _config(repo / "m").max_batch_size == 64  # replaced
+    assert [p.name for p in repo.iterdir()] == ["m"]  # no temporary folders left
     mine = repo / "m" / "2" / "keep.txt"  # something the user put in the entry
     mine.parent.mkdir()
     mine.write_text("user data")
     before = _tree(repo)
-    code, _, err = _run(["export-triton", str(r8_composed), "-o", str(repo), "--name", "m"], capsys)
-    assert code == 2 and err.startswith("onnxmod: error: ") and "--force" in err
-    assert _tree(repo) == before  # nothing touched
     code, _, err = _run(["export-triton", str(r8_composed), "-o", str(repo), "--name", "m", "--force"], capsys)
-    assert code == 0, err
-    after = _tree(repo)
-    assert after["m/2/keep.txt"] == b"user data" and set(after) == set(before)
-    assert _config(repo / "m").max_batch_size == 64  # replaced
-    assert [p.name for p in repo.iterdir()] == ["m"]  # no temporary folders left
+    assert code == 2 and "onnxmod did not write (2/" in err, err
+    assert _tree(repo) == before and [p.name for p in repo.iterdir()] == ["m"]
+
+
+def test_force_never_writes_into_a_folder_onnxmod_did_not_write(r8_composed, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "proj" / "1").mkdir(parents=True)
+    (tmp_path / "proj" / "labels.txt").write_text("mine\n")
+    code, _, err = _run(["export-triton", str(r8_composed), "-o", ".", "--name", "proj", "--force"], capsys)
+    assert code == 2 and "is not an onnxmod output" in err, err
+    assert _tree(tmp_path) == {"proj/labels.txt": b"mine\n"} and sorted(p.name for p in tmp_path.iterdir()) == ["proj"]
+    code, _, err = _run(["export-triton", str(r8_composed), "-o", "/", "--name", "proj", "--force"], capsys)
+    assert code == 2 and "file system root" in err, err
+
+
+def test_labels_have_one_line_per_class(r8_composed, tmp_path, capsys):
+    """Class names are checked where they enter, so labels.txt has a line per class, whatever the metadata says."""
+    model = modelio.load_model(r8_composed)
+    classes = modelio.get_meta(model, modelio.CLASSES)
+    classes[0]["name"] = "cat\nairplane"
+    modelio.set_meta(model, {modelio.CLASSES: classes})
+    modelio.save_model(model, tmp_path / "tampered.onnx")
+    code, _, err = _run(["export-triton", str(tmp_path / "tampered.onnx"), "-o", str(tmp_path / "repo")], capsys)
+    assert code == 2 and "control character '\\n'" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "repo").exists()
+    classes[0]["name"] = "chat \u00e9\u00e8 \U0001f431"  # any printable name: one UTF-8 line
+    modelio.set_meta(model, {modelio.CLASSES: classes})
+    modelio.save_model(model, tmp_path / "unicode.onnx")
+    assert _run(["export-triton", str(tmp_path / "unicode.onnx"), "-o", str(tmp_path / "repo")], capsys)[0] == 0
+    lines = (tmp_path / "repo" / "unicode" / "labels.txt").read_text(encoding="utf-8").splitlines()
+    assert lines == [c["name"] for c in classes]
 
 
 def test_bad_input_is_refused(tmp_path, capsys):

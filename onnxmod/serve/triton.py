@@ -4,20 +4,21 @@
 (onnxruntime backend, ``max_batch_size``, dynamic batching, named I/O with dims that
 exclude the batch) and ``REPO/<name>/labels.txt`` (one class name per line, named by
 ``label_filename`` on the output that ranks the classes, for Triton's classification
-extension). The entry is written into a temporary folder inside REPO and renamed into
-place; with ``force`` an existing entry gets these three files replaced one by one
-(atomically each) and keeps everything else it holds.
+extension), plus ``manifest.json`` listing them: the entry is an onnxmod output like a module
+dir, written into a hidden temporary folder beside it and renamed into place, and replaced with
+``force`` only when it holds nothing else.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
+import math
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from onnxmod import outputs
 from onnxmod.errors import OnnxmodError
 from onnxmod.serve.model import PLATFORM, VERSION, ServedModel, TensorSpec
 
@@ -39,9 +40,14 @@ def _triton_type(datatype: str) -> str:
     return "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
 
 
+def _quoted(s: str) -> str:
+    """A protobuf text-format string: a graph's tensor names may hold quotes, backslashes or line breaks."""
+    return '"' + "".join(chr(b) if 32 <= b < 127 and b not in b'"\\' else f"\\{b:03o}" for b in s.encode()) + '"'
+
+
 def _tensor_block(t: TensorSpec, label_file: str | None) -> str:
     dims = list(t.shape[1:])
-    lines = [f'    name: "{t.name}"', f"    data_type: {_triton_type(t.datatype)}"]
+    lines = [f"    name: {_quoted(t.name)}", f"    data_type: {_triton_type(t.datatype)}"]
     if dims:
         lines.append(f"    dims: [ {', '.join(map(str, dims))} ]")
     else:  # a [N] tensor: Triton wants dims [1] reshaped to a scalar per batch row
@@ -68,50 +74,43 @@ def config_pbtxt(model: ServedModel, max_batch: int, max_delay_ms: float) -> str
             f"{len(model.classes)} classes)\n")
 
 
-def _check_target(entry: Path, source: Path, force: bool) -> None:
-    if entry.exists() and not entry.is_dir():
-        raise OnnxmodError(f"{entry}: exists and is not a directory")
-    if entry.exists() and not force:
-        raise OnnxmodError(f"{entry}: already exists; pass --force to replace its {MODEL_FILE}, {CONFIG} and {LABELS}")
-    target = entry / VERSION / MODEL_FILE
-    if target.exists() and target.resolve() == source.resolve():
-        raise OnnxmodError(f"{source}: is the entry's own {MODEL_FILE}; inputs are never overwritten")
-
-
 def _write_files(root: Path, model: ServedModel, max_batch: int, max_delay_ms: float) -> list[Path]:
     (root / VERSION).mkdir()
     shutil.copyfile(model.path, root / VERSION / MODEL_FILE)
-    (root / CONFIG).write_text(config_pbtxt(model, max_batch, max_delay_ms))
-    (root / LABELS).write_text("".join(f"{c}\n" for c in model.classes))
+    (root / CONFIG).write_text(config_pbtxt(model, max_batch, max_delay_ms), encoding="utf-8")
+    # class names hold no line breaks (checked where they enter), so one line per class
+    (root / LABELS).write_text("".join(f"{c}\n" for c in model.classes), encoding="utf-8")
     return [Path(VERSION) / MODEL_FILE, Path(CONFIG), Path(LABELS)]
-
-
-def _umask_dir_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o777 & ~mask
 
 
 def export_triton(model_path: Path, repo: Path, name: str | None = None, max_batch: int = 64,
                   max_delay_ms: float = 2.0, force: bool = False) -> TritonEntry:
-    """Write ``repo/<name>/`` for the model at ``model_path``; never deletes what it did not create."""
-    model = ServedModel.load(model_path, name, device="cpu")  # the same checks as serve
-    entry = repo / model.name
-    _check_target(entry, model_path, force)
+    """Write ``repo/<name>/`` for the model at ``model_path``.
+
+    The entry follows the output rule of every command (:mod:`onnxmod.outputs`): an existing one is replaced
+    only with ``force`` and only when onnxmod wrote all of it (its ``manifest.json`` lists the files); REPO
+    itself is a folder it adds to, created if missing, never the file system root.
+    """
+    if not (1 <= max_batch <= 65_536 and math.isfinite(max_delay_ms) and 0 <= max_delay_ms <= 60_000):
+        raise OnnxmodError(f"max_batch must be 1..65536 and max_delay_ms a number of 0..60000, "
+                           f"got {max_batch} and {max_delay_ms}")
+    repo = Path(repo)
+    if repo.resolve() == Path(repo.resolve().anchor):
+        raise OnnxmodError(f"{repo}: is the file system root; give a model repository folder")
     if repo.exists() and not repo.is_dir():
         raise OnnxmodError(f"{repo}: exists and is not a directory")
-    repo.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{model.name}.", suffix=".tmp", dir=repo))
+    model = ServedModel.load(model_path, name, device="cpu")  # the same checks as serve
+    entry = outputs.check_output(repo / model.name, inputs=[model_path], force=force, directory=True)
+    made = [d for d in [repo, *repo.parents] if not d.exists()]  # removed again if the write fails
     try:
-        os.chmod(tmp, _umask_dir_mode())  # mkdtemp makes 0700 dirs
-        files = _write_files(tmp, model, max_batch, max_delay_ms)
-        if not entry.exists():
-            os.rename(tmp, entry)
-        else:  # --force: replace our three files in place, keep the rest of the entry
-            (entry / VERSION).mkdir(exist_ok=True)
-            for f in files:
-                os.replace(tmp / f, entry / f)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        with outputs.atomic_dir(entry) as tmp:
+            files = _write_files(tmp, model, max_batch, max_delay_ms)
+            (tmp / outputs.MANIFEST).write_text(json.dumps(
+                {"kind": "triton", "model": model.name, "source": model.path.name, "max_batch": max_batch,
+                 "files": [f.as_posix() for f in files]}, indent=2) + "\n", encoding="utf-8")
+    except BaseException:
+        for d in made:
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
     return TritonEntry(model.name, entry, [entry / f for f in files], max_batch)
