@@ -27,11 +27,24 @@ def _human(r: dict[str, Any]) -> str:
              f"  scores  {r['rule']}"]
     macs, total = r.get("macs"), r.get("module_macs_sum")
     if macs is not None and total:
-        lines.append(f"  MACs    {fmt_count(macs)} composed vs {fmt_count(total)} summed over modules "
+        lines.append(f"  MACs    {fmt_count(macs)} composed vs {fmt_count(total)} summed over members "
                      f"({1 - macs / total:.1%} shared)")
-    lines.append(f"  nodes   {r.get('nodes')} composed vs {r.get('module_nodes_sum')} summed over modules")
+    lines.append(f"  nodes   {r.get('nodes')} composed vs {r.get('module_nodes_sum')} summed over members")
+    for s in r.get("shared", []):  # a source member: what it computes once with the modules
+        lines.append(f"  shared  {s['source']} (source): {s['shared_nodes']} of its {s['nodes']} nodes, "
+                     f"{fmt_count(s['shared_macs'])} of its {fmt_count(s['macs'])} MACs, computed once with "
+                     f"{len(s['shared_with'])} other member(s)")
     lines.append("  classes " + ", ".join(c["name"] for c in r["classes"]))
     return "\n".join(lines)
+
+
+# a source member (onnxmod.sourcemember): its class names when it has no onnxmod.classes, and its temperature
+classes_file_help = ("Class names (one per line, output order) of a source INPUT without onnxmod.classes metadata; "
+                     "{}")
+calib_option = click.option(
+    "--calib", type=click.Path(path_type=Path), default=None,
+    help="Labelled images (as decompose --calib) to fit a source member's temperature on, needed when it is "
+         "composed with other sources and none of its modules is a member.")
 
 
 @cli.command("compose")
@@ -39,22 +52,32 @@ def _human(r: dict[str, Any]) -> str:
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Composed model (.onnx).")
 @click.option("--rename", is_flag=True,
               help="Call a class that several sources have NAME@SOURCE instead of failing.")
+@click.option("--classes-file", "classes_files", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help=classes_file_help.format("repeat for several, in argument order."))
+@calib_option
+@device_option
 @force_option
 @json_option
 @quiet_option
-def compose_cmd(inputs: tuple[Path, ...], out: Path, rename: bool, force: bool, as_json: bool, quiet: bool) -> None:
-    """Compose one classifier from modules (files, or dirs = all their modules). Class order = argument order.
+def compose_cmd(inputs: tuple[Path, ...], out: Path, rename: bool, classes_files: tuple[Path, ...], calib: Path | None,
+                device: str, force: bool, as_json: bool, quiet: bool) -> None:
+    """Compose one classifier from modules (files, or dirs = all their modules) and source classifiers (all
+    their classes, computed by the source graph). Class order = argument order.
 
     \b
     Example:
       onnxmod compose r8.modules/module_003_cat.onnx r8.modules/module_005_dog.onnx -o catdog.onnx
       onnxmod compose r8.modules -o r8_composed.onnx        # every module of the dir
+      onnxmod compose r20.onnx r56.modules/module_003_cat.onnx --rename --calib cifar10/ -o both.onnx
     """
+    from onnxmod.cli.cmd_export import _read_classes
     from onnxmod.compose import compose, expand_inputs
 
     files = expand_inputs(inputs)
-    outputs.check_output(out, inputs=[*inputs, *files], force=force)
-    model = compose(files, rename=rename)
+    extra = [*classes_files, *([calib] if calib is not None else [])]
+    outputs.check_output(out, inputs=[*inputs, *files, *extra], force=force)
+    model = compose(files, rename=rename, source_classes=[_read_classes(str(f)) for f in classes_files], calib=calib,
+                    device=device)
     modelio.save_model(model, out)
     emit(_summary(model, out), as_json, _human)
 
@@ -65,25 +88,36 @@ def compose_cmd(inputs: tuple[Path, ...], out: Path, rename: bool, force: bool, 
 @click.option("--with", "module", required=True, type=click.Path(path_type=Path), help="The module serving it now.")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Composed model (.onnx).")
 @click.option("--rename", is_flag=True, help="As for compose.")
+@click.option("--classes-file", type=click.Path(dir_okay=False, path_type=Path),
+              help=classes_file_help.format("for a source BASE."))
+@calib_option
+@device_option
 @force_option
 @json_option
 @quiet_option
-def replace_cmd(base: Path, which: str, module: Path, out: Path, rename: bool, force: bool, as_json: bool,
-                quiet: bool) -> None:
-    """BASE (module dir or composed model) with one class served by MODULE, as a composed model.
+def replace_cmd(base: Path, which: str, module: Path, out: Path, rename: bool, classes_file: Path | None,
+                calib: Path | None, device: str, force: bool, as_json: bool, quiet: bool) -> None:
+    """BASE (module dir, composed model or source classifier) with one class served by MODULE, as a composed
+    model. On a source, every other class is computed by the source graph unchanged.
 
     \b
     Example:
       onnxmod replace r20.modules --class cat --with r56.modules/module_003_cat.onnx -o fixed.onnx
+      onnxmod replace r20.onnx --class cat --with r56.modules/module_003_cat.onnx --calib cifar10/ -o fixed.onnx
     """
+    from onnxmod.cli.cmd_export import _read_classes
     from onnxmod.compose import module_files, replace
 
     if not base.exists():
         raise OnnxmodError(f"{base}: no such file or directory")
     if not module.exists():
         raise OnnxmodError(f"{module}: no such file")
-    outputs.check_output(out, inputs=[base, module, *(module_files(base) if base.is_dir() else [])], force=force)
-    model = replace(base, which, module, rename=rename)
+    extra = [p for p in (classes_file, calib) if p is not None]
+    outputs.check_output(out, inputs=[base, module, *extra, *(module_files(base) if base.is_dir() else [])],
+                         force=force)
+    model = replace(base, which, module, rename=rename,
+                    source_classes=_read_classes(str(classes_file)) if classes_file else None, calib=calib,
+                    device=device)
     modelio.save_model(model, out)
     emit(_summary(model, out), as_json, _human)
 

@@ -1,4 +1,7 @@
-"""Composition: several modules (any mix of sources) -> one classifier graph.
+"""Composition: several modules (any mix of sources) and source classifiers -> one classifier graph.
+
+A source classifier file is a member with all its classes (:mod:`onnxmod.sourcemember`): its
+graph is added once and each class reads a column of its logits (``Member.column``).
 
 :func:`compose` builds ONE ONNX graph with input ``input`` ``[N, C, H, W]`` and outputs
 ``probs`` ``[N, K]`` and ``label`` ``[N]`` (int64). Class order = argument order.
@@ -20,7 +23,8 @@ How the graph is built:
    * all modules from one source (same source sha256): ``probs = softmax(concat(logit_i))``
      — exactly how the source compares its classes;
    * several sources: ``probs = softmax(logit_i / T_i)``, ``T_i`` the temperature of module
-     i's source (``calibration.temperature``) — calibrated, comparable scales.
+     i's source (``calibration.temperature``) — calibrated, comparable scales. A source member's
+     ``T`` is its modules' among the members, else fitted on ``--calib`` data (:func:`_temperatures`).
 
    ``label = ArgMax`` of the (scaled) concatenated logits.
 
@@ -53,7 +57,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import onnx
@@ -86,6 +90,21 @@ class Member:
     path: Path | None
     chw: tuple[int, int, int]
     batch_param: str | None
+    # a source's class (onnxmod.sourcemember): the column of the source graph's `logits` output it reads;
+    # all classes of one source share `model`, which compose adds once
+    column: int | None = None
+    logits: str = LOGIT  # the graph output the member's logit comes from
+    metadata: dict[str, str] | None = None  # module metadata it records; None: the model's own
+    # a source member without a fitted temperature: fits it on --calib data, should the composition need it
+    fit_temperature: Callable[[], tuple[float, int]] | None = None
+
+    def meta(self) -> dict[str, str]:
+        return self.metadata if self.metadata is not None else {p.key: p.value for p in self.model.metadata_props}
+
+    @property
+    def label(self) -> str:
+        """How errors about the whole member call it: a source's file, not one of its classes."""
+        return str(self.path) if self.column is not None and self.path is not None else self.where
 
 
 # --------------------------------------------------------------------------- loading
@@ -136,15 +155,62 @@ def load_member(module: ModuleArg, where: str | None = None, verify: bool | None
     return Member(model, spec, where, modelio.model_sha256(model), path, chw, batch)
 
 
-def _runs(model: onnx.ModelProto, chw: tuple[int, int, int], where: str) -> None:
+def _runs(model: onnx.ModelProto, chw: tuple[int, int, int], where: str, output: str = LOGIT) -> None:
     """One image through the module on CPU: weights of the wrong shape pass the ONNX checker but not a run."""
     from onnxmod import runtime
 
     try:
-        runtime.run(runtime.make_session(model, device="cpu", name=where), np.zeros((1, *chw), np.float32), [LOGIT])
+        runtime.run(runtime.make_session(model, device="cpu", name=where), np.zeros((1, *chw), np.float32), [output])
     except OnnxmodError as e:
         why = str(e).removeprefix(f"{where}: ")
         raise OnnxmodError(f"{where}: invalid module: {why}") from None
+
+
+def load_members(inputs: Sequence[ModuleArg], wheres: Sequence[str] | None = None,
+                 source_classes: Sequence[Sequence[str]] = (), calib: str | os.PathLike | None = None,
+                 device: str = "cpu") -> list[Member]:
+    """Members in argument order: a module (file or ModelProto) is one, a source classifier file one per class.
+
+    ``source_classes``: class names for the sources without ``onnxmod.classes`` metadata, in
+    argument order (``--classes-file``). ``calib``: labelled images to fit a source's temperature
+    on when it is composed with other sources and none of its modules is a member
+    (:mod:`onnxmod.sourcemember`).
+    """
+    from onnxmod.sourcemember import load_source
+
+    loaded: list[Member | tuple[Path, onnx.ModelProto]] = []
+    for i, m in enumerate(inputs):
+        where = wheres[i] if wheres else None
+        if isinstance(m, onnx.ModelProto):
+            if modelio.model_kind(m) == "source":
+                raise OnnxmodError(f"{where or m.graph.name or '<model>'}: a source member is read from its file; "
+                                   "give its path")
+            loaded.append(load_member(m, where))
+            continue
+        model = modelio.load_model(m)
+        if modelio.model_kind(model) == "source":
+            loaded.append((Path(m), model))
+        else:
+            member = load_member(model, where or str(m), verify=True)
+            member.path = Path(m)
+            loaded.append(member)
+    modules = [m for m in loaded if isinstance(m, Member)]
+    sources = [s for s in loaded if not isinstance(s, Member)]
+    sha_of = {p: modelio.file_sha256(p) for p, _ in sources}  # what its modules record as their source's
+    nameless = [p for p, model in sources if not modelio.get_meta(model, modelio.CLASSES)]
+    if len(source_classes) > len(nameless):
+        raise OnnxmodError(f"{len(source_classes)} --classes-file given but {len(nameless)} source(s) without "
+                           f"onnxmod.classes metadata: {', '.join(map(str, nameless)) or 'none'}")
+    names = dict(zip(nameless, source_classes))
+    out: list[Member] = []
+    for item in loaded:
+        if isinstance(item, Member):
+            out.append(item)
+            continue
+        p, raw = item
+        own = [m for m in modules if m.spec.source.sha256 == sha_of[p]]
+        out.extend(load_source(p, own, names=names.get(p), calib=calib, device=device, raw=raw))
+    return out
 
 
 def module_files(directory: str | os.PathLike) -> list[Path]:
@@ -204,9 +270,11 @@ def _class_names(members: list[Member], rename: bool, names: Sequence[str] | Non
         for a in range(len(idx)):
             for b in range(a + 1, len(idx)):
                 if shas[a] == shas[b]:
+                    hint = ("; to serve a source's class by a module: onnxmod replace SOURCE --class NAME --with MODULE"
+                            if members[idx[a]].column is not None or members[idx[b]].column is not None else "")
                     raise OnnxmodError(
                         f"class '{name}' twice from the same source {members[idx[a]].spec.source.name}: "
-                        f"{members[idx[a]].where} and {members[idx[b]].where}")
+                        f"{members[idx[a]].where} and {members[idx[b]].where}{hint}")
         if not rename:
             raise OnnxmodError(
                 f"class '{name}' comes from two sources: {members[idx[0]].where} "
@@ -327,13 +395,13 @@ def _choose_size(members: list[Member]) -> tuple[int, int]:
     c0 = members[0]
     for m in members[1:]:
         if m.chw[0] != c0.chw[0]:
-            raise OnnxmodError(f"input channels differ: {c0.where} takes {list(c0.chw)} but {m.where} takes "
+            raise OnnxmodError(f"input channels differ: {c0.label} takes {list(c0.chw)} but {m.label} takes "
                                f"{list(m.chw)}")
     fixed = [m for m in members if not resizable(m)]
     for m in fixed[1:]:
         if m.chw[1:] != fixed[0].chw[1:]:
-            raise OnnxmodError(f"input sizes differ: {fixed[0].where} takes {list(fixed[0].chw)} but {m.where} "
-                               f"takes {list(m.chw)} (neither module's preprocess says resizable)")
+            raise OnnxmodError(f"input sizes differ: {fixed[0].label} takes {list(fixed[0].chw)} but {m.label} "
+                               f"takes {list(m.chw)} (neither's preprocess says resizable)")
     if fixed:
         return fixed[0].chw[1], fixed[0].chw[2]
     big = max(members, key=lambda m: m.chw[1] * m.chw[2])
@@ -356,6 +424,89 @@ def _resize_nodes(i: int, hw: tuple[int, int]) -> tuple[list[onnx.NodeProto], li
         helper.make_node("Resize", [INPUT, "", "", p + "sizes"], [out], name=p + "resize", mode="linear"),
     ]
     return nodes, inits, out
+
+
+def _column_nodes(i: int, logits: str, column: int) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], str]:
+    """``logits[:, column:column + 1]`` (Slice: the source's own values, copied); returns nodes, initializers, output.
+
+    Named ``s{i}__``: no graph tensor has that prefix (they are ``m{j}__``), whatever the source calls its tensors."""
+    p = f"s{i}__"
+    inits = [helper.make_tensor(p + "starts", TensorProto.INT64, [1], [column]),
+             helper.make_tensor(p + "ends", TensorProto.INT64, [1], [column + 1]),
+             helper.make_tensor(p + "axes", TensorProto.INT64, [1], [1])]
+    node = helper.make_node("Slice", [logits, p + "starts", p + "ends", p + "axes"], [p + "logit"], name=p + "slice")
+    return [node], inits, p + "logit"
+
+
+def _temperatures(members: list[Member], same_source: bool) -> list[float]:
+    """T_i of each member's logits: 1 for one source (softmax of its logits); else the temperature its source
+    was fitted (a member whose source no data fitted borrows a fitted one of the same source)."""
+    if same_source:
+        return [1.0] * len(members)
+    from onnxmod.sourcemember import with_temperature
+
+    fitted: dict[str, float] = {}
+    for m in members:
+        if m.spec.calibration.temperature_fitted:
+            fitted.setdefault(m.spec.source.sha256, float(m.spec.calibration.temperature))
+    out = []
+    for m in members:
+        if not m.spec.calibration.temperature_fitted:
+            if m.spec.source.sha256 in fitted:  # one of its modules: decompose fitted the source's temperature
+                with_temperature(m, fitted[m.spec.source.sha256], 0)
+            elif m.fit_temperature is not None:  # --calib: fitted once per source graph
+                with_temperature(m, *m.fit_temperature())
+            else:
+                raise OnnxmodError(f"{m.label}: composed with other sources, its logits need its source's "
+                                   "temperature, which no data fitted: give --calib DATA (labelled images) to fit "
+                                   "it, or add one of its modules (decompose fitted one)")
+        cal = m.spec.calibration
+        t = float(cal.temperature)
+        if not (t > 0 and np.isfinite(t)):
+            raise OnnxmodError(f"{m.where}: calibration temperature must be > 0, got {cal.temperature}")
+        out.append(t)
+    return out
+
+
+def _macs_per_node(model: onnx.ModelProto) -> list[int]:
+    """MACs of each node of ``model`` (graph order) for one image; 0 where shapes are unknown."""
+    from onnxmod.cost import macs_by_node
+
+    by_key = macs_by_node(model, strict=False)  # keyed by node name, or op_type#index
+    return [by_key.get(n.name or f"{n.op_type}#{i}", 0) for i, n in enumerate(model.graph.node)]
+
+
+def _sharing(model: onnx.ModelProto, node_macs: list[int], ends: list[tuple[Member, str]]) -> list[dict[str, Any]]:
+    """For each source among the members: its nodes and MACs in the composed graph, and how many of them it
+    computes once with other members (merged by :func:`_dedup`: its prologue, layers its modules kept whole)."""
+    if all(m.column is None for m, _ in ends):
+        return []
+    g = model.graph
+    producer = {o: i for i, n in enumerate(g.node) for o in n.output if o}
+
+    def reach(tensor: str) -> set[int]:
+        seen: set[int] = set()
+        stack = [tensor]
+        while stack:
+            i = producer.get(stack.pop())
+            if i is not None and i not in seen:
+                seen.add(i)
+                stack.extend(x for x in g.node[i].input if x)
+                stack.extend(_subgraph_refs(g.node[i]))
+        return seen
+
+    reached = [reach(t) for _, t in ends]
+    out = []
+    for j, (m, _) in enumerate(ends):
+        if m.column is None:
+            continue
+        others = [k for k in range(len(ends)) if k != j and reached[k] & reached[j]]
+        common = reached[j] & set().union(*(reached[k] for k in others))
+        out.append({"source": str(m.path or m.where), "nodes": len(reached[j]),
+                    "macs": int(sum(node_macs[i] for i in reached[j])),
+                    "shared_nodes": len(common), "shared_macs": int(sum(node_macs[i] for i in common)),
+                    "shared_with": [ends[k][0].where for k in others]})
+    return out
 
 
 def merged(models: Sequence[onnx.ModelProto], outputs: Sequence[Sequence[str]]) -> tuple[onnx.ModelProto, list[list[str]]]:
@@ -392,12 +543,17 @@ def compose(
     rename: bool = False,
     names: Sequence[str] | None = None,
     wheres: Sequence[str] | None = None,
+    source_classes: Sequence[Sequence[str]] = (),
+    calib: str | os.PathLike | None = None,
+    device: str = "cpu",
 ) -> onnx.ModelProto:
-    """One classifier over the union of the modules' classes (class order = argument order).
+    """One classifier over the union of the members' classes (class order = argument order).
 
-    ``modules``: module ModelProtos and/or paths (a dir = all its modules, manifest order). ``rename``: call classes whose name
+    ``modules``: module ModelProtos and/or paths (a dir = all its modules, manifest order; a source
+    classifier file = all its classes, :mod:`onnxmod.sourcemember`). ``rename``: call classes whose name
     comes from several sources ``name@source_name``. ``names``: explicit output class
-    names (overrides both). ``wheres``: how error messages call each module.
+    names (overrides both). ``wheres``: how error messages call each module. ``source_classes``,
+    ``calib``, ``device``: see :func:`load_members`.
     Raises OnnxmodError for non-modules, the same module twice, duplicate class names,
     input channel/size mismatches. The result passes the full ONNX checker.
     """
@@ -405,19 +561,23 @@ def compose(
         raise OnnxmodError("compose needs at least one module")
     if wheres is None and any(not isinstance(m, onnx.ModelProto) and Path(m).is_dir() for m in modules):
         modules = [f for m in modules for f in ([m] if isinstance(m, onnx.ModelProto) else expand_inputs([m]))]
-    members = [load_member(m, wheres[i] if wheres else None) for i, m in enumerate(modules)]
+    members = load_members(modules, wheres, source_classes, calib, device)
     return _compose_members(members, rename, names)
 
 
 def _compose_members(members: list[Member], rename: bool, names: Sequence[str] | None) -> onnx.ModelProto:
-    seen: dict[str, Member] = {}
+    seen: dict[tuple[str, int | None], Member] = {}
     for m in members:
-        if m.sha256 in seen:
-            raise OnnxmodError(f"the same module is given twice: {seen[m.sha256].where} and {m.where}")
-        seen[m.sha256] = m
+        key = (m.sha256, m.column)
+        if key in seen:
+            what = "module" if m.column is None else "source"
+            raise OnnxmodError(f"the same {what} is given twice: {seen[key].label} and {m.label}")
+        seen[key] = m
     out_names = _class_names(members, rename, names)
     c = members[0].chw[0]
     h, w = _choose_size(members)
+    same_source = len({m.spec.source.sha256 for m in members}) == 1
+    temps = _temperatures(members, same_source)  # may run a source on --calib data: after the cheap checks
     target = max(_default_opset(m.model) for m in members)
     ir = max(int(m.model.ir_version) for m in members)
     other_opsets: dict[str, int] = {}
@@ -427,36 +587,45 @@ def _compose_members(members: list[Member], rename: bool, names: Sequence[str] |
     logits: list[str] = []
     member_inputs: list[str] = []
     module_macs, module_params, module_nodes = [], [], []
+    added: dict[int, tuple[str, str]] = {}  # id(graph) -> (prefix, input) once added: a source's classes share it
+    ends: list[tuple[Member, str]] = []  # each distinct graph's first member and output, for the sharing report
     for i, m in enumerate(members):
-        module_macs.append(count_macs(m.model, strict=False))
-        module_params.append(count_params(m.model))
-        module_nodes.append(len(m.model.graph.node))
-        g = _convert(m.model, target, m.where).graph
-        for o in m.model.opset_import:
-            if o.domain not in DEFAULT_DOMAINS:
-                other_opsets[o.domain] = max(other_opsets.get(o.domain, 0), int(o.version))
-        gc = onnx.GraphProto()
-        gc.CopyFrom(g)
-        src_input = INPUT
-        if m.chw[1:] != (h, w):
-            r_nodes, r_inits, src_input = _resize_nodes(i, m.chw[1:])
-            nodes.extend(r_nodes)
-            inits.extend(r_inits)
-        prefix = f"m{i}__"
-        _rename_graph(gc, lambda s, p=prefix, si=src_input: si if s == INPUT else p + s)
-        inits.extend(gc.initializer)
-        nodes.extend(gc.node)
-        logits.append(prefix + LOGIT)
+        if id(m.model) not in added:
+            module_macs.append(count_macs(m.model, strict=False))
+            module_params.append(count_params(m.model))
+            module_nodes.append(len(m.model.graph.node))
+            g = _convert(m.model, target, m.where).graph
+            for o in m.model.opset_import:
+                if o.domain not in DEFAULT_DOMAINS:
+                    other_opsets[o.domain] = max(other_opsets.get(o.domain, 0), int(o.version))
+            gc = onnx.GraphProto()
+            gc.CopyFrom(g)
+            src_input = INPUT
+            if m.chw[1:] != (h, w):
+                r_nodes, r_inits, src_input = _resize_nodes(i, m.chw[1:])
+                nodes.extend(r_nodes)
+                inits.extend(r_inits)
+            prefix = f"m{i}__"
+            _rename_graph(gc, lambda s, p=prefix, si=src_input: si if s == INPUT else p + s)
+            inits.extend(gc.initializer)
+            nodes.extend(gc.node)
+            added[id(m.model)] = (prefix, src_input)
+            ends.append((m, prefix + m.logits))
+        else:
+            module_macs.append(0)  # a source's MACs are counted once, at its first class
+        prefix, src_input = added[id(m.model)]
+        logit = prefix + m.logits
+        if m.column is not None:
+            c_nodes, c_inits, logit = _column_nodes(i, logit, m.column)
+            nodes.extend(c_nodes)
+            inits.extend(c_inits)
+        logits.append(logit)
         member_inputs.append(src_input)
 
     nodes, inits, alias = _dedup(nodes, inits, keep=set())
     logits = [alias.get(t, t) for t in logits]
+    ends = [(m, alias.get(t, t)) for m, t in ends]
 
-    same_source = len({m.spec.source.sha256 for m in members}) == 1
-    temps = [1.0 if same_source else float(m.spec.calibration.temperature) for m in members]
-    if not same_source and any(not (t > 0 and np.isfinite(t)) for t in temps):
-        bad = next(m for m, t in zip(members, temps) if not (t > 0 and np.isfinite(t)))
-        raise OnnxmodError(f"{bad.where}: calibration temperature must be > 0, got {bad.spec.calibration.temperature}")
     k = len(members)
     head_inits = []
     head = [helper.make_node("Concat", logits, ["compose__logits"], name="compose__concat", axis=1)]
@@ -485,11 +654,13 @@ def _compose_members(members: list[Member], rename: bool, names: Sequence[str] |
     model.ir_version = ir
     model = graphio.infer_shapes(model)
 
-    macs = count_macs(model, strict=False)
+    node_macs = _macs_per_node(model)
+    macs = int(sum(node_macs))
     classes = [{"name": n, "class_name": m.spec.class_name, "source_sha256": m.spec.source.sha256,
-                "source_name": m.spec.source.name, "class_index": m.spec.class_index, "module_sha256": m.sha256}
+                "source_name": m.spec.source.name, "class_index": m.spec.class_index, "module_sha256": m.sha256,
+                "member": "module" if m.column is None else "source"}
                for n, m in zip(out_names, members)]
-    members_meta = [{"metadata": {p.key: p.value for p in m.model.metadata_props},
+    members_meta = [{"metadata": m.meta(),
                      "graph_name": m.model.graph.name,
                      "logit": lg, "input": mi, "input_shape": list(m.chw), "batch": m.batch_param or "N",
                      "opset": _default_opset(m.model)}
@@ -506,8 +677,11 @@ def _compose_members(members: list[Member], rename: bool, names: Sequence[str] |
         "module_params_sum": int(sum(module_params)),
         "nodes": len(model.graph.node),
         "module_nodes_sum": int(sum(module_nodes)),
-        "resized": [m.where for m, mi in zip(members, member_inputs) if mi != INPUT],
+        "resized": list(dict.fromkeys(m.label for m, mi in zip(members, member_inputs) if mi != INPUT)),
     }
+    shared = _sharing(model, node_macs, ends)
+    if shared:
+        info["shared"] = shared
     modelio.set_meta(model, {
         modelio.KIND: "composed",
         modelio.CLASSES: classes,
@@ -641,25 +815,73 @@ def _strip_map(graph: onnx.GraphProto, fixed: dict[str, str]):
     return lambda s: mapping.get(s, s)
 
 
-def _base_members(base: Any) -> tuple[list[Member], bool]:
-    """Members of a replace base: a module dir or a composed model (path or proto)."""
+def _base_members(base: Any, new: Member, source_classes: Sequence[str] | None = None,
+                  calib: str | os.PathLike | None = None, device: str = "cpu") -> tuple[list[Member], bool]:
+    """Members of a replace base: a module dir, a composed model (path or proto) or a source classifier file
+    (read as decompose read it for ``new``, the module coming in, when that is a module of this source)."""
     if isinstance(base, onnx.ModelProto):
         composed, where = base, base.graph.name or "<composed>"
+    elif Path(base).is_dir():
+        composed, where = None, str(base)
     else:
         p = Path(base)
-        if p.is_dir():
-            files = module_files(p)
-            return [load_member(f) for f in files], False
         composed, where = modelio.load_model(p), str(p)
         kind = modelio.model_kind(composed)
+        if kind == "source":
+            from onnxmod.sourcemember import load_source
+
+            mine = new.spec.source.sha256 == modelio.file_sha256(p)
+            return load_source(p, [new] if mine else [], names=source_classes, calib=calib, device=device,
+                               raw=composed), False
         if kind != "composed":
-            raise OnnxmodError(f"{p}: is a {kind} model; replace takes a module dir or a composed model")
+            raise OnnxmodError(f"{p}: is a {kind} model; replace takes a module dir, a composed model or a source")
         modelio.check_input(composed, where)
+    if source_classes is not None:
+        raise OnnxmodError(f"{where}: --classes-file names a source's classes, but the base is not a source")
+    if composed is None:
+        return [load_member(f) for f in module_files(base)], False
     rename = bool((modelio.get_meta(composed, COMPOSE) or {}).get("rename", False))
     mods = extract_modules(composed)
     classes = modelio.get_meta(composed, modelio.CLASSES) or []
-    return [load_member(m, f"{where}[{classes[i]['name'] if i < len(classes) else i}]", verify=True)
-            for i, m in enumerate(mods)], rename
+    return _regroup_sources([load_member(m, f"{where}[{classes[i]['name'] if i < len(classes) else i}]", verify=True)
+                             for i, m in enumerate(mods)], calib, device), rename
+
+
+def _regroup_sources(members: list[Member], calib: str | os.PathLike | None = None,
+                     device: str = "cpu") -> list[Member]:
+    """Classes of one source extracted from a composed model -> members reading one shared source graph again.
+
+    Each extracted class is the whole source graph plus its column's Slice: composed as they are, a
+    K-class source would be copied K times before the dedup merges it back."""
+    from onnxmod.sourcemember import SOURCE_METHOD, temperature_fit
+
+    groups: dict[str, list[int]] = {}
+    for i, m in enumerate(members):
+        if m.spec.calibration.method == SOURCE_METHOD and m.column is None:
+            groups.setdefault(m.spec.source.sha256, []).append(i)
+    out = list(members)
+    for idx in groups.values():
+        slices = [next((n for n in members[i].model.graph.node if LOGIT in n.output and n.op_type == "Slice"), None)
+                  for i in idx]
+        if None in slices or len({n.input[0] for n in slices}) != 1:
+            continue  # not a graph compose wrote: keep the copies
+        first, logits = members[idx[0]], slices[0].input[0]
+        g = first.model.graph
+        nodes, inits = _prune(list(g.node), list(g.initializer), [logits])
+        out_shape = [first.batch_param or "N", first.spec.source.num_classes]
+        graph = helper.make_graph(nodes, g.name, list(g.input),
+                                  [helper.make_tensor_value_info(logits, TensorProto.FLOAT, out_shape)], initializer=inits)
+        shared = helper.make_model(graph, opset_imports=list(first.model.opset_import), producer_name="onnxmod")
+        shared.ir_version = first.model.ir_version
+        names = ["\0"] * first.spec.source.num_classes  # a column no member holds (replaced) matches no data class
+        for i in idx:
+            names[members[i].spec.class_index] = members[i].spec.class_name
+        fit = temperature_fit(shared, names, first.chw, calib, device, first.spec.source.name)
+        for i in idx:
+            m = members[i]
+            out[i] = Member(shared, m.spec, m.where, m.spec.source.sha256, None, m.chw, m.batch_param,
+                            column=m.spec.class_index, logits=logits, metadata=m.meta(), fit_temperature=fit)
+    return out
 
 
 def _find_class(members: list[Member], display: list[str], which: str | int) -> int:
@@ -687,17 +909,22 @@ def replace(
     which: str | int,
     module: ModuleArg,
     rename: bool = False,
+    source_classes: Sequence[str] | None = None,
+    calib: str | os.PathLike | None = None,
+    device: str = "cpu",
 ) -> onnx.ModelProto:
     """A composed model equal to ``base`` with class ``which`` (name or output index) served by ``module``.
 
-    ``base``: a module dir (manifest.json + module files) or a composed model (path or
-    ModelProto; its members are rebuilt with :func:`extract_modules`). The new module
-    takes the replaced class's position. The score rule follows the new set of sources.
+    ``base``: a module dir (manifest.json + module files), a composed model (path or
+    ModelProto; its members are rebuilt with :func:`extract_modules`) or a source classifier file
+    (every other class served by the source graph unchanged; ``source_classes``, ``calib``, ``device``
+    as for :func:`load_members`). The new module takes the replaced class's position. The score rule
+    follows the new set of sources.
     """
-    members, base_rename = _base_members(base)
+    new = load_member(module)
+    members, base_rename = _base_members(base, new, source_classes, calib, device)
     display = _class_names(members, True, None)
     idx = _find_class(members, display, which)
-    new = load_member(module)
     if new.spec.class_name != members[idx].spec.class_name:
         raise OnnxmodError(f"{new.where}: is a module of class '{new.spec.class_name}', but class "
                            f"'{display[idx]}' is being replaced; give a '{members[idx].spec.class_name}' module")

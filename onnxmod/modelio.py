@@ -328,6 +328,7 @@ def _check_calibration(v: Any, model: onnx.ModelProto) -> None:
     _opt(d, "samples", _is_int, "an integer >= 0", required=True)
     for k in ("nll_before", "nll_after"):
         _opt(d, k, lambda x: x is None or _is_num(x), "a number or null")
+    _opt(d, "temperature_fitted", lambda x: isinstance(x, bool), "true or false")
 
 
 def _check_preprocess(v: Any, model: onnx.ModelProto) -> None:

@@ -11,6 +11,8 @@ Score scale rule used by compose (documented in the README):
   * modules from several sources -> probs = softmax(logit_i / T_i), T_i the
     temperature of module i's source fitted on its calibration data, which puts
     every source's logits on a calibrated (comparable) scale.
+A source classifier composed as a member records this metadata per class too
+(:mod:`onnxmod.sourcemember`: calibration method "source", ``temperature_fitted``).
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ class Calibration:
     samples: int
     nll_before: float | None = None
     nll_after: float | None = None
+    # False: no data fitted `temperature` (a source member composed alone, whose scale did not matter);
+    # compose refuses such a member next to other sources rather than guess its scale
+    temperature_fitted: bool = True
 
 
 @dataclass

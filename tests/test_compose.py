@@ -211,9 +211,7 @@ def test_channel_mismatch_is_an_error(r8_files):
         compose([r8_files[0], _hand_module(1, 32, "gray")])
 
 
-def test_source_and_composed_are_not_modules(r8_files):
-    with pytest.raises(OnnxmodError, match="not an onnxmod module"):
-        compose([RESNET8])
+def test_composed_is_not_a_member(r8_files):  # a source is one: tests/test_source_member.py
     with pytest.raises(OnnxmodError, match="composed model, not an onnxmod module"):
         compose([compose(r8_files[:2])])
 
