@@ -114,7 +114,8 @@ def _size(value: str | None) -> list[int] | None:
               help="Distil the pruned modules against the source on the calibration images (torch; CUDA when "
                    "--device allows). --no-repair keeps the training-free path.")
 @click.option("--repair-epochs", default=_D.repair_epochs, show_default=True, type=FiniteFloat(0, 10_000, min_open=True),
-              help="Repair budget: passes over the calibration images (at least 200 optimiser steps).")
+              help="Repair budget: passes over the repair images (at least 200 optimiser steps, but no more "
+                   "than 20 passes for that minimum).")
 @click.option("--repair-batch-size", default=None, type=BATCH, show_default="256 on CUDA, 128 on CPU",
               help="Images per repair step.")
 @click.option("--batch-size", default=_D.batch_size, show_default=True, type=BATCH)

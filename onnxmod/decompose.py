@@ -28,14 +28,13 @@ from onnxmod.cost import count_macs, count_params
 from onnxmod.data import Dataset, open_dataset
 from onnxmod.errors import OnnxmodError, UnsupportedOpError
 from onnxmod.modulespec import LOGIT, Calibration, ModuleSpec, SourceInfo, add_score
-from onnxmod.progress import progress
+from onnxmod.progress import progress, say, stage
 from onnxmod.select import STRATEGIES, Selector, prunable_groups
 
 FILLS = ("linear", "mean", "zero")
 REFIT_OTHERS = 0.15  # fraction of the non-relevant refit images each module also fits on
 REFIT_RELEVANT_WEIGHT = 5.0  # least-squares weight of images where the class is contested
 MODULES_PER_RUN = 8  # modules run together (shared layers once) for the row and score fits; bounds memory
-REPAIR_MEMORY_BYTES = 2e9  # repair holds its images in memory (float32): at most this much
 # --classes: calibration images of the other classes per image of the wanted ones (at 4, a 2-class
 # subset of a 10-class set still calibrates on all its images)
 OTHERS_PER_WANTED = 4
@@ -69,7 +68,7 @@ class DecomposeSettings:
     repair_min_steps: int = 200  # small calibration sets still get this many optimiser steps
     repair_lr: float = 1e-3  # Adam learning rate of the distillation (2e-3 at batch 512 broke ResNet-56's repair)
     repair_batch_size: int | None = None  # None: 256 on CUDA (launch-bound: half the steps), 128 on CPU
-    repair_images: int = 20000  # calibration images repair trains on (fewer when they would not fit in memory)
+    repair_images: int = 20000  # calibration images repair trains on (streamed: any number, any resolution)
     repair_recipe: dict[str, Any] = field(default_factory=dict)  # other repair.RepairSettings fields, for sweeps
     platt_images: int = 500  # calibration images each module's score calibration is fitted on
     split: str = "train"
@@ -91,7 +90,7 @@ class DecomposeSettings:
             raise OnnxmodError("--reconstruct needs reconstruct_images and reconstruct_positions >= 1")
         if self.repair_batch_size is not None and self.repair_batch_size < 1:
             raise OnnxmodError(f"--repair-batch-size must be >= 1, got {self.repair_batch_size}")
-        if self.repair and (self.repair_epochs <= 0 or self.repair_images < 1):
+        if self.repair and (not self.repair_epochs > 0 or self.repair_images < 1):  # not > 0: NaN too
             raise OnnxmodError(f"--repair-epochs must be > 0 (got {self.repair_epochs}) and repair images >= 1")
         if self.repair_recipe:
             from onnxmod.repair import RepairSettings  # torch: only for a sweep that changes the recipe
@@ -350,7 +349,7 @@ def refit_output_row(
     a = np.c_[f.astype(np.float64), np.ones(len(f))] * np.sqrt(weight)[:, None]
     t = target.astype(np.float64) * np.sqrt(weight)
     lam = ridge * np.trace(a.T @ a) / a.shape[1]
-    coef = np.linalg.solve(a.T @ a + lam * np.eye(a.shape[1]), a.T @ t)
+    coef = np.linalg.lstsq(a.T @ a + lam * np.eye(a.shape[1]), a.T @ t, rcond=None)[0]  # a few images: singular
     w, b = coef[:-1].astype(np.float32), np.float32(coef[-1])
     m = onnx.ModelProto()
     m.CopyFrom(small)
@@ -507,7 +506,7 @@ def decompose(
     if (label_map < 0).all():
         raise OnnxmodError(f"{calib}: none of the data's classes ({', '.join(dataset.classes[:5])}...) "
                            f"are classes of {model_path.name}")
-    missing = [src.classes[k] for k in wanted if k not in label_map]
+    missing = [src.classes[k] for k in wanted if k not in label_map[np.unique(dataset.labels)]]
     if missing:
         raise OnnxmodError(f"{calib}: has no images of class(es) {', '.join(missing)}")
     idx = calibration_indices(dataset, label_map, settings.samples_per_class, settings.seed, wanted)
@@ -517,9 +516,10 @@ def decompose(
     if not out_group.removable:
         node, op, why = analysis.pinned_by(src.model.graph.output[0].name)
         raise UnsupportedOpError(node, op, f"output rows cannot be selected through it ({why})")
-    stats = calibrate.collect_stats(analysis, dataset, label_map, idx, src.input_chw[1:], device,
-                                    batch, quiet, settings.cov_images,
-                                    groups=prunable_groups(analysis, settings.strategy), classes=wanted)
+    with stage(f"calibration statistics ({len(idx)} images)", quiet):
+        stats = calibrate.collect_stats(analysis, dataset, label_map, idx, src.input_chw[1:], device,
+                                        batch, quiet, settings.cov_images,
+                                        groups=prunable_groups(analysis, settings.strategy), classes=wanted)
     temperature = scoring.fit_temperature(stats.logits, stats.labels)
     selector = Selector(analysis, stats)
     unknown = sorted(set(settings.class_targets) - set(src.classes))
@@ -560,47 +560,51 @@ def decompose(
         repair_report: dict[str, Any] | None = None
         if do_reconstruct:
             t_rec = time.perf_counter()
-            rec_x = images(_balanced_positions(stats.labels, settings.reconstruct_images, settings.seed + 3))
-            targets = reconstruct.source_targets(analysis, rec_x, settings.reconstruct_positions,
-                                                 settings.seed + 3, device)
-            smalls = reconstruct.reconstruct(list(smalls), keeps, analysis, targets, device, quiet=quiet)
+            with stage("layer-wise reconstruction", quiet):
+                rec_x = images(_balanced_positions(stats.labels, settings.reconstruct_images, settings.seed + 3))
+                targets = reconstruct.source_targets(analysis, rec_x, settings.reconstruct_positions,
+                                                     settings.seed + 3, device)
+                smalls = reconstruct.reconstruct(list(smalls), keeps, analysis, targets, device, quiet=quiet)
             reconstruct_s = time.perf_counter() - t_rec
         if do_repair:
             t_rep = time.perf_counter()
-            smalls, repair_report = _repair_modules(list(smalls), src, wanted, images, stats.labels, settings,
-                                                    device, quiet)
+            with stage(f"repair of {len(wanted)} modules", quiet):
+                smalls, repair_report = _repair_modules(list(smalls), src, wanted, images, stats.labels, settings,
+                                                        device, quiet)
             repair_s = time.perf_counter() - t_rep
-        for k, keep, small, refit, platt_logit in progress(fitter.fit(zip(wanted, keeps, smalls)), total=len(wanted),
-                                                           desc="writing modules", quiet=quiet, unit="module"):
-            # the score is calibrated on what the module itself outputs, not on the source's logit
-            a, b, nll0, nll1 = scoring.fit_platt(platt_logit, stats.labels[fitter.platt_pos] == k)
-            kept_channels = int(sum(keep[g.id].sum() for g in selector.groups))
-            module = module_graph(small, a, b)
-            params, macs = count_params(module), count_macs(module)
-            spec = ModuleSpec(
-                class_name=src.classes[k],
-                class_index=k,
-                source=SourceInfo(src.name, src.sha256, len(src.classes), src.params, src.macs),
-                kept={"param_fraction": params / max(src.params, 1), "flop_fraction": macs / max(src.macs, 1),
-                      "channels": {"kept": kept_channels, "total": all_channels},
-                      "target_macs": mac_targets[k], "strategy": settings.strategy, "fill": settings.fill,
-                      "reconstructed": do_reconstruct, "repaired": do_repair},
-                calibration=Calibration("platt", a, b, temperature, int(len(fitter.platt_pos)), nll0, nll1),
-                preprocess=src.preprocess,
-            )
-            modelio.set_meta(module, {**spec.to_metadata(), modelio.FRONTEND: src.frontend_steps})
-            modelio.drop_meta(module, modelio.CLASSES)  # a module is about one class: class_name
-            module.graph.name = f"{src.name}_{src.classes[k]}"
-            fname = module_filename(k, src.classes[k])
-            t_write = time.perf_counter()
-            modelio.save_model(module, tmp / fname)  # includes the full ONNX checker
-            writing_s += time.perf_counter() - t_write
-            modules.append({"file": fname, "class_index": k, "class_name": src.classes[k], "params": params,
-                            "macs": macs, "param_fraction": params / max(src.params, 1),
-                            "mac_fraction": macs / max(src.macs, 1), "target_macs": mac_targets[k],
-                            "calibration": {"platt_a": a, "platt_b": b, "nll_before": nll0, "nll_after": nll1},
-                            "kept_channels": {str(g.id): np.nonzero(keep[g.id])[0].tolist() for g in selector.groups},
-                            "refit": refit})
+        with stage(f"writing {len(wanted)} modules", quiet):
+            fitted = fitter.fit(zip(wanted, keeps, smalls))
+            for k, keep, small, refit, platt_logit in progress(fitted, total=len(wanted), desc="writing modules",
+                                                               quiet=quiet, unit="module"):
+                # the score is calibrated on what the module itself outputs, not on the source's logit
+                a, b, nll0, nll1 = scoring.fit_platt(platt_logit, stats.labels[fitter.platt_pos] == k)
+                kept_channels = int(sum(keep[g.id].sum() for g in selector.groups))
+                module = module_graph(small, a, b)
+                params, macs = count_params(module), count_macs(module)
+                spec = ModuleSpec(
+                    class_name=src.classes[k],
+                    class_index=k,
+                    source=SourceInfo(src.name, src.sha256, len(src.classes), src.params, src.macs),
+                    kept={"param_fraction": params / max(src.params, 1), "flop_fraction": macs / max(src.macs, 1),
+                          "channels": {"kept": kept_channels, "total": all_channels},
+                          "target_macs": mac_targets[k], "strategy": settings.strategy, "fill": settings.fill,
+                          "reconstructed": do_reconstruct, "repaired": do_repair},
+                    calibration=Calibration("platt", a, b, temperature, int(len(fitter.platt_pos)), nll0, nll1),
+                    preprocess=src.preprocess,
+                )
+                modelio.set_meta(module, {**spec.to_metadata(), modelio.FRONTEND: src.frontend_steps})
+                modelio.drop_meta(module, modelio.CLASSES)  # a module is about one class: class_name
+                module.graph.name = f"{src.name}_{src.classes[k]}"
+                fname = module_filename(k, src.classes[k])
+                t_write = time.perf_counter()
+                modelio.save_model(module, tmp / fname)  # includes the full ONNX checker
+                writing_s += time.perf_counter() - t_write
+                modules.append({"file": fname, "class_index": k, "class_name": src.classes[k], "params": params,
+                                "macs": macs, "param_fraction": params / max(src.params, 1),
+                                "mac_fraction": macs / max(src.macs, 1), "target_macs": mac_targets[k],
+                                "calibration": {"platt_a": a, "platt_b": b, "nll_before": nll0, "nll_after": nll1},
+                                "kept_channels": {str(g.id): np.nonzero(keep[g.id])[0].tolist() for g in selector.groups},
+                                "refit": refit})
         manifest = {
             "format_version": modelio.FORMAT,
             "source": {"name": src.name, "file": str(model_path), "sha256": src.sha256, "params": src.params,
@@ -631,16 +635,15 @@ def decompose(
 def _repair_modules(smalls: list[onnx.ModelProto], src: PreparedSource, wanted: list[int], images,
                     labels: np.ndarray, settings: DecomposeSettings, device: str, quiet: bool
                     ) -> tuple[list[onnx.ModelProto], dict[str, Any]]:
-    """Distil the modules on (at most ``repair_images``, memory permitting) calibration images."""
+    """Distil the modules on (at most ``repair_images``) calibration images, streamed from the data."""
     from onnxmod import repair  # torch: imported only when repairing
 
-    c, h, w = src.input_chw
-    fits = int(REPAIR_MEMORY_BYTES // (4 * c * h * w))
-    x = images(_balanced_positions(labels, min(settings.repair_images, fits), settings.seed + 4))
+    positions = _balanced_positions(labels, settings.repair_images, settings.seed + 4)
     batch = settings.repair_batch_size or repair.default_batch_size(device)
     rs = repair.RepairSettings(epochs=settings.repair_epochs, min_steps=settings.repair_min_steps, batch_size=batch,
                                lr=settings.repair_lr, seed=settings.seed, **settings.repair_recipe)
-    return repair.repair(smalls, src.model, wanted, x, rs, device, quiet)
+    return repair.repair(smalls, src.model, wanted, repair.RepairImages(len(positions), lambda p: images(positions[p])),
+                         rs, device, quiet, say=lambda line: say(line, quiet))
 
 
 def _balanced_positions(labels: np.ndarray, n: int, seed: int, groups: Sequence[int] | None = None) -> np.ndarray:

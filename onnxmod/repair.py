@@ -18,9 +18,12 @@ unchanged. Labels are not used.
 
 from __future__ import annotations
 
+import itertools
+import queue
+import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import onnx
@@ -30,6 +33,12 @@ import torch.nn.functional as F
 from onnxmod.errors import OnnxmodError
 from onnxmod.progress import progress
 from onnxmod.torchgraph import ParameterStore, TorchGraph, trainable_initializers
+
+T = TypeVar("T")
+PREFETCH_BATCHES = 4  # batches read ahead of training (bounded memory at any image size)
+MIN_STEP_PASSES = 20  # the minimum step count never asks for more passes over the images than this
+NORM_BATCHES = 8  # batches that set the training-only BatchNorms' statistics (before and after training)
+ETA_AFTER_STEPS = 10  # the expected duration is said after timing this many steps
 
 
 @dataclass
@@ -47,6 +56,7 @@ class RepairSettings:
     mse_weight: float = 1.0
     clip: float = 2.0  # gradient-norm clip (BN-folded graphs diverge without it)
     augment: bool = True  # random crop (padding H/8) + horizontal flip
+    batchnorm: bool = False  # train every pruned Conv with a BatchNorm on batch statistics, folded back afterwards
     seed: int = 0
 
 
@@ -68,15 +78,32 @@ def torch_device(device: str) -> torch.device:
 class JointModules(torch.nn.Module):
     """Several single-logit module graphs as one network with output ``[N, len(graphs)]``."""
 
-    def __init__(self, graphs: Sequence[onnx.ModelProto]) -> None:
+    def __init__(self, graphs: Sequence[onnx.ModelProto], norm_convs: bool = False) -> None:
         super().__init__()
         self.store = ParameterStore()
         self.graphs = torch.nn.ModuleList(
-            TorchGraph(g, trainable_initializers(g), self.store, where=f"module {j}") for j, g in enumerate(graphs))
+            TorchGraph(g, trainable_initializers(g), self.store, where=f"module {j}", norm_convs=norm_convs)
+            for j, g in enumerate(graphs))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cache: dict[str, Any] = {}  # digest -> outputs: shared layers run once per batch
         return torch.cat([g(x, cache)[0].reshape(x.shape[0], -1)[:, :1] for g in self.graphs], dim=1)
+
+    @torch.no_grad()
+    def record_norms(self, batches: Iterable[torch.Tensor], identity: bool) -> None:
+        """Set the training-only BatchNorms' statistics on ``batches`` (see ConvNorm.adopt_moments): before
+        training in eval mode (``identity``: the modules compute what they did), after it in train mode (the
+        population statistics of what training normalised by batch)."""
+        was_training = self.training
+        self.train(not identity)
+        device = next(self.store.parameters()).device
+        for norm in self.store.norms.values():
+            norm.record()
+        for batch in batches:
+            self(batch.to(device))
+        for norm in self.store.norms.values():
+            norm.adopt_moments(identity)
+        self.train(was_training)
 
     def to_onnx(self) -> list[onnx.ModelProto]:
         return [g.to_onnx() for g in self.graphs]
@@ -107,45 +134,114 @@ def distill_loss(z: torch.Tensor, t: torch.Tensor, temperature: float, mse_weigh
     return temperature ** 2 * kl + mse_weight * mse
 
 
+@dataclass
+class RepairImages:
+    """The images repair trains on, read when needed: ``load(positions)`` gives float32 ``[B, C, H, W]`` in
+    [0, 1] for positions in ``0..count-1``. Batches are read ahead on a thread (:func:`prefetched`), so memory
+    does not grow with ``count`` and images of any resolution are all used."""
+
+    count: int
+    load: Callable[[np.ndarray], np.ndarray]
+
+    @classmethod
+    def of_array(cls, x: np.ndarray) -> "RepairImages":
+        return cls(len(x), lambda pos: x[pos])
+
+
+def prefetched(items: Iterator[T], depth: int = PREFETCH_BATCHES) -> Iterator[T]:
+    """``items`` produced on a background thread, at most ``depth`` ahead (decoding off the training thread);
+    its errors are raised here; the thread stops when the consumer does."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(entry: tuple[Any, BaseException | None]) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((done, None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            put((done, e))
+
+    thread = threading.Thread(target=produce, name="onnxmod-repair-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = q.get()
+            if error is not None:
+                raise error
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+
+
+def step_plan(count: int, settings: RepairSettings) -> tuple[int, int]:
+    """(images per step, optimiser steps). At least ``min_steps`` steps, but never more than MIN_STEP_PASSES
+    passes over the images for the minimum's sake: 200 steps of 128 over 200 images would be 128 passes."""
+    batch = max(1, min(settings.batch_size, count))
+    per_epoch = -(-count // batch)
+    minimum = min(settings.min_steps, MIN_STEP_PASSES * per_epoch)
+    return batch, max(minimum, int(round(settings.epochs * per_epoch)), 1)
+
+
 def repair(
     modules: Sequence[onnx.ModelProto],
     source: onnx.ModelProto,
     class_indices: Sequence[int],
-    images: np.ndarray,
+    images: RepairImages | np.ndarray,
     settings: RepairSettings,
     device: str = "auto",
     quiet: bool = False,
+    say: Callable[[str], None] | None = None,
 ) -> tuple[list[onnx.ModelProto], dict[str, Any]]:
-    """Distil ``modules`` (single-logit graphs of classes ``class_indices`` of ``source``) on
-    ``images`` (float32 ``[N, C, H, W]`` in [0, 1]). Returns the repaired graphs and a report."""
+    """Distil ``modules`` (single-logit graphs of classes ``class_indices`` of ``source``) on ``images``
+    (:class:`RepairImages`, or float32 ``[N, C, H, W]`` in [0, 1]). Returns the repaired graphs and a report.
+    ``say`` gets one line with the expected duration once the first steps are timed."""
     t0 = time.perf_counter()
+    images = images if isinstance(images, RepairImages) else RepairImages.of_array(images)
     dev = torch_device(device)
     torch.manual_seed(settings.seed)
-    gen = torch.Generator().manual_seed(settings.seed)
-    student = JointModules(modules).to(dev)
+    gen = torch.Generator().manual_seed(settings.seed)  # augmentation, on the training thread
+    order_rng = np.random.default_rng(settings.seed)  # batch order, on the prefetch thread
+    student = JointModules(modules, norm_convs=settings.batchnorm).to(dev)
     teacher = TorchGraph(source, where="source").to(dev).eval()
     cls = torch.as_tensor(list(class_indices), dtype=torch.long, device=dev)
-    # on CUDA the images live on the GPU (no copy per step) and the loss stays there (no sync per step)
-    x_all = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(dev)
-    n = len(x_all)
-    steps_per_epoch = max(1, -(-n // settings.batch_size))
-    total = max(settings.min_steps, int(round(settings.epochs * steps_per_epoch)), 1)
+    n = images.count
+    if n < 1:
+        raise OnnxmodError("repair: no images to train on")
+    batch_size, total = step_plan(n, settings)
     params = list(student.store.parameters())
-    if not params:
+    if not student.store.params:
         raise OnnxmodError("repair: the modules have no trainable weights")
     opt = torch.optim.Adam(params, lr=settings.lr)
     warm = max(1, total // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + np.cos(np.pi * min(1.0, s / total))))
 
-    def batches() -> Iterator[torch.Tensor]:
-        """Endless passes over the images, each in a new random order."""
+    def orders() -> Iterator[np.ndarray]:
+        """Endless passes over the images, each in a new random order, a batch of positions at a time."""
         while True:
-            order = torch.randperm(n, generator=gen)
-            for start in range(0, n, settings.batch_size):
-                yield x_all[order[start:start + settings.batch_size]]
+            order = order_rng.permutation(n)
+            for start in range(0, n, batch_size):
+                yield np.sort(order[start:start + batch_size])  # sorted: cheaper reads; the batch is a set
+
+    def read(positions: Iterator[np.ndarray]) -> Iterator[torch.Tensor]:
+        return prefetched(torch.from_numpy(np.ascontiguousarray(images.load(p), dtype=np.float32)) for p in positions)
 
     def step(batch: torch.Tensor) -> torch.Tensor:
+        batch = batch.to(dev, non_blocking=True)
         if settings.augment:
             batch = augment(batch, gen)
         with torch.no_grad():
@@ -158,21 +254,37 @@ def repair(
         sched.step()
         return loss.detach()
 
-    bar = progress(range(total), total=total, desc="repair (distillation)", quiet=quiet, unit="step")
     try:
-        losses = [step(batch) for _, batch in zip(bar, batches())]
+        if student.store.norms:
+            student.record_norms(read(itertools.islice(orders(), NORM_BATCHES)), identity=True)
+        losses: list[torch.Tensor] = []
+        t_steps = time.perf_counter()
+        for i, batch in enumerate(progress(read(itertools.islice(orders(), total)), total=total,
+                                           desc="repair (distillation)", quiet=quiet, unit="step")):
+            losses.append(step(batch))
+            if i + 1 == min(ETA_AFTER_STEPS, total) and say is not None:
+                per = (time.perf_counter() - t_steps) / (i + 1)
+                say(f"repair: {total} steps of {batch_size} images over {n} images, about "
+                    f"{_duration(per * total)} (from the first {i + 1} steps)")
+        if student.store.norms:  # statistics of the trained network, then into the Conv weights
+            student.record_norms(read(itertools.islice(orders(), NORM_BATCHES)), identity=False)
+            student.store.fold_norms()
     except (torch.OutOfMemoryError, MemoryError) as e:  # an actionable message, not a traceback
-        raise OnnxmodError(f"repair ran out of {dev.type.upper()} memory at {settings.batch_size} images per step "
+        raise OnnxmodError(f"repair ran out of {dev.type.upper()} memory at {batch_size} images per step "
                            f"({len(modules)} modules): pass a smaller --repair-batch-size") from e
     loss_curve = torch.stack(losses).cpu().numpy()
     report = {
-        "images": int(n), "epochs": settings.epochs, "steps": total, "batch_size": settings.batch_size,
+        "images": int(n), "epochs": settings.epochs, "steps": total, "batch_size": batch_size,
         "lr": settings.lr, "temperature": settings.temperature, "mse_weight": settings.mse_weight,
-        "clip": settings.clip, "augment": settings.augment,
-        "device": str(dev), "parameters": int(sum(p.numel() for p in params)),
+        "clip": settings.clip, "augment": settings.augment, "batchnorm": settings.batchnorm,
+        "device": str(dev), "parameters": int(sum(p.numel() for p in student.store.params.parameters())),
         "loss_first": float(np.mean(loss_curve[:max(1, total // 20)])),
         "loss_last": float(np.mean(loss_curve[-max(1, total // 20):])),
         "seconds": time.perf_counter() - t0,
     }
     student.cpu()
     return student.to_onnx(), report
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"

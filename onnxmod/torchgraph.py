@@ -465,17 +465,87 @@ def trainable_initializers(model: onnx.ModelProto) -> set[str]:
     return out
 
 
+class ConvNorm(torch.nn.Module):
+    """A BatchNorm after one Conv, for training only (``norm_convs``).
+
+    The graphs are BN-folded: a Conv's scale lives in its weights, which makes plain gradient steps badly
+    conditioned. During training each such Conv gets a BatchNorm on batch statistics again. It starts as the
+    identity in eval mode; :meth:`adopt_moments` with ``identity=True`` then sets its statistics from the
+    Conv's own output and ``gamma = sqrt(var + eps)``, ``beta = mean``, so eval mode still computes what the
+    Conv did; :meth:`fold` writes it back into the Conv's weight and bias, so the written graph has the
+    same nodes as before.
+    """
+
+    eps = 1e-5
+
+    def __init__(self, channels: int, weight_key: str, bias_key: str) -> None:
+        super().__init__()
+        self.gamma = torch.nn.Parameter(torch.ones(channels))
+        self.beta = torch.nn.Parameter(torch.zeros(channels))
+        self.register_buffer("running_mean", torch.zeros(channels))
+        self.register_buffer("running_var", torch.full((channels,), 1.0 - self.eps))  # eval mode: exactly y
+        self.conv_keys = (weight_key, bias_key)  # the Conv's own parameters, in the store
+        self.moments: Tensor | None = None  # while recording: [count, sum, sum of squares] per channel (float64)
+
+    def forward(self, y: Tensor) -> Tensor:
+        if self.moments is not None:
+            with torch.no_grad():
+                yd = y.detach().double().transpose(0, 1).reshape(y.shape[1], -1)
+                self.moments += torch.stack([torch.full_like(yd[:, 0], yd.shape[1]), yd.sum(1), (yd * yd).sum(1)])
+        if self.training:  # batch statistics; the running ones are set by adopt_moments, not by momentum
+            return F.batch_norm(y, None, None, self.gamma, self.beta, True, 0.0, self.eps)
+        return F.batch_norm(y, self.running_mean, self.running_var, self.gamma, self.beta, False, 0.0, self.eps)
+
+    def record(self) -> None:
+        """Accumulate the moments of the Conv's output over the following forward passes."""
+        self.moments = torch.zeros(3, len(self.gamma), dtype=torch.float64, device=self.gamma.device)
+
+    @torch.no_grad()
+    def adopt_moments(self, identity: bool) -> None:
+        """Running statistics from the recorded moments; with ``identity``, also the affine part that keeps
+        eval mode computing the Conv's output."""
+        count, total, squares = self.moments
+        self.moments = None
+        mean = total / count
+        var = (squares / count - mean * mean).clamp_min(0)
+        self.running_mean.copy_(mean)
+        self.running_var.copy_(var)
+        if identity:
+            self.gamma.copy_(torch.sqrt(var + self.eps))
+            self.beta.copy_(mean)
+
+    @torch.no_grad()
+    def fold(self, weight: Tensor, bias: Tensor) -> None:
+        """Write ``gamma * (conv(x) - mean) / sqrt(var + eps) + beta`` (eval mode) into the Conv's weight and bias."""
+        k = self.gamma / torch.sqrt(self.running_var + self.eps)
+        weight.mul_(k.reshape([-1] + [1] * (weight.dim() - 1)))
+        bias.copy_((bias - self.running_mean) * k + self.beta)
+
+
 class ParameterStore(torch.nn.Module):
-    """Trainable initializers of one or several graphs, one ``nn.Parameter`` per distinct key."""
+    """Trainable initializers of one or several graphs, one ``nn.Parameter`` per distinct key, and the
+    training-only :class:`ConvNorm` of each distinct Conv (keyed by its computation digest)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.params = torch.nn.ParameterDict()
+        self.norms = torch.nn.ModuleDict()
 
     def get(self, key: str, value: np.ndarray) -> torch.nn.Parameter:
         if key not in self.params:
             self.params[key] = torch.nn.Parameter(torch.from_numpy(np.array(value, dtype=np.float32)))
         return self.params[key]
+
+    def norm(self, key: str, weight_key: str, bias_key: str) -> ConvNorm:
+        if key not in self.norms:
+            self.norms[key] = ConvNorm(self.params[weight_key].shape[0], weight_key, bias_key)
+        return self.norms[key]
+
+    def fold_norms(self) -> None:
+        """Every ConvNorm into its Conv's weight and bias (eval-mode outputs unchanged), then no more ConvNorms."""
+        for norm in self.norms.values():
+            norm.fold(*(self.params[k] for k in norm.conv_keys))
+        self.norms = torch.nn.ModuleDict()
 
 
 class TorchGraph(torch.nn.Module):
@@ -484,11 +554,12 @@ class TorchGraph(torch.nn.Module):
     ``trainable`` initializers are ``nn.Parameter`` s of ``store`` (keyed so that graphs
     sharing a store share the parameters of identical computation); every other
     initializer is a frozen buffer. :meth:`to_onnx` writes the current parameter values
-    back into a copy of the graph, nothing else changed.
+    back into a copy of the graph, nothing else changed. With ``norm_convs``, every Conv whose weight and
+    bias are its own trainable parameters gets a :class:`ConvNorm` after it (until the store folds them).
     """
 
     def __init__(self, model: onnx.ModelProto, trainable: Iterable[str] = (), store: ParameterStore | None = None,
-                 where: str = "model") -> None:
+                 where: str = "model", norm_convs: bool = False) -> None:
         super().__init__()
         self.model = model
         self.store = store if store is not None else ParameterStore()
@@ -515,6 +586,11 @@ class TorchGraph(torch.nn.Module):
             key = hashlib.sha256(repr(sorted(consumers.get(name, [name]))).encode()).hexdigest()[:24]
             self.param_keys[name] = key
             self.store.get(key, numpy_helper.to_array(inits[name]))
+        # a Conv with its own weight and bias: followed by the store's ConvNorm of its digest, until folded
+        for n, _ in self.nodes if norm_convs else ():
+            if (n.op_type == "Conv" and len(n.input) > 2
+                    and all(t in self.param_keys and len(consumers[t]) == 1 for t in n.input[1:3])):
+                self.store.norm(self.digests[n.output[0]], self.param_keys[n.input[1]], self.param_keys[n.input[2]])
         # every other initializer is a buffer, so `.to(device)` moves shape constants along with the weights
         self._buffer_of: dict[str, str] = {}
         for j, (name, t) in enumerate((n, t) for n, t in inits.items() if n not in trainable):
@@ -536,6 +612,8 @@ class TorchGraph(torch.nn.Module):
             else:
                 ins = [env[t] if t in env else self.value(t) for t in n.input]
                 outs = OPS[n.op_type](ins, a)
+                if key in self.store.norms:
+                    outs = [self.store.norms[key](outs[0])]
                 if n.op_type == "Constant":  # made from attributes, on the CPU: follow the input's device
                     outs = [o.to(x.device) for o in outs]
                 if cache is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -312,7 +313,30 @@ def test_a_target_below_what_the_channels_allow_is_warned_about(tmp_path, capsys
     code, out, err = _cli([*common, "-o", str(tmp_path / "m")], capsys)
     (cat,) = json.loads(out)["modules"]
     assert code == 0 and cat["mac_fraction"] > 0.1
-    assert err.strip() == (f"onnxmod: warning: module 'cat' has {cat['mac_fraction']:.2f}x the source's MACs, not its "
-                           "target 0.05: the channel granularity allows no closer size")
+    warnings = [line for line in err.splitlines() if line.startswith("onnxmod: ")]  # not the stage lines
+    assert warnings == [(f"onnxmod: warning: module 'cat' has {cat['mac_fraction']:.2f}x the source's MACs, not its "
+                           "target 0.05: the channel granularity allows no closer size")]
     code, _, err = _cli([*common, "-o", str(tmp_path / "q"), "-q"], capsys)
     assert code == 0 and err == ""
+
+
+def test_stage_lines_off_a_terminal(tmp_path, capsys):
+    """Off a terminal (capsys is not one) no bar shows, so each stage says when it starts and ends, with its
+    time, and repair says how long it expects to take; --quiet says nothing."""
+    from onnxmod.cli.main import main
+
+    argv = ["decompose", str(SAMPLE), "--calib", str(CALIB), "--classes", "cat", "--samples-per-class", "20",
+            "--repair-epochs", "1", "--device", "cpu"]
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "-o", str(tmp_path / "a")])
+    err = capsys.readouterr().err.splitlines()
+    assert e.value.code == 0
+    for name in ("calibration statistics", "repair of 1 modules", "writing 1 modules"):
+        start = next(i for i, line in enumerate(err) if line.startswith(name) and line.endswith(": started"))
+        end = next(i for i, line in enumerate(err) if line.startswith(name) and ": done in " in line)
+        assert start < end and re.fullmatch(r".+: done in [0-9]+\.[0-9] s", err[end])
+    assert any(re.fullmatch(r"repair: \d+ steps of \d+ images over \d+ images, about .+ \(from the first \d+ steps\)",
+                            line) for line in err), err
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "-o", str(tmp_path / "b"), "-q"])
+    assert e.value.code == 0 and capsys.readouterr().err == ""

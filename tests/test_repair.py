@@ -231,3 +231,88 @@ def test_out_of_memory_names_the_flag(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and "out of CPU memory at 64 images per step" in err and "--repair-batch-size" in err
     assert "Traceback" not in err and not (tmp_path / "m").exists()  # nothing half-written
+
+
+# --------------------------------------------------------------------------- streaming, schedule, BatchNorm
+def test_streaming_trains_on_exactly_the_images_asked_for():
+    """Repair reads its images through RepairImages: every position 0..N-1 is read, each once per pass, and
+    nothing else (a counting loader stands for the dataset)."""
+    src = prepare_source(SAMPLE)
+    modules = _random_prune(src.model, 0.5, seed=1)
+    x = _images(CALIB, 90)
+    reads: list[np.ndarray] = []
+
+    def load(positions: np.ndarray) -> np.ndarray:
+        reads.append(np.asarray(positions).copy())
+        return x[positions]
+
+    settings = repair.RepairSettings(epochs=2, min_steps=1, batch_size=32, lr=1e-3, augment=False)
+    _, report = repair.repair(modules, src.model, CLASSES, repair.RepairImages(len(x), load), settings, "cpu", True)
+    seen = np.concatenate(reads)
+    assert report["images"] == 90 and report["steps"] == 2 * 3  # 3 batches (32, 32, 26) a pass
+    assert np.array_equal(np.bincount(seen, minlength=90), np.full(90, 2))
+    assert all(len(r) <= 32 for r in reads)
+
+
+def test_prefetch_raises_the_readers_error_and_stops():
+    def failing():
+        yield 1
+        raise OSError("disk gone")
+
+    it = repair.prefetched(failing())
+    assert next(it) == 1
+    with pytest.raises(OSError, match="disk gone"):
+        next(it)
+    # a consumer that stops early leaves no blocked producer behind
+    endless = repair.prefetched(iter(range(10**9)), depth=2)
+    assert [next(endless) for _ in range(3)] == [0, 1, 2]
+    endless.close()
+
+
+@pytest.mark.parametrize("count, steps", [(200, 40), (600, 100), (20000, 785)])
+def test_minimum_steps_never_ask_for_more_than_twenty_passes(count, steps):
+    """200 images at 128 a step: the 200-step minimum would be 128 passes; it is capped at 20 passes
+    (2 steps a pass); big sets follow the epochs (5 x 157 steps)."""
+    settings = repair.RepairSettings(epochs=5, min_steps=200, batch_size=128, lr=1e-3)
+    assert repair.step_plan(count, settings) == (128, steps)
+    assert repair.step_plan(10, settings)[0] == 10  # never a batch larger than the images
+
+
+def test_batchnorm_reparameterisation_starts_and_ends_as_the_module(repaired):
+    """The training-only BatchNorms: eval mode computes what each module did (atol 1e-5), and folding them
+    back gives the same graphs (nodes, initializer names and shapes) computing the same outputs."""
+    from onnxmod.torchgraph import ConvNorm
+
+    src, before, _, _ = repaired
+    x = torch.from_numpy(_images(TEST, 64))
+    joint = repair.JointModules(before, norm_convs=True)
+    from onnxmod.graphio import computation_digests
+
+    convs = {computation_digests(m)[n.output[0]] for m in before for n in m.graph.node if n.op_type == "Conv"}
+    assert set(joint.store.norms) == convs  # one per distinct Conv: the shared ones once
+    with torch.no_grad():
+        plain = repair.JointModules(before).eval()(x)
+        joint.record_norms([x[:32], x[32:]], identity=True)
+        assert all(isinstance(n, ConvNorm) for n in joint.store.norms.values())
+        np.testing.assert_allclose(joint.eval()(x), plain, atol=1e-5)
+        joint.store.fold_norms()
+        np.testing.assert_allclose(joint(x), plain, atol=1e-5)
+    for b, a in zip(before, joint.to_onnx()):
+        assert [n.SerializeToString() for n in a.graph.node] == [n.SerializeToString() for n in b.graph.node]
+        assert [(i.name, tuple(i.dims)) for i in a.graph.initializer] == [(i.name, tuple(i.dims)) for i in b.graph.initializer]
+        np.testing.assert_allclose(run(a, x.numpy())[0], run(b, x.numpy())[0], atol=1e-5)
+
+
+def test_repair_with_batchnorm_trains_and_writes_the_same_structure(repaired):
+    src, before, _, _ = repaired
+    x = _images(CALIB, 300)
+    settings = repair.RepairSettings(epochs=1, min_steps=30, batch_size=64, lr=1e-3, batchnorm=True)
+    after, report = repair.repair(before, src.model, CLASSES, x, settings, "cpu", True)
+    assert report["batchnorm"] is True
+    held = _images(TEST, 200)
+    want = run(src.model, held)[0][:, CLASSES]
+    for j, (b, a) in enumerate(zip(before, after)):
+        assert [n.SerializeToString() for n in a.graph.node] == [n.SerializeToString() for n in b.graph.node]
+        onnx.checker.check_model(a, full_check=True)
+    err = lambda ms: np.mean([(run(m, held)[0][:, 0] - want[:, j]) ** 2 for j, m in enumerate(ms)])  # noqa: E731
+    assert err(after) < err(before)  # folded back, the trained modules are closer to the source
