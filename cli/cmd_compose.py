@@ -42,7 +42,7 @@ def _human(r: dict[str, Any]) -> str:
 classes_file_help = ("Class names (one per line, output order) of a source INPUT without onnxmod.classes metadata; "
                      "{}")
 calib_option = click.option(
-    "--calib", type=click.Path(path_type=Path), default=None,
+    "--calib", type=click.Path(path_type=Path), default=None, show_default="none",
     help="Labelled images (as decompose --calib) to fit a source member's temperature on, needed when it is "
          "composed with other sources and none of its modules is a member.")
 

@@ -1,10 +1,11 @@
 """Decomposition: one calibration pass, then one physically smaller module per class.
 
-Pipeline: prepare the source (canonical input with its preprocessing baked in) ->
-channel analysis -> calibration statistics (one streaming ORT pass) -> per-class
-selection (:mod:`onnxmod.select`) -> channel removal with least-squares fill
-(:mod:`onnxmod.surgery`) -> module graph (``logit``/``score`` outputs, metadata) ->
-files written into a temp dir that is renamed into place at the end.
+Pipeline (:func:`decompose`): the source in canonical form (preprocessing baked in) and the
+calibration images (:func:`read_calibration_set`) -> channel analysis (:func:`analyze_source`) ->
+calibration statistics (one streaming ORT pass) -> per-class selection (:func:`plan_modules`,
+:mod:`onnxmod.select`) -> channel removal with least-squares fill, optional reconstruction and
+repair (:func:`cut_modules`) -> module graphs with ``logit``/``score`` outputs and metadata
+(:func:`write_modules`), written into a temp dir that is renamed into place at the end.
 """
 
 from __future__ import annotations
@@ -467,6 +468,36 @@ def _fills(stats: calibrate.ActivationStats, k: int, how: str) -> dict[str, Any]
     return {t: surgery.LinearFill(stats.mean_all[t], stats.cov[t]) for t in stats.cov}
 
 
+@dataclass
+class CalibrationSet:
+    """The source, the classes to decompose and the calibration images drawn for them (stage 1)."""
+
+    src: PreparedSource
+    dataset: Dataset
+    label_map: np.ndarray  # data class index -> source class index (-1: not one of the source's)
+    wanted: list[int]  # source class indices to decompose
+    idx: np.ndarray  # the calibration images (dataset indices), in calibration order
+    batch: int  # images streamed at a time
+
+    def images(self, positions: np.ndarray) -> np.ndarray | None:
+        """The calibration images at ``positions`` (into the calibration order), float32 NCHW."""
+        if not positions.size:
+            return None
+        return np.concatenate([x for x, _ in self.dataset.iter_batches(self.batch, size=self.src.input_chw[1:],
+                                                                        indices=self.idx[positions])])
+
+
+@dataclass
+class ModulePlan:
+    """What each module keeps (stage 3): per-class MAC targets and kept channels, and the passes that follow."""
+
+    selector: Selector
+    mac_targets: dict[int, float]
+    keeps: list[dict[int, np.ndarray]]  # per wanted class: group id -> kept-channel mask
+    reconstruct: bool
+    repair: bool
+
+
 def decompose(
     model_path: str | os.PathLike,
     calib: str | os.PathLike,
@@ -493,135 +524,42 @@ def decompose(
     model_path = Path(model_path)
     out = Path(out_dir) if out_dir is not None else Path.cwd() / f"{model_path.stem}.modules"
     outputs.check_output(out, inputs=[model_path, calib], force=force, directory=True)
-    modelio.load_model(model_path)  # clear error for missing / not-ONNX before reading data
-    dataset = open_dataset(calib, split=settings.split)
-    src = prepare_source(model_path, mean, std, scale, data_classes=dataset.classes if dataset.labelled else None,
-                         layout=layout, input_size=input_size, data_size=dataset.image_size)
-    wanted = resolve_classes(classes, src.classes)
-    batch = runtime.stream_batch_size(src.model, settings.batch_size)
-    if not dataset.labelled:
-        dataset = label_with_source(dataset, src, settings, batch, device, quiet)
-
-    label_map = np.array([src.classes.index(c) if c in src.classes else -1 for c in dataset.classes], dtype=np.int64)
-    if (label_map < 0).all():
-        raise OnnxmodError(f"{calib}: none of the data's classes ({', '.join(dataset.classes[:5])}...) "
-                           f"are classes of {model_path.name}")
-    missing = [src.classes[k] for k in wanted if k not in label_map[np.unique(dataset.labels)]]
-    if missing:
-        raise OnnxmodError(f"{calib}: has no images of class(es) {', '.join(missing)}")
-    idx = calibration_indices(dataset, label_map, settings.samples_per_class, settings.seed, wanted)
-
-    analysis = channels.analyze(src.model, canonical=True)
-    out_group = analysis.output_group()
-    if not out_group.removable:
-        node, op, why = analysis.pinned_by(src.model.graph.output[0].name)
-        raise UnsupportedOpError(node, op, f"output rows cannot be selected through it ({why})")
-    with stage(f"calibration statistics ({len(idx)} images)", quiet):
-        stats = calibrate.collect_stats(analysis, dataset, label_map, idx, src.input_chw[1:], device,
-                                        batch, quiet, settings.cov_images,
-                                        groups=prunable_groups(analysis, settings.strategy), classes=wanted)
-    temperature = scoring.fit_temperature(stats.logits, stats.labels)
-    selector = Selector(analysis, stats)
-    unknown = sorted(set(settings.class_targets) - set(src.classes))
-    if unknown:
-        raise OnnxmodError(f"--class-target: {', '.join(unknown)} not among the model's classes: {', '.join(src.classes)}")
-    mac_targets = {k: settings.target_for(src.classes[k]) for k in wanted}
-    pruned = any(t < 1.0 for t in mac_targets.values())
-    do_reconstruct = settings.reconstruct and pruned
-
-    def images(positions: np.ndarray) -> np.ndarray | None:
-        return (np.concatenate([x for x, _ in dataset.iter_batches(batch, size=src.input_chw[1:],
-                                                                    indices=idx[positions])])
-                if positions.size else None)
-
-    do_repair = settings.repair and pruned
-    fitter = ModuleFitter.build(stats, wanted, mac_targets, images, settings, device, batch,
-                                no_refit_why="repaired by distillation" if do_repair
-                                else "reconstructed layer by layer" if do_reconstruct else "")
-    all_channels = sum(g.size for g in selector.groups)
-
+    cal = read_calibration_set(model_path, calib, classes, settings, device, quiet, mean=mean, std=std, scale=scale,
+                               layout=layout, input_size=input_size)
+    analysis = analyze_source(cal.src)
+    with stage(f"calibration statistics ({len(cal.idx)} images)", quiet):
+        stats = calibrate.collect_stats(analysis, cal.dataset, cal.label_map, cal.idx, cal.src.input_chw[1:], device,
+                                        cal.batch, quiet, settings.cov_images,
+                                        groups=prunable_groups(analysis, settings.strategy), classes=cal.wanted)
+    temperature = scoring.fit_temperature(stats.logits, stats.labels)  # the source's, for composing across sources
+    plan = plan_modules(cal, analysis, stats, settings)
+    fitter = ModuleFitter.build(stats, cal.wanted, plan.mac_targets, cal.images, settings, device, cal.batch,
+                                no_refit_why="repaired by distillation" if plan.repair
+                                else "reconstructed layer by layer" if plan.reconstruct else "")
     tmp = outputs.temp_dir(out)
     try:
-        modules = []
-        writing_s = 0.0
-        # modules of different targets (--class-target) still share the early layers: those are chosen once, at the
-        # mean target, and each module's own target is met in its class-specific layers
-        shared_keep = (selector.shared_keep(float(np.mean(list(mac_targets.values()))), settings.strategy,
-                                            settings.depth_slope, settings.channel_multiple, settings.shared_depth)
-                       if settings.shared_depth > 0 and len(set(mac_targets.values())) > 1 else None)
-        keeps = [selector.keep_for(k, mac_targets[k], settings.strategy, settings.depth_slope,
-                                   multiple=settings.channel_multiple, shared_depth=settings.shared_depth,
-                                   fixed=shared_keep)
-                 for k in wanted]
-        # lazily, so without reconstruction or repair each module is cut right before it is re-fitted and written
-        smalls: Iterable[onnx.ModelProto] = (surgery.remove_channels(analysis, keep, _fills(stats, k, settings.fill))
-                                             for k, keep in zip(wanted, keeps))
-        reconstruct_s = repair_s = 0.0
-        repair_report: dict[str, Any] | None = None
-        if do_reconstruct:
-            t_rec = time.perf_counter()
-            with stage("layer-wise reconstruction", quiet):
-                rec_x = images(_balanced_positions(stats.labels, settings.reconstruct_images, settings.seed + 3))
-                targets = reconstruct.source_targets(analysis, rec_x, settings.reconstruct_positions,
-                                                     settings.seed + 3, device)
-                smalls = reconstruct.reconstruct(list(smalls), keeps, analysis, targets, device, quiet=quiet)
-            reconstruct_s = time.perf_counter() - t_rec
-        if do_repair:
-            t_rep = time.perf_counter()
-            with stage(f"repair of {len(wanted)} modules", quiet):
-                smalls, repair_report = _repair_modules(list(smalls), src, wanted, images, stats.labels, settings,
-                                                        device, quiet)
-            repair_s = time.perf_counter() - t_rep
-        with stage(f"writing {len(wanted)} modules", quiet):
-            fitted = fitter.fit(zip(wanted, keeps, smalls))
-            for k, keep, small, refit, platt_logit in progress(fitted, total=len(wanted), desc="writing modules",
-                                                               quiet=quiet, unit="module"):
-                # the score is calibrated on what the module itself outputs, not on the source's logit
-                a, b, nll0, nll1 = scoring.fit_platt(platt_logit, stats.labels[fitter.platt_pos] == k)
-                kept_channels = int(sum(keep[g.id].sum() for g in selector.groups))
-                module = module_graph(small, a, b)
-                params, macs = count_params(module), count_macs(module)
-                spec = ModuleSpec(
-                    class_name=src.classes[k],
-                    class_index=k,
-                    source=SourceInfo(src.name, src.sha256, len(src.classes), src.params, src.macs),
-                    kept={"param_fraction": params / max(src.params, 1), "flop_fraction": macs / max(src.macs, 1),
-                          "channels": {"kept": kept_channels, "total": all_channels},
-                          "target_macs": mac_targets[k], "strategy": settings.strategy, "fill": settings.fill,
-                          "reconstructed": do_reconstruct, "repaired": do_repair},
-                    calibration=Calibration("platt", a, b, temperature, int(len(fitter.platt_pos)), nll0, nll1),
-                    preprocess=src.preprocess,
-                )
-                modelio.set_meta(module, {**spec.to_metadata(), modelio.FRONTEND: src.frontend_steps})
-                modelio.drop_meta(module, modelio.CLASSES)  # a module is about one class: class_name
-                module.graph.name = f"{src.name}_{src.classes[k]}"
-                fname = module_filename(k, src.classes[k])
-                t_write = time.perf_counter()
-                modelio.save_model(module, tmp / fname)  # includes the full ONNX checker
-                writing_s += time.perf_counter() - t_write
-                modules.append({"file": fname, "class_index": k, "class_name": src.classes[k], "params": params,
-                                "macs": macs, "param_fraction": params / max(src.params, 1),
-                                "mac_fraction": macs / max(src.macs, 1), "target_macs": mac_targets[k],
-                                "calibration": {"platt_a": a, "platt_b": b, "nll_before": nll0, "nll_after": nll1},
-                                "kept_channels": {str(g.id): np.nonzero(keep[g.id])[0].tolist() for g in selector.groups},
-                                "refit": refit})
+        smalls, repair_report, pass_s = cut_modules(cal, analysis, stats, plan, settings, device, quiet)
+        with stage(f"writing {len(cal.wanted)} modules", quiet):
+            modules, writing_s = write_modules(tmp, smalls, cal, stats, plan, fitter, temperature, settings, quiet)
         manifest = {
             "format_version": modelio.FORMAT,
-            "source": {"name": src.name, "file": str(model_path), "sha256": src.sha256, "params": src.params,
-                       "macs": src.macs, "classes": src.classes, "preprocess": src.preprocess,
-                       "temperature": temperature, "frontend": src.frontend_steps},
+            "source": {"name": cal.src.name, "file": str(model_path), "sha256": cal.src.sha256,
+                       "params": cal.src.params, "macs": cal.src.macs, "classes": cal.src.classes,
+                       "preprocess": cal.src.preprocess, "temperature": temperature,
+                       "frontend": cal.src.frontend_steps},
             "modules": modules,
-            "settings": {**asdict(settings), "calib": str(calib), "calibration_images": int(len(idx)),
-                         "stream_batch_size": batch,
-                         "calibration_labels": "source predictions" if UNSEEN in dataset.classes else "data"},
+            "settings": {**asdict(settings), "calib": str(calib), "calibration_images": int(len(cal.idx)),
+                         "stream_batch_size": cal.batch,
+                         "calibration_labels": "source predictions" if UNSEEN in cal.dataset.classes else "data"},
             "unsupported": [{"node": n, "op": o, "why": w} for n, o, w in analysis.unsupported],
             # groups whose channels each class chooses for itself (the rest: one choice for all classes)
-            "class_specific_groups": [g.id for g in selector.groups if not selector.is_shared(g.id, settings.shared_depth)],
+            "class_specific_groups": [g.id for g in plan.selector.groups
+                                      if not plan.selector.is_shared(g.id, settings.shared_depth)],
             "channels": analysis.summary(),
             "repair": repair_report,
-            "timings": {"calibration_s": stats.seconds, "reconstruct_s": reconstruct_s, "repair_s": repair_s,
-                        "refit_s": fitter.refit_s, "module_runs_s": fitter.module_runs_s,
-                        "writing_s": writing_s, "total_s": time.perf_counter() - t_start},
+            "timings": {"calibration_s": stats.seconds, **pass_s, "refit_s": fitter.refit_s,
+                        "module_runs_s": fitter.module_runs_s, "writing_s": writing_s,
+                        "total_s": time.perf_counter() - t_start},
         }
         modelio.write_text_atomic(tmp / "manifest.json", json.dumps(manifest, indent=2))
         outputs.replace_dir(tmp, out)
@@ -632,8 +570,133 @@ def decompose(
     return manifest
 
 
-def _repair_modules(smalls: list[onnx.ModelProto], src: PreparedSource, wanted: list[int], images,
-                    labels: np.ndarray, settings: DecomposeSettings, device: str, quiet: bool
+def read_calibration_set(model_path: Path, calib: str | os.PathLike, classes: Sequence[str] | None,
+                         settings: DecomposeSettings, device: str, quiet: bool,
+                         **source_options: Any) -> CalibrationSet:
+    """Stage 1: the source in canonical form, the wanted classes, and calibration images drawn for them
+    (labelled by the source itself when the data has no labels)."""
+    modelio.load_model(model_path)  # clear error for missing / not-ONNX before reading data
+    dataset = open_dataset(calib, split=settings.split)
+    src = prepare_source(model_path, data_classes=dataset.classes if dataset.labelled else None,
+                         data_size=dataset.image_size, **source_options)
+    wanted = resolve_classes(classes, src.classes)
+    unknown = sorted(set(settings.class_targets) - set(src.classes))
+    if unknown:
+        raise OnnxmodError(f"--class-target: {', '.join(unknown)} not among the model's classes: "
+                           f"{', '.join(src.classes)}")
+    batch = runtime.stream_batch_size(src.model, settings.batch_size)
+    if not dataset.labelled:
+        dataset = label_with_source(dataset, src, settings, batch, device, quiet)
+    label_map = np.array([src.classes.index(c) if c in src.classes else -1 for c in dataset.classes], dtype=np.int64)
+    if (label_map < 0).all():
+        raise OnnxmodError(f"{calib}: none of the data's classes ({', '.join(dataset.classes[:5])}...) "
+                           f"are classes of {model_path.name}")
+    missing = [src.classes[k] for k in wanted if k not in label_map[np.unique(dataset.labels)]]
+    if missing:
+        raise OnnxmodError(f"{calib}: has no images of class(es) {', '.join(missing)}")
+    idx = calibration_indices(dataset, label_map, settings.samples_per_class, settings.seed, wanted)
+    return CalibrationSet(src, dataset, label_map, wanted, idx, batch)
+
+
+def analyze_source(src: PreparedSource) -> channels.ChannelAnalysis:
+    """Stage 2: which channels are tied (onnxmod.channels); the output rows must be selectable."""
+    analysis = channels.analyze(src.model, canonical=True)
+    if not analysis.output_group().removable:
+        node, op, why = analysis.pinned_by(src.model.graph.output[0].name)
+        raise UnsupportedOpError(node, op, f"output rows cannot be selected through it ({why})")
+    return analysis
+
+
+def plan_modules(cal: CalibrationSet, analysis: channels.ChannelAnalysis, stats: calibrate.ActivationStats,
+                 settings: DecomposeSettings) -> ModulePlan:
+    """Stage 3: each module's MAC target and kept channels. Modules of different targets (--class-target) still
+    share the early layers: those are chosen once, at the mean target, and each module's own target is met in
+    its class-specific layers."""
+    selector = Selector(analysis, stats)
+    mac_targets = {k: settings.target_for(cal.src.classes[k]) for k in cal.wanted}
+    shared_keep = (selector.shared_keep(float(np.mean(list(mac_targets.values()))), settings.strategy,
+                                        settings.depth_slope, settings.channel_multiple, settings.shared_depth)
+                   if settings.shared_depth > 0 and len(set(mac_targets.values())) > 1 else None)
+    keeps = [selector.keep_for(k, mac_targets[k], settings.strategy, settings.depth_slope,
+                               multiple=settings.channel_multiple, shared_depth=settings.shared_depth,
+                               fixed=shared_keep)
+             for k in cal.wanted]
+    pruned = any(t < 1.0 for t in mac_targets.values())
+    return ModulePlan(selector, mac_targets, keeps, settings.reconstruct and pruned, settings.repair and pruned)
+
+
+def cut_modules(cal: CalibrationSet, analysis: channels.ChannelAnalysis, stats: calibrate.ActivationStats,
+                plan: ModulePlan, settings: DecomposeSettings, device: str, quiet: bool
+                ) -> tuple[Iterable[onnx.ModelProto], dict[str, Any] | None, dict[str, float]]:
+    """Stage 4: the channels removed (least-squares fill), then the optional layer-wise reconstruction and
+    repair by distillation. Returns the module graphs, the repair report and the passes' times."""
+    # lazily, so without reconstruction or repair each module is cut right before it is re-fitted and written
+    smalls: Iterable[onnx.ModelProto] = (surgery.remove_channels(analysis, keep, _fills(stats, k, settings.fill))
+                                         for k, keep in zip(cal.wanted, plan.keeps))
+    seconds = {"reconstruct_s": 0.0, "repair_s": 0.0}
+    repair_report: dict[str, Any] | None = None
+    if plan.reconstruct:
+        t_rec = time.perf_counter()
+        with stage("layer-wise reconstruction", quiet):
+            rec_x = cal.images(_balanced_positions(stats.labels, settings.reconstruct_images, settings.seed + 3))
+            targets = reconstruct.source_targets(analysis, rec_x, settings.reconstruct_positions,
+                                                 settings.seed + 3, device)
+            smalls = reconstruct.reconstruct(list(smalls), plan.keeps, analysis, targets, device, quiet=quiet)
+        seconds["reconstruct_s"] = time.perf_counter() - t_rec
+    if plan.repair:
+        t_rep = time.perf_counter()
+        with stage(f"repair of {len(cal.wanted)} modules", quiet):
+            smalls, repair_report = _repair_modules(list(smalls), cal, stats.labels, settings, device, quiet)
+        seconds["repair_s"] = time.perf_counter() - t_rep
+    return smalls, repair_report, seconds
+
+
+def write_modules(tmp: Path, smalls: Iterable[onnx.ModelProto], cal: CalibrationSet,
+                  stats: calibrate.ActivationStats, plan: ModulePlan, fitter: ModuleFitter, temperature: float,
+                  settings: DecomposeSettings, quiet: bool) -> tuple[list[dict[str, Any]], float]:
+    """Stage 5: each module's class row re-fitted (training-free path), its score calibrated on its own logit,
+    its metadata set, and the file written into ``tmp``. Returns the manifest's module entries and the time
+    spent writing."""
+    src, selector = cal.src, plan.selector
+    all_channels = sum(g.size for g in selector.groups)
+    modules, writing_s = [], 0.0
+    fitted = fitter.fit(zip(cal.wanted, plan.keeps, smalls))
+    for k, keep, small, refit, platt_logit in progress(fitted, total=len(cal.wanted), desc="writing modules",
+                                                       quiet=quiet, unit="module"):
+        # the score is calibrated on what the module itself outputs, not on the source's logit
+        a, b, nll0, nll1 = scoring.fit_platt(platt_logit, stats.labels[fitter.platt_pos] == k)
+        kept_channels = int(sum(keep[g.id].sum() for g in selector.groups))
+        module = module_graph(small, a, b)
+        params, macs = count_params(module), count_macs(module)
+        spec = ModuleSpec(
+            class_name=src.classes[k],
+            class_index=k,
+            source=SourceInfo(src.name, src.sha256, len(src.classes), src.params, src.macs),
+            kept={"param_fraction": params / max(src.params, 1), "flop_fraction": macs / max(src.macs, 1),
+                  "channels": {"kept": kept_channels, "total": all_channels},
+                  "target_macs": plan.mac_targets[k], "strategy": settings.strategy, "fill": settings.fill,
+                  "reconstructed": plan.reconstruct, "repaired": plan.repair},
+            calibration=Calibration("platt", a, b, temperature, int(len(fitter.platt_pos)), nll0, nll1),
+            preprocess=src.preprocess,
+        )
+        modelio.set_meta(module, {**spec.to_metadata(), modelio.FRONTEND: src.frontend_steps})
+        modelio.drop_meta(module, modelio.CLASSES)  # a module is about one class: class_name
+        module.graph.name = f"{src.name}_{src.classes[k]}"
+        fname = module_filename(k, src.classes[k])
+        t_write = time.perf_counter()
+        modelio.save_model(module, tmp / fname)  # includes the full ONNX checker
+        writing_s += time.perf_counter() - t_write
+        modules.append({"file": fname, "class_index": k, "class_name": src.classes[k], "params": params,
+                        "macs": macs, "param_fraction": params / max(src.params, 1),
+                        "mac_fraction": macs / max(src.macs, 1), "target_macs": plan.mac_targets[k],
+                        "calibration": {"platt_a": a, "platt_b": b, "nll_before": nll0, "nll_after": nll1},
+                        "kept_channels": {str(g.id): np.nonzero(keep[g.id])[0].tolist() for g in selector.groups},
+                        "refit": refit})
+    return modules, writing_s
+
+
+def _repair_modules(smalls: list[onnx.ModelProto], cal: CalibrationSet, labels: np.ndarray,
+                    settings: DecomposeSettings, device: str, quiet: bool
                     ) -> tuple[list[onnx.ModelProto], dict[str, Any]]:
     """Distil the modules on (at most ``repair_images``) calibration images, streamed from the data."""
     from onnxmod import repair  # torch: imported only when repairing
@@ -642,8 +705,14 @@ def _repair_modules(smalls: list[onnx.ModelProto], src: PreparedSource, wanted: 
     batch = settings.repair_batch_size or repair.default_batch_size(device)
     rs = repair.RepairSettings(epochs=settings.repair_epochs, min_steps=settings.repair_min_steps, batch_size=batch,
                                lr=settings.repair_lr, seed=settings.seed, **settings.repair_recipe)
-    return repair.repair(smalls, src.model, wanted, repair.RepairImages(len(positions), lambda p: images(positions[p])),
-                         rs, device, quiet, say=lambda line: say(line, quiet))
+    # a sub-task on labelled data: each image's column among the wanted classes (-1: another class)
+    subtask = len(cal.wanted) < len(cal.src.classes) and UNSEEN not in cal.dataset.classes
+    column = np.full(len(cal.src.classes) + 1, -1, dtype=np.int64)
+    column[cal.wanted] = np.arange(len(cal.wanted))
+    images = repair.RepairImages(len(positions), lambda p: cal.images(positions[p]),
+                                 column[labels[positions]] if subtask else None)
+    return repair.repair(smalls, cal.src.model, cal.wanted, images, rs, device, quiet,
+                         say=lambda line: say(line, quiet))
 
 
 def _balanced_positions(labels: np.ndarray, n: int, seed: int, groups: Sequence[int] | None = None) -> np.ndarray:

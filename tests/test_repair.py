@@ -316,3 +316,32 @@ def test_repair_with_batchnorm_trains_and_writes_the_same_structure(repaired):
         onnx.checker.check_model(a, full_check=True)
     err = lambda ms: np.mean([(run(m, held)[0][:, 0] - want[:, j]) ** 2 for j, m in enumerate(ms)])  # noqa: E731
     assert err(after) < err(before)  # folded back, the trained modules are closer to the source
+
+
+def test_a_labelled_subtask_adds_its_cross_entropy(tmp_path):
+    """--classes on labelled data: repair gets each image's column among the wanted classes (the other classes'
+    images: none), and with label_weight > 0 trains on their cross-entropy too; all classes: no labels."""
+    recipe = {"label_weight": 1.0}
+    settings = DecomposeSettings(samples_per_class=20, repair_epochs=1, repair_min_steps=4, repair_recipe=recipe)
+    man = decompose(SAMPLE, CALIB, tmp_path / "m", classes=["cat", "dog"], settings=settings, quiet=True,
+                    device="cpu")
+    rep = man["repair"]
+    assert rep["label_weight"] == 1.0 and rep["labelled_images"] == 40  # 20 cat + 20 dog, not the others
+    assert rep["images"] > 40
+    everything = decompose(SAMPLE, CALIB, tmp_path / "all", settings=DecomposeSettings(
+        samples_per_class=4, repair_epochs=1, repair_min_steps=2, repair_recipe=recipe), quiet=True, device="cpu")
+    assert everything["repair"]["labelled_images"] == 0  # not a sub-task: pure distillation
+
+
+def test_labels_reach_the_loss():
+    src = prepare_source(SAMPLE)
+    modules = _random_prune(src.model, 0.5, seed=2)
+    x = _images(CALIB, 64)
+    labels = np.tile([0, 1, 2, -1], 16)
+    runs = {}
+    for w in (0.0, 5.0):
+        settings = repair.RepairSettings(epochs=1, min_steps=1, batch_size=64, lr=1e-3, augment=False, label_weight=w)
+        _, runs[w] = repair.repair(modules, src.model, CLASSES, repair.RepairImages.of_array(x, labels), settings,
+                                   "cpu", True)
+    assert runs[0.0]["labelled_images"] == 0 and runs[5.0]["labelled_images"] == 48
+    assert runs[5.0]["loss_first"] > runs[0.0]["loss_first"]  # the same first step, plus 5 x a cross-entropy > 0
