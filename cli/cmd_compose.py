@@ -53,7 +53,7 @@ calib_option = click.option(
 @click.option("--rename", is_flag=True,
               help="Call a class that several sources have NAME@SOURCE instead of failing.")
 @click.option("--classes-file", "classes_files", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
-              help=classes_file_help.format("repeat for several, in argument order."))
+              show_default="none", help=classes_file_help.format("repeat for several, in argument order."))
 @calib_option
 @device_option
 @force_option
@@ -88,7 +88,7 @@ def compose_cmd(inputs: tuple[Path, ...], out: Path, rename: bool, classes_files
 @click.option("--with", "module", required=True, type=click.Path(path_type=Path), help="The module serving it now.")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Composed model (.onnx).")
 @click.option("--rename", is_flag=True, help="As for compose.")
-@click.option("--classes-file", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--classes-file", type=click.Path(dir_okay=False, path_type=Path), show_default="none",
               help=classes_file_help.format("for a source BASE."))
 @calib_option
 @device_option
