@@ -37,6 +37,10 @@ SPLITS = ("train", "test")
 Batch = tuple[np.ndarray, np.ndarray]
 
 
+# a decoded image's pixel bound: 25M pixels (5000 x 5000) is ~300 MB as float32; Pillow's own bomb limit (89M)
+# let one 9000 x 9000 PNG of 236 KB take 2.3 GB in predict
+MAX_IMAGE_PIXELS = 25_000_000
+
 # --------------------------------------------------------------------------- base
 
 
@@ -360,8 +364,8 @@ def read_image(path: str | os.PathLike, channels: int = 3) -> np.ndarray:
 def decode_image(src: str | os.PathLike | BinaryIO, label: str, channels: int = 3) -> np.ndarray:
     """An image (a path or an open binary file; ``label`` names it in errors) -> float32 ``[C, H, W]``.
 
-    Images so large that decoding them could exhaust memory (Pillow's decompression-bomb
-    limit) are refused.
+    Images so large that decoding them could exhaust memory (more than MAX_IMAGE_PIXELS, or
+    Pillow's decompression-bomb limit) are refused.
     """
     if channels not in (1, 3):
         raise OnnxmodError(f"{label}: models taking {channels} channels cannot be fed images (1 or 3 only)")
@@ -369,6 +373,9 @@ def decode_image(src: str | os.PathLike | BinaryIO, label: str, channels: int = 
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(src) as img:
+                if img.width * img.height > MAX_IMAGE_PIXELS:  # from the header, before anything is decoded
+                    raise OnnxmodError(f"{label}: refused: {img.width}x{img.height} pixels, more than the "
+                                       f"{MAX_IMAGE_PIXELS:,} a decoded image may have")
                 img.load()
                 if img.mode == "P" and "transparency" in img.info:  # Pillow warns converting these straight to RGB
                     img = img.convert("RGBA")

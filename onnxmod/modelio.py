@@ -80,11 +80,26 @@ def _load_external_data(model: onnx.ModelProto, p: Path) -> None:
                                "directory; refused")
         if not target.is_file():
             raise OnnxmodError(f"{p}: tensor '{t.name}' keeps its data in '{loc}', which is missing")
+        _check_external_size(t, ExternalDataInfo(t), target, p)
     if external:
         try:
             onnx.load_external_data_for_model(model, str(base))
         except Exception as e:
             raise OnnxmodError(f"{p}: cannot read its external data ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _check_external_size(t: onnx.TensorProto, info: Any, target: Path, p: Path) -> None:
+    """A tensor reads exactly the bytes its shape needs: a small model pointing at a huge file (no length, or a
+    length that disagrees with the dims) would otherwise be read whole into memory."""
+    fixed = t.data_type not in (onnx.TensorProto.UNDEFINED, onnx.TensorProto.STRING)  # strings: no fixed size
+    need = math.prod(t.dims) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize if fixed else None
+    offset = int(info.offset or 0)
+    length = int(info.length) if info.length else target.stat().st_size - offset
+    if need is not None and length != need:
+        raise OnnxmodError(f"{p}: tensor '{t.name}' of shape {list(t.dims)} needs {need:,} bytes but would read "
+                           f"{length:,} from '{info.location}'; refused")
+    if offset < 0 or offset + length > target.stat().st_size:
+        raise OnnxmodError(f"{p}: tensor '{t.name}' reads past the end of '{info.location}'; refused")
 
 
 def _first_line(e: BaseException) -> str:

@@ -147,6 +147,11 @@ def inp(tmp_path_factory) -> Path:
     _external(d / "r8.onnx", d / "escape.onnx", "../../../etc/passwd")
     _external(d / "r8.onnx", d / "absolute.onnx", "/etc/passwd")
     _external(d / "r8.onnx", d / "missing_ext.onnx", "weights.bin")
+    # a 12-byte tensor pointing at a bigger file without a length (the attack used a 2 GiB sparse file; every case
+    # here hashes the inputs, so 1 MiB stands for it: the rule is the same)
+    _external(d / "r8.onnx", d / "sparse_ext.onnx", "sparse.bin")
+    with open(d / "sparse.bin", "wb") as f:
+        f.truncate(2 ** 20)
     raw = (d / "r8.onnx").read_bytes()
     (d / "truncated.onnx").write_bytes(raw[: len(raw) // 2])
     (d / "empty.onnx").write_bytes(b"")
@@ -179,6 +184,7 @@ def inp(tmp_path_factory) -> Path:
     (d / "empty.png").write_bytes(b"")
     (d / "bomb.png").write_bytes(_png_header_only(20000, 20000))
     (d / "bomb_warning.png").write_bytes(_png_header_only(10000, 10000))
+    (d / "under_bomb.png").write_bytes(_png_header_only(9000, 9000))  # below Pillow's limit, 2.3 GB decoded
     _cifar_dir(d / "cifar_evil", pickle.dumps(_Evil(d / MARKER), protocol=2))
     _cifar_dir(d / "cifar_truncated", pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1]})[:-40])
     torch = pytest.importorskip("torch")
@@ -311,6 +317,10 @@ CASES = [
     Case("info-external-data-escape", lambda i, c: ["info", i / "escape.onnx"], "outside the model's directory"),
     Case("info-external-data-absolute", lambda i, c: ["info", i / "absolute.onnx"], "outside the model's directory"),
     Case("info-external-data-missing", lambda i, c: ["info", i / "missing_ext.onnx"], "which is missing"),
+    Case("info-external-data-huge-file", lambda i, c: ["info", i / "sparse_ext.onnx"],
+         "needs 12 bytes but would read 1,048,576 from 'sparse.bin'; refused"),
+    Case("predict-9000x9000-png", lambda i, c: ["predict", i / "catdog.onnx", i / "under_bomb.png", "-q"],
+         "under_bomb.png: refused: 9000x9000 pixels, more than the 25,000,000 a decoded image may have"),
     Case("eval-external-data-escape", lambda i, c: ["eval", i / "escape.onnx", "--data", i / CALIB, "-q"],
          "outside the model's directory"),
     Case("eval-model-missing", lambda i, c: ["eval", i / "nope.onnx", "--data", i / CALIB, "-q"], "no such file"),
