@@ -444,7 +444,7 @@ class ModuleFitter:
             for (k, keep, small), use, (f_name, why), out in zip(chunk, uses, feats, outs):
                 logit = out[0].reshape(len(rows), -1)[:, 0]
                 refit = {"refit": False, "why": self.no_refit_why or why or "disabled"}
-                if use is not None and f_name is not None:
+                if use is not None and f_name is not None and use.any():  # a few images: maybe none for it
                     t_refit = time.perf_counter()
                     at = np.searchsorted(rows, at_refit[use])
                     small, row, refit = refit_output_row(
@@ -591,10 +591,12 @@ def read_calibration_set(model_path: Path, calib: str | os.PathLike, classes: Se
     if (label_map < 0).all():
         raise OnnxmodError(f"{calib}: none of the data's classes ({', '.join(dataset.classes[:5])}...) "
                            f"are classes of {model_path.name}")
-    missing = [src.classes[k] for k in wanted if k not in label_map[np.unique(dataset.labels)]]
+    missing = [src.classes[k] for k in wanted if k not in label_map]
     if missing:
         raise OnnxmodError(f"{calib}: has no images of class(es) {', '.join(missing)}")
     idx = calibration_indices(dataset, label_map, settings.samples_per_class, settings.seed, wanted)
+    if not idx.size:  # e.g. --classes of which the data holds no image: nothing to calibrate on
+        raise OnnxmodError(f"{calib}: has no images of class(es) {', '.join(src.classes[k] for k in wanted)}")
     return CalibrationSet(src, dataset, label_map, wanted, idx, batch)
 
 
