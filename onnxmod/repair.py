@@ -251,6 +251,9 @@ def repair(
         return prefetched((torch.from_numpy(np.ascontiguousarray(images.load(p), dtype=np.float32)),
                            labels[torch.from_numpy(p)] if labelled else labels) for p in positions)
 
+    def images_only(steps: int) -> Iterator[torch.Tensor]:
+        return (x for x, _ in read(itertools.islice(orders(), steps)))
+
     def step(batch: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         batch = batch.to(dev, non_blocking=True)
         if settings.augment:
@@ -271,7 +274,7 @@ def repair(
 
     try:
         if student.store.norms:
-            student.record_norms((x for x, _ in read(itertools.islice(orders(), NORM_BATCHES))), identity=True)
+            student.record_norms(images_only(NORM_BATCHES), identity=True)
         losses: list[torch.Tensor] = []
         t_steps = time.perf_counter()
         for i, (batch, y) in enumerate(progress(read(itertools.islice(orders(), total)), total=total,
@@ -282,7 +285,7 @@ def repair(
                 say(f"repair: {total} steps of {batch_size} images over {n} images, about "
                     f"{_duration(per * total)} (from the first {i + 1} steps)")
         if student.store.norms:  # statistics of the trained network, then into the Conv weights
-            student.record_norms((x for x, _ in read(itertools.islice(orders(), NORM_BATCHES))), identity=False)
+            student.record_norms(images_only(NORM_BATCHES), identity=False)
             student.store.fold_norms()
     except (torch.OutOfMemoryError, MemoryError) as e:  # an actionable message, not a traceback
         raise OnnxmodError(f"repair ran out of {dev.type.upper()} memory at {batch_size} images per step "
