@@ -34,15 +34,30 @@ def _read_classes(path: str) -> list[str]:
     return modelio.check_class_names(names, str(p))  # a tab, a control character, 300 characters
 
 
+def _checkpoint_classes(checkpoint, weights: str) -> list[str]:
+    """The class names a checkpoint records, else the CIFAR-10 names for a 10-output classifier."""
+    from onnxmod.converters.resnet_cifar import CIFAR10_CLASSES
+
+    if checkpoint.classes is not None:
+        return checkpoint.classes
+    if checkpoint.num_classes in (None, len(CIFAR10_CLASSES)):
+        return list(CIFAR10_CLASSES)
+    raise OnnxmodError(f"{weights}: the checkpoint's classifier has {checkpoint.num_classes} outputs and it records "
+                       "no class names; give them with --classes names.txt (one per line)")
+
+
 @cli.command("export")
 @click.argument("arch", type=click.Choice(sorted(ARCHS, key=ARCHS.get)), metavar="ARCH")
 @click.option("--weights", "-w", required=True, type=click.Path(dir_okay=False), help="PyTorch checkpoint (.th/.pt).")
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="Where to write the .onnx file.")
-@click.option("--classes", "classes_file", type=click.Path(dir_okay=False), show_default="the CIFAR-10 names",
+@click.option("--classes", "classes_file", type=click.Path(dir_okay=False),
+              show_default="the checkpoint's own (bench/train_source.py records them), else the CIFAR-10 names",
               help="Class names, one per line.")
 @click.option("--exporter", type=click.Choice(["legacy", "dynamo"]), default="legacy", show_default=True)
-@click.option("--mean", default=None, show_default="ImageNet: 0.485,0.456,0.406", help="Per-channel mean.")
-@click.option("--std", default=None, show_default="ImageNet: 0.229,0.224,0.225", help="Per-channel std.")
+@click.option("--mean", default=None, show_default="the checkpoint's own, else ImageNet: 0.485,0.456,0.406",
+              help="Per-channel mean.")
+@click.option("--std", default=None, show_default="the checkpoint's own, else ImageNet: 0.229,0.224,0.225",
+              help="Per-channel std.")
 @force_option
 @json_option
 @quiet_option
@@ -62,18 +77,22 @@ def export_cmd(arch, weights, output, classes_file, exporter, mean, std, force, 
         import torch  # noqa: F401
 
         from onnxmod.converters.export import count_params, export
-        from onnxmod.converters.resnet_cifar import CIFAR10_CLASSES, load_checkpoint, resnet_cifar
+        from onnxmod.converters.resnet_cifar import load_state, read_checkpoint, resnet_cifar
     except ImportError as e:
         raise OnnxmodError(f"export needs PyTorch ({e.name or e}): pip install onnxmod[torch]") from None
 
-    classes = _read_classes(classes_file) if classes_file else list(CIFAR10_CLASSES)
-    mean_v = tuple(float_list(mean, "--mean", 3) or DEFAULT_MEAN)
-    std_v = tuple(float_list(std, "--std", 3) or DEFAULT_STD)
+    checkpoint = read_checkpoint(weights)
+    classes = _read_classes(classes_file) if classes_file else _checkpoint_classes(checkpoint, weights)
+    mean_v = tuple(float_list(mean, "--mean", 3) or checkpoint.mean or DEFAULT_MEAN)
+    std_v = tuple(float_list(std, "--std", 3) or checkpoint.std or DEFAULT_STD)
     if any(s == 0 for s in std_v):
         raise OnnxmodError("--std: values must be non-zero")
+    if checkpoint.num_classes is not None and checkpoint.num_classes != len(classes):
+        raise OnnxmodError(f"{weights}: the checkpoint's classifier has {checkpoint.num_classes} outputs but "
+                           f"{len(classes)} class names were given ({classes_file or 'the CIFAR-10 names'})")
 
     model = resnet_cifar(ARCHS[arch], num_classes=len(classes))
-    load_checkpoint(model, weights)
+    load_state(model, checkpoint.state_dict, weights)
     say(f"exporting {arch} from {weights} ({exporter} exporter)", quiet)
     out = export(model, output, classes=classes, mean=mean_v, std=std_v, exporter=exporter)
     result = {

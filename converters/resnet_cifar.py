@@ -16,7 +16,9 @@ and zero-pad the channels on both sides.
 
 from __future__ import annotations
 
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from onnxmod.errors import OnnxmodError
-from onnxmod.modelio import require_file
+from onnxmod.modelio import check_class_names, require_file
 
 CIFAR10_CLASSES = [
     "airplane",
@@ -143,7 +145,26 @@ def resnet110(num_classes: int = 10) -> ResNetCifar:
     return resnet_cifar(110, num_classes)
 
 
-def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+@dataclass
+class Checkpoint:
+    """A checkpoint's tensors and what a training script may have recorded beside them
+    (bench/train_source.py writes ``classes``, ``mean`` and ``std``)."""
+
+    state_dict: dict[str, torch.Tensor]
+    classes: list[str] | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    @property
+    def num_classes(self) -> int | None:
+        """The classifier's output count (``linear.weight`` is ``[K, features]``), if it has one."""
+        w = self.state_dict.get("linear.weight")
+        return int(w.shape[0]) if w is not None and w.ndim == 2 else None
+
+
+def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """A ``{'state_dict': ...}`` (optionally with ``classes``, ``mean``, ``std``) or plain state_dict checkpoint.
+    ``module.`` prefixes (DataParallel) are stripped; only tensors and plain values are unpickled."""
     p = Path(path)
     require_file(p, "a checkpoint file")
     _check_checkpoint_format(p)
@@ -156,13 +177,34 @@ def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 "re-save it as torch.save({'state_dict': model.state_dict()})"
             ) from None
         raise OnnxmodError(f"{p}: not a PyTorch checkpoint (cannot unpickle: {type(e).__name__})") from None
+    extra: dict[str, Any] = {}
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
+        extra, obj = obj, obj["state_dict"]
     if not isinstance(obj, dict) or not obj or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
     ):
         raise OnnxmodError(f"{p}: not a state_dict checkpoint (expected {{'state_dict': ...}} or a plain state_dict)")
-    return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in obj.items()}
+    sd = {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in obj.items()}
+    return Checkpoint(sd, _recorded_classes(extra.get("classes"), p),
+                      _recorded_floats(extra.get("mean"), "mean", p), _recorded_floats(extra.get("std"), "std", p))
+
+
+def _recorded_classes(value: Any, p: Path) -> list[str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) for v in value):
+        raise OnnxmodError(f"{p}: the checkpoint's 'classes' is not a list of class names")
+    return check_class_names(list(value), f"{p}: the checkpoint's 'classes'")
+
+
+def _recorded_floats(value: Any, key: str, p: Path) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    ok = (isinstance(value, (list, tuple)) and len(value) == 3
+          and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value))
+    if not ok or (key == "std" and any(v == 0 for v in value)):
+        raise OnnxmodError(f"{p}: the checkpoint's '{key}' is not 3 finite numbers{' (non-zero)' if key == 'std' else ''}")
+    return tuple(float(v) for v in value)
 
 
 def _check_checkpoint_format(p: Path) -> None:
@@ -201,7 +243,11 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     :class:`OnnxmodError` naming the first missing/unexpected keys and shape mismatches.
     Returns ``model`` in eval mode.
     """
-    sd = _read_state_dict(path)
+    return load_state(model, read_checkpoint(path).state_dict, path)
+
+
+def load_state(model: nn.Module, sd: dict[str, torch.Tensor], path: str | os.PathLike) -> nn.Module:
+    """:func:`load_checkpoint` of a state_dict already read from ``path`` (named in errors)."""
     own = model.state_dict()
     missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in sd if k not in own]

@@ -18,6 +18,7 @@ Bad data raises :class:`OnnxmodError` with a one-line message naming the path.
 from __future__ import annotations
 
 import copy
+import io
 import math
 import os
 import pickle
@@ -29,6 +30,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from onnxmod.errors import OnnxmodError
+from onnxmod.prefetch import prefetched
 from onnxmod.modelio import MAX_CLASSES, MAX_SIDE, atomic_path, check_class_names, require_file
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
@@ -40,6 +42,8 @@ Batch = tuple[np.ndarray, np.ndarray]
 # a decoded image's pixel bound: 25M pixels (5000 x 5000) is ~300 MB as float32; Pillow's own bomb limit (89M)
 # let one 9000 x 9000 PNG of 236 KB take 2.3 GB in predict
 MAX_IMAGE_PIXELS = 25_000_000
+MAX_IMAGE_FILE_READ = 64 << 20  # image files up to this size are read into memory whole before decoding
+READ_AHEAD_BATCHES = 2  # batches an image folder decodes ahead of their consumer
 
 # --------------------------------------------------------------------------- base
 
@@ -55,6 +59,7 @@ class Dataset:
     image_size: tuple[int, int]
     channels: int
     format: str = "?"
+    decodes_files: bool = False  # reading decodes one image file per image (slow enough to read ahead)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -116,12 +121,17 @@ class Dataset:
             raise OnnxmodError(f"batch size must be >= 1, got {batch_size}")
         idx = self.select(limit, indices)
         target = tuple(int(s) for s in size) if size is not None else None
-        for start in range(0, len(idx), batch_size):
-            chunk = idx[start:start + batch_size]
-            x = self._load(chunk, target)
-            if target is not None and tuple(x.shape[2:]) != target:
-                x = resize_batch(x, target)
-            yield np.ascontiguousarray(x, dtype=np.float32), self.labels[chunk]
+
+        def batches() -> Iterator[Batch]:
+            for start in range(0, len(idx), batch_size):
+                chunk = idx[start:start + batch_size]
+                x = self._load(chunk, target)
+                if target is not None and tuple(x.shape[2:]) != target:
+                    x = resize_batch(x, target)
+                yield np.ascontiguousarray(x, dtype=np.float32), self.labels[chunk]
+
+        # decoding image files overlaps the consumer's work (inference releases the GIL)
+        yield from (prefetched(batches(), READ_AHEAD_BATCHES) if self.decodes_files else batches())
 
 
 def resize_batch(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -358,6 +368,13 @@ def read_image(path: str | os.PathLike, channels: int = 3) -> np.ndarray:
     """
     p = Path(path)
     require_file(p, "an image file")
+    # Pillow parses a file in dozens of small reads; from memory a 32x32 JPEG decodes 1.8x faster
+    if p.stat().st_size <= MAX_IMAGE_FILE_READ:
+        try:
+            data = p.read_bytes()
+        except OSError as e:
+            raise OnnxmodError(f"{p}: cannot read image ({e.strerror or type(e).__name__})") from None
+        return decode_image(io.BytesIO(data), str(p), channels)
     return decode_image(p, str(p), channels)
 
 
@@ -405,6 +422,7 @@ class FolderDataset(Dataset):
     """``DIR/<class>/*.png|jpg``; or, unlabelled, ``DIR/*.png|jpg``."""
 
     format = "folder"
+    decodes_files = True
 
     def __init__(self, path: Path, labelled: bool = True):
         self.path = path

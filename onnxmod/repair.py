@@ -19,11 +19,9 @@ unchanged. Labels are not used.
 from __future__ import annotations
 
 import itertools
-import queue
-import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -31,11 +29,10 @@ import torch
 import torch.nn.functional as F
 
 from onnxmod.errors import OnnxmodError
+from onnxmod.prefetch import prefetched
 from onnxmod.progress import progress
 from onnxmod.torchgraph import ParameterStore, TorchGraph, trainable_initializers
 
-T = TypeVar("T")
-PREFETCH_BATCHES = 4  # batches read ahead of training (bounded memory at any image size)
 MIN_STEP_PASSES = 20  # the minimum step count never asks for more passes over the images than this
 NORM_BATCHES = 8  # batches that set the training-only BatchNorms' statistics (before and after training)
 ETA_AFTER_STEPS = 10  # the expected duration is said after timing this many steps
@@ -153,45 +150,6 @@ class RepairImages:
     @classmethod
     def of_array(cls, x: np.ndarray, labels: np.ndarray | None = None) -> "RepairImages":
         return cls(len(x), lambda pos: x[pos], labels)
-
-
-def prefetched(items: Iterator[T], depth: int = PREFETCH_BATCHES) -> Iterator[T]:
-    """``items`` produced on a background thread, at most ``depth`` ahead (decoding off the training thread);
-    its errors are raised here; the thread stops when the consumer does."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    done = object()
-
-    def put(entry: tuple[Any, BaseException | None]) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if not put((item, None)):
-                    return
-            put((done, None))
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            put((done, e))
-
-    thread = threading.Thread(target=produce, name="onnxmod-repair-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item, error = q.get()
-            if error is not None:
-                raise error
-            if item is done:
-                return
-            yield item
-    finally:
-        stop.set()
 
 
 def step_plan(count: int, settings: RepairSettings) -> tuple[int, int]:

@@ -274,6 +274,58 @@ def test_cli_export_ok(small_sd, tmp_path, capsys):
     assert modelio.get_meta(m, modelio.PREPROCESS)["mean"] == list(MEAN)
 
 
+def test_cli_export_reads_class_names_and_normalisation_from_the_checkpoint(tmp_path, capsys):
+    """A checkpoint recording classes/mean/std (bench/train_source.py) exports without --classes, and the graph
+    computes the torch model with that normalisation."""
+    from onnxmod.converters.resnet_cifar import read_checkpoint
+
+    torch.manual_seed(5)
+    full = _randomise_bn(resnet_cifar(8, num_classes=5))
+    names, mean, std = ["apple", "bee", "cup", "dog", "egg"], [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    torch.save({"state_dict": full.state_dict(), "classes": names, "mean": mean, "std": std}, tmp_path / "f.th")
+    ck = read_checkpoint(tmp_path / "f.th")
+    assert ck.classes == names and ck.mean == tuple(mean) and ck.std == tuple(std) and ck.num_classes == 5
+    code, out, err = _run_cli(["export", "resnet8", "-w", str(tmp_path / "f.th"), "-o", str(tmp_path / "m.onnx"),
+                               "--json"], capsys)
+    assert code == 0, err
+    m = onnx.load(str(tmp_path / "m.onnx"))
+    assert modelio.get_meta(m, modelio.CLASSES) == names
+    x = np.random.default_rng(0).random((4, 3, 32, 32), dtype=np.float32)
+    got = _session(tmp_path / "m.onnx").run(None, {"input": x})[0]
+    np.testing.assert_allclose(got, _torch_ref(full.eval(), x, mean, std), atol=TOL)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("100 outputs, no names", "records no class names; give them with --classes"),
+    ("names do not fit", "classifier has 5 outputs but 3 class names"),
+    ("classes not names", "'classes' is not a list of class names"),
+    ("class twice", "appears twice"),
+    ("std zero", "'std' is not 3 finite numbers"),
+    ("mean nan", "'mean' is not 3 finite numbers"),
+])
+def test_cli_export_checkpoint_records_checked(case, message, tmp_path, capsys):
+    sd = resnet_cifar(8, num_classes=100 if case.startswith("100") else 5).state_dict()
+    obj: dict = {"state_dict": sd}
+    argv = []
+    if case == "names do not fit":
+        (tmp_path / "names.txt").write_text("a\nb\nc\n")
+        argv = ["--classes", str(tmp_path / "names.txt")]
+    elif case == "classes not names":
+        obj["classes"] = [1, 2, 3, 4, 5]
+    elif case == "class twice":
+        obj["classes"] = ["a", "b", "a", "c", "d"]
+    elif case == "std zero":
+        obj["std"] = [0.2, 0.0, 0.2]
+    elif case == "mean nan":
+        obj["mean"] = [0.2, float("nan"), 0.2]
+    torch.save(obj, tmp_path / "w.th")
+    code, out, err = _run_cli(["export", "resnet8", "-w", str(tmp_path / "w.th"), "-o", str(tmp_path / "m.onnx"),
+                               *argv], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("onnxmod: error:") and message in err, err
+    assert not (tmp_path / "m.onnx").exists()
+
+
 @pytest.mark.parametrize("bad", ["junk", "missing", "wrong_arch"])
 def test_cli_export_bad_weights(bad, small_sd, tmp_path, capsys):
     w = tmp_path / "w.th"
