@@ -375,3 +375,19 @@ def test_shared_image_sample():
     assert len(ds) == 20 and ds.image_size == (32, 32)
     x, y = collect(ds, batch_size=7)
     assert x.shape == (20, 3, 32, 32)
+
+
+@pytest.mark.shared
+def test_shared_cifar100_folder(shared_data):
+    """The CIFAR-100 image folders (issue 23): 100 classes in classes.txt order, 500/100 per class, and a file's
+    label is its folder, which SOURCES.md ties to its id (id // 600)."""
+    root = shared_data / "cifar100"
+    names = (root / "classes.txt").read_text().split()
+    train, test = open_dataset(root, split="train"), open_dataset(root, split="test")
+    assert train.classes == names == test.classes and len(names) == 100
+    assert (len(train), len(test)) == (50_000, 10_000)
+    assert np.bincount(train.labels, minlength=100).tolist() == [500] * 100
+    picks = np.concatenate([np.flatnonzero(train.labels == k)[:3] for k in (0, 41, 99)])
+    (x, y), = list(train.iter_batches(len(picks), indices=picks))
+    assert x.shape == (9, 3, 32, 32) and 0.0 <= x.min() and x.max() <= 1.0 and x.std() > 0.05
+    assert [int(train.files[i].stem) // 600 for i in picks] == y.tolist()
