@@ -8,6 +8,7 @@ import click
 
 from onnxmod.cli.common import (BATCH, FiniteFloat, device_option, emit, float_list, fmt_count, force_option,
                                 int_range, json_option, quiet_option, say)
+from onnxmod.budget import CAP_ABOVE_MODULES, DEFAULT_CAP, TOLERANCE
 from onnxmod.cli.main import cli
 from onnxmod.decompose import DecomposeSettings
 from onnxmod.errors import OnnxmodError
@@ -45,6 +46,9 @@ TARGET_TOLERANCE = 0.05  # of the source's MACs: a module further than this from
 def target_misses(manifest: dict) -> list[str]:
     """One line per module whose MACs are further than TARGET_TOLERANCE from its target, and why."""
     st = manifest["settings"]
+    comp = manifest.get("composition") or {}
+    if comp.get("budget") is not None or comp.get("cap") is not None:  # the targets are the budget's means to it
+        return []
     differ = len({m["target_macs"] for m in manifest["modules"]}) > 1
     why = (f"the layers all modules share (--shared-depth {st['shared_depth']:g}) are chosen once, at the mean target, "
            "so only its class-specific layers follow its own; a lower --shared-depth widens the range"
@@ -85,8 +89,17 @@ def _size(value: str | None) -> list[int] | None:
               help="Layout of the source's image input. The modules always take NCHW `input`.")
 @click.option("--input-size", default=None, show_default="the calibration images' size",
               help="H,W for a source whose input height/width are dynamic.")
-@click.option("--target-macs", default=_D.target_macs, show_default=True, type=FiniteFloat(0, 1, min_open=True),
-              help="Module MACs as a fraction of the source's: the size/accuracy knob.")
+@click.option("--target-macs", default=None, show_default=f"{_D.target_macs:g}", type=FiniteFloat(0, 1, min_open=True),
+              help="Module MACs as a fraction of the source's: the per-module size/accuracy knob.")
+@click.option("--composed-macs", default=None, type=FiniteFloat(0, 1000, min_open=True),
+              show_default=f"none; more than {CAP_ABOVE_MODULES} modules are capped at {DEFAULT_CAP:g}",
+              help="Budget of the model composed from all modules written (with --classes: those classes' model), "
+                   f"as a fraction of the source's MACs, met within {TOLERANCE:g}: decompose chooses the per-module "
+                   "targets and how deep modules share (--shared-depth is then the least sharing). Not with "
+                   "--target-macs or --class-target. Without either, more than "
+                   f"{CAP_ABOVE_MODULES} modules whose composition at --target-macs would cost more than "
+                   f"{DEFAULT_CAP:g}x the source are sized to compose to at most {DEFAULT_CAP:g}x (said in one line "
+                   "and in the manifest's \"composition\").")
 @click.option("--class-target", "class_targets", multiple=True, metavar="NAME=FRACTION",
               show_default="none: every class gets --target-macs",
               help="A different --target-macs for one class (repeatable), e.g. --class-target cat=0.6: "
@@ -125,7 +138,7 @@ def _size(value: str | None) -> list[int] | None:
 @json_option
 @quiet_option
 def decompose_cmd(model, calib, out_dir, classes, samples_per_class, split, mean, std, scale, layout, input_size,
-                  target_macs, class_targets, strategy,
+                  target_macs, composed_macs, class_targets, strategy,
                   fill, depth_slope, shared_depth, channel_multiple, refit_images, reconstruct, repair, repair_epochs,
                   repair_batch_size, batch_size, seed, force, device, as_json, quiet):
     """Cut MODEL into one physically smaller module per class.
@@ -138,10 +151,18 @@ def decompose_cmd(model, calib, out_dir, classes, samples_per_class, split, mean
           --calib sample_graphs/cifar10_calib.npz -o r8.modules
       onnxmod decompose resnet56.onnx --calib cifar10/ --classes cat,dog
       onnxmod decompose resnet56.onnx --calib cifar10/ --no-repair   # training-free, fast
+      onnxmod decompose resnet56.onnx --calib cifar10/ --composed-macs 1.0  # all 10 compose to 1x
+      onnxmod decompose resnet20_c100.onnx --calib cifar100/train   # 100 modules, composed <= 2x
     """
     from onnxmod.decompose import decompose
 
-    settings = DecomposeSettings(samples_per_class=samples_per_class, split=split, batch_size=batch_size, seed=seed)
+    if composed_macs is not None and target_macs is not None:
+        raise OnnxmodError("--composed-macs and --target-macs cannot be combined: --composed-macs sizes the "
+                           "composed model (decompose chooses the per-module targets), --target-macs each module")
+    settings = DecomposeSettings(samples_per_class=samples_per_class, split=split, batch_size=batch_size, seed=seed,
+                                 composed_macs=composed_macs)
+    if target_macs is not None or class_targets:  # sizes asked for per module: no default cap
+        settings.composed_cap = None
     knobs = {"target_macs": target_macs, "strategy": strategy, "fill": fill, "depth_slope": depth_slope,
              "shared_depth": shared_depth,
              "channel_multiple": channel_multiple, "refit_images": refit_images, "reconstruct": reconstruct,
@@ -162,6 +183,8 @@ def decompose_cmd(model, calib, out_dir, classes, samples_per_class, split, mean
             f"({u['why']})", quiet)
     for line in target_misses(manifest):
         say(f"onnxmod: warning: {line}", quiet)
+    if manifest["composition"]["note"]:
+        say(f"onnxmod: note: {manifest['composition']['note']}", quiet)
 
     def human(m: dict) -> str:
         src = m["source"]
@@ -174,6 +197,11 @@ def decompose_cmd(model, calib, out_dir, classes, samples_per_class, split, mean
         t = m["timings"]
         rec = f", reconstruction {t['reconstruct_s']:.1f}s" if t.get("reconstruct_s") else ""
         rec += f", repair {t['repair_s']:.1f}s" if t.get("repair_s") else ""
+        comp = m["composition"]
+        asked = (f" (--composed-macs {comp['budget']:g})" if comp["budget"] is not None
+                 else f" (capped at {comp['cap']:g})" if comp["cap"] is not None else "")
+        lines.append(f"composed from all {len(m['modules'])}: {comp['fraction']:.3f}x the source's MACs{asked}, "
+                     f"shared depth {comp['shared_depth']:.3g}")
         lines.append(f"calibration {t['calibration_s']:.1f}s{rec}, total {t['total_s']:.1f}s")
         return "\n".join(lines)
 

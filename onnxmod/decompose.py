@@ -3,7 +3,7 @@
 Pipeline (:func:`decompose`): the source in canonical form (preprocessing baked in) and the
 calibration images (:func:`read_calibration_set`) -> channel analysis (:func:`analyze_source`) ->
 calibration statistics (one streaming ORT pass) -> per-class selection (:func:`plan_modules`,
-:mod:`onnxmod.select`) -> channel removal with least-squares fill, optional reconstruction and
+:mod:`onnxmod.select`; a budget on the composed model sizes them through :mod:`onnxmod.budget`) -> channel removal with least-squares fill, optional reconstruction and
 repair (:func:`cut_modules`) -> module graphs with ``logit``/``score`` outputs and metadata
 (:func:`write_modules`), written into a temp dir that is renamed into place at the end.
 """
@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from onnxmod import calibrate, channels, compose, frontend, graphio, modelio, outputs, reconstruct, runtime, scoring, surgery
+from onnxmod import budget, calibrate, channels, compose, frontend, graphio, modelio, outputs, reconstruct, runtime, scoring, surgery
 from onnxmod.cost import count_macs, count_params
 from onnxmod.data import Dataset, open_dataset
 from onnxmod.errors import OnnxmodError, UnsupportedOpError
@@ -48,6 +48,13 @@ class DecomposeSettings:
     """Algorithm knobs (recorded in the manifest). Defaults chosen by bench/ measurements."""
 
     target_macs: float = 0.5  # module MACs as a fraction of the source's
+    # the composed model of all modules written, as a fraction of the source's MACs (None: size by target_macs);
+    # decompose then chooses the per-module targets and shared depth (onnxmod.budget)
+    composed_macs: float | None = None
+    # with neither composed_macs nor class_targets, more than budget.CAP_ABOVE_MODULES modules whose composition
+    # at target_macs would exceed this are sized to compose to at most this (None: no cap; the CLI sets None
+    # when --target-macs is given)
+    composed_cap: float | None = budget.DEFAULT_CAP
     class_targets: dict[str, float] = field(default_factory=dict)  # per-class target_macs (class name -> fraction)
     strategy: str = "uniform"  # per-layer budget: "uniform" fraction per group, or "global"
     fill: str = "linear"  # removed channels: least-squares estimate, class mean, or 0
@@ -81,6 +88,13 @@ class DecomposeSettings:
                         **{f"--class-target {c}": v for c, v in self.class_targets.items()}}.items():
             if not 0.0 < t <= 1.0:
                 raise OnnxmodError(f"{name} must be in (0, 1], got {t}")
+        if self.composed_macs is not None and not 0.0 < self.composed_macs <= 1000.0:  # not <=: NaN too
+            raise OnnxmodError(f"--composed-macs must be in (0, 1000], got {self.composed_macs}")
+        if self.composed_macs is not None and self.class_targets:
+            raise OnnxmodError("--composed-macs and --class-target cannot be combined: with --composed-macs "
+                               "decompose chooses the module sizes")
+        if self.composed_cap is not None and not 0.0 < self.composed_cap <= 1000.0:
+            raise OnnxmodError(f"composed_cap must be in (0, 1000] or None, got {self.composed_cap}")
         if self.strategy not in STRATEGIES:
             raise OnnxmodError(f"--strategy must be one of {', '.join(STRATEGIES)}")
         if self.fill not in FILLS:
@@ -496,6 +510,8 @@ class ModulePlan:
     keeps: list[dict[int, np.ndarray]]  # per wanted class: group id -> kept-channel mask
     reconstruct: bool
     repair: bool
+    shared_depth: float  # the depth modules share (settings.shared_depth, or what a composed budget chose)
+    composition: dict[str, Any]  # the manifest's "composition" (its measured "fraction" added once written)
 
 
 def decompose(
@@ -541,6 +557,7 @@ def decompose(
         smalls, repair_report, pass_s = cut_modules(cal, analysis, stats, plan, settings, device, quiet)
         with stage(f"writing {len(cal.wanted)} modules", quiet):
             modules, writing_s = write_modules(tmp, smalls, cal, stats, plan, fitter, temperature, settings, quiet)
+        composition = {**plan.composition, "fraction": composed_fraction_of(tmp, modules, cal.src.macs)}
         manifest = {
             "format_version": modelio.FORMAT,
             "source": {"name": cal.src.name, "file": str(model_path), "sha256": cal.src.sha256,
@@ -554,9 +571,11 @@ def decompose(
             "unsupported": [{"node": n, "op": o, "why": w} for n, o, w in analysis.unsupported],
             # groups whose channels each class chooses for itself (the rest: one choice for all classes)
             "class_specific_groups": [g.id for g in plan.selector.groups
-                                      if not plan.selector.is_shared(g.id, settings.shared_depth)],
+                                      if not plan.selector.is_shared(g.id, plan.shared_depth)],
             "channels": analysis.summary(),
             "repair": repair_report,
+            # the model composed from all modules written: requested budget, chosen sharing, MACs / source's
+            "composition": composition,
             "timings": {"calibration_s": stats.seconds, **pass_s, "refit_s": fitter.refit_s,
                         "module_runs_s": fitter.module_runs_s, "writing_s": writing_s,
                         "total_s": time.perf_counter() - t_start},
@@ -568,6 +587,11 @@ def decompose(
         raise
     manifest["output"] = str(out)
     return manifest
+
+
+def composed_fraction_of(directory: Path, modules: Sequence[dict[str, Any]], source_macs: int) -> float:
+    """The MACs of the model composed from the written modules, as a fraction of the source's."""
+    return budget.measured_fraction([modelio.load_model(directory / m["file"]) for m in modules], source_macs)
 
 
 def read_calibration_set(model_path: Path, calib: str | os.PathLike, classes: Sequence[str] | None,
@@ -613,8 +637,12 @@ def plan_modules(cal: CalibrationSet, analysis: channels.ChannelAnalysis, stats:
                  settings: DecomposeSettings) -> ModulePlan:
     """Stage 3: each module's MAC target and kept channels. Modules of different targets (--class-target) still
     share the early layers: those are chosen once, at the mean target, and each module's own target is met in
-    its class-specific layers."""
+    its class-specific layers. A budget on the composed model (--composed-macs, or the default cap for many
+    classes) chooses the targets and the shared depth instead (:mod:`onnxmod.budget`)."""
     selector = Selector(analysis, stats)
+    if settings.composed_macs is not None:
+        sizing = _planner(selector, cal.wanted, settings).plan(budget.Budget.requested(settings.composed_macs))
+        return _budget_plan(selector, sizing, settings, None)
     mac_targets = {k: settings.target_for(cal.src.classes[k]) for k in cal.wanted}
     shared_keep = (selector.shared_keep(float(np.mean(list(mac_targets.values()))), settings.strategy,
                                         settings.depth_slope, settings.channel_multiple, settings.shared_depth)
@@ -623,8 +651,46 @@ def plan_modules(cal: CalibrationSet, analysis: channels.ChannelAnalysis, stats:
                                multiple=settings.channel_multiple, shared_depth=settings.shared_depth,
                                fixed=shared_keep)
              for k in cal.wanted]
+    fraction = budget.composed_fraction(selector, keeps, settings.fill)
+    if default_cap_applies(settings, len(cal.wanted)) and fraction > settings.composed_cap:
+        sizing = _planner(selector, cal.wanted, settings).plan(budget.Budget.cap(settings.composed_cap))
+        return _budget_plan(selector, sizing, settings, fraction)
     pruned = any(t < 1.0 for t in mac_targets.values())
-    return ModulePlan(selector, mac_targets, keeps, settings.reconstruct and pruned, settings.repair and pruned)
+    composition = {"budget": None, "cap": None, "shared_depth": settings.shared_depth,
+                   "predicted_fraction": fraction, "note": ""}
+    return ModulePlan(selector, mac_targets, keeps, settings.reconstruct and pruned, settings.repair and pruned,
+                      settings.shared_depth, composition)
+
+
+def default_cap_applies(settings: DecomposeSettings, modules: int) -> bool:
+    """The default cap on the composed model: no sizing asked for, and more than CAP_ABOVE_MODULES modules."""
+    return (settings.composed_cap is not None and settings.composed_macs is None and not settings.class_targets
+            and modules > budget.CAP_ABOVE_MODULES)
+
+
+def _planner(selector: Selector, wanted: Sequence[int], settings: DecomposeSettings) -> budget.Planner:
+    def keep_for(k: int, target: float, depth: float, fixed: dict[int, np.ndarray] | None) -> dict[int, np.ndarray]:
+        return selector.keep_for(k, target, settings.strategy, settings.depth_slope,
+                                 multiple=settings.channel_multiple, shared_depth=depth, fixed=fixed)
+
+    return budget.Planner(selector, wanted, keep_for, settings.fill, settings.target_macs, settings.shared_depth)
+
+
+def _budget_plan(selector: Selector, sizing: budget.Sizing, settings: DecomposeSettings,
+                 uncapped: float | None) -> ModulePlan:
+    """The plan of a budgeted sizing; ``uncapped``: what the default sizes would have composed to (the cap)."""
+    mean_target = float(np.mean(list(sizing.targets.values())))
+    note = "" if uncapped is None else (
+        f"{len(sizing.classes)} modules at --target-macs {settings.target_macs:g} would compose to "
+        f"{uncapped:.2f}x the source's MACs; capped at {settings.composed_cap:g}x: shared depth "
+        f"{sizing.shared_depth:.3g}, per-module target {mean_target:.3g} (give --target-macs or --composed-macs "
+        "to choose)")
+    composition = {"budget": settings.composed_macs, "cap": None if uncapped is None else settings.composed_cap,
+                   "uncapped_fraction": uncapped, "shared_depth": sizing.shared_depth,
+                   "mean_target_macs": mean_target, "predicted_fraction": sizing.fraction, "note": note}
+    pruned = any(t < 1.0 for t in sizing.targets.values())
+    return ModulePlan(selector, dict(sizing.targets), sizing.keeps, settings.reconstruct and pruned,
+                      settings.repair and pruned, sizing.shared_depth, composition)
 
 
 def cut_modules(cal: CalibrationSet, analysis: channels.ChannelAnalysis, stats: calibrate.ActivationStats,

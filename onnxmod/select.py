@@ -73,6 +73,11 @@ class Selector:
             self.blocks[root] = max(self.blocks.get(root, 1), b)
 
     # ------------------------------------------------------------------ MACs
+    @property
+    def mac_terms(self) -> list[tuple[int, int | None, float]]:
+        """Per node of :attr:`reducers`: (input group, output group or None, MACs per kept channel pair)."""
+        return self._mac_terms
+
     def macs(self, keep: dict[int, np.ndarray]) -> float:
         total = 0.0
         for gin, gout, f in self._mac_terms:
