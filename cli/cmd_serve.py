@@ -35,13 +35,15 @@ Example:
               help="onnxruntime intra-op threads per run.")
 @click.option("--max-body-mb", type=FiniteFloat(0, 16_384, min_open=True), default=64.0, show_default=True,
               help="Largest request body accepted (413 above it).")
+@click.option("--read-timeout", "read_timeout", type=FiniteFloat(0.1, 3600), default=30.0, show_default=True,
+              help="Seconds a request (head and body) may take to arrive; a half-sent one then gets 408 and is closed.")
 @click.option("--access-log", is_flag=True, help="Log every request on stderr.")
 @click.option("--json", "as_json", is_flag=True,
               help="Once listening, print the URL and the models as JSON on stdout (handy with --port 0).")
 @quiet_option
 def serve_cmd(models: tuple[Path, ...], names: tuple[str, ...], host: str, port: int, device: str, max_batch: int,
-              max_delay_ms: float, instances: int, threads: int | None, max_body_mb: float, access_log: bool, as_json: bool,
-              quiet: bool) -> None:
+              max_delay_ms: float, instances: int, threads: int | None, max_body_mb: float, read_timeout: float,
+              access_log: bool, as_json: bool, quiet: bool) -> None:
     """Serve MODELS (composed, source or module .onnx) over HTTP: KServe v2 /v2/... routes with dynamic batching.
 
     Routes per model NAME: GET /v2/models/NAME (inputs, outputs, classes), POST /v2/models/NAME/infer
@@ -51,7 +53,8 @@ def serve_cmd(models: tuple[Path, ...], names: tuple[str, ...], host: str, port:
     from onnxmod.serve.server import ServeSettings, bind, default_threads, http_stack, load_models, serve, url
 
     settings = ServeSettings(host=host, port=port, device=device, max_batch=max_batch, max_delay_ms=max_delay_ms,
-                             instances=instances, max_body_mb=max_body_mb, access_log=access_log)
+                             instances=instances, max_body_mb=max_body_mb, access_log=access_log,
+                             read_timeout_s=read_timeout)
     threads = threads or default_threads(instances)
     served = load_models(models, names, device, threads)
     stack = http_stack()

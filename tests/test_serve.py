@@ -413,6 +413,34 @@ BINARY = np.zeros((1, 3, 32, 32), np.float32).tobytes()
 _BIN_HEAD = _json({"inputs": [_tensor(data=None, parameters={"binary_data_size": len(BINARY)})]}).replace(
     b'"data": null, ', b"")
 _ZEROS_GZ = gzip.compress(b"\0" * (2 * MAX_BODY))  # a small body that inflates past the limit
+# issue 24: what a request declares is checked before anything is allocated from it
+_DEEP = b'{"inputs": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"  # RecursionError in json (500 before)
+_DEEP_PARAMS = _json({"inputs": [_tensor(parameters={"a": [[[[[[[[[[1]]]]]]]]]]})]}).replace(
+    b"[[[[[[[[[[1]]]]]]]]]]", b"[" * 40 + b"1" + b"]" * 40)  # under the interpreter's limit, over 32 levels
+_INT_5000 = _json({"inputs": [_tensor()]}).replace(b'"shape": [1,', b'"shape": [' + b"9" * 5000 + b",")
+_HUGE_N = 2 ** 54 + 1  # [2**54 + 1, 3, 32, 32] holds 2**64 + 3072 values: int64 overflows to a small product
+_HUGE_SHAPE_BIN = _json({"inputs": [{"name": "input", "datatype": "FP32", "shape": [_HUGE_N, 3, 32, 32],
+                                     "parameters": {"binary_data_size": len(BINARY)}}]})
+_NAN_DATA = _json({"inputs": [_tensor(data=[float("nan")] * 3072)]})  # json.dumps writes bare NaN
+_INF_TEXT = _json({"inputs": [_tensor()]}).replace(b"0.5", b"1e999", 1)  # a finite-looking literal, inf as a float
+_FP32_OVER = _json({"inputs": [_tensor(data=[0.5] * 3071 + [1e39])]})  # finite in JSON, infinity in FP32
+_NAN_BIN = np.full((1, 3, 32, 32), np.nan, np.float32).tobytes()
+
+
+def _png_header(w: int, h: int) -> bytes:
+    """A PNG whose header claims w x h (read before anything is decoded)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b""))
+
+
+# three images at the per-image limit (5000 x 5000 = 25M pixels each): 75M pixels in one request
+_BIG_THREE = _multipart([("image", f"big{i}.png", _png_header(5000, 5000)) for i in range(3)])
 _PNG_JUNK = _multipart([("image", "junk.png", b"\x89PNG\r\n\x1a\nnot really")])
 _NO_FILES = _multipart([])
 INFER = "/v2/models/r8/infer"
@@ -465,6 +493,27 @@ CASES = [
      "junk.png: cannot read image"),
     ("classify-bad-top", "POST", "/v2/models/r8/classify?top=0", {"Content-Type": _PNG_JUNK[1]}, _PNG_JUNK[0], 400,
      "top="),
+    # ---- issue 24
+    ("json-nested-200000-deep", "POST", INFER, {}, _DEEP, 400, "nested more than 32 levels deep"),
+    ("json-nested-40-deep", "POST", INFER, {}, _DEEP_PARAMS, 400, "nested more than 32 levels deep"),
+    ("json-int-5000-digits", "POST", INFER, {}, _INT_5000, 400, "an integer of 5,000 digits (at most 20)"),
+    ("shape-overflows-int64-json", "POST", INFER, {}, _json({"inputs": [_tensor(shape=[_HUGE_N, 3, 32, 32])]}), 400,
+     f"declares {_HUGE_N * 3072:,} values, more than a body of"),
+    ("shape-overflows-int64-binary", "POST", INFER, {"Inference-Header-Content-Length": str(len(_HUGE_SHAPE_BIN))},
+     _HUGE_SHAPE_BIN + BINARY, 400, f"declares {_HUGE_N * 3072:,} values"),
+    ("shape-too-big-for-body", "POST", INFER, {}, _json({"inputs": [_tensor(shape=[10 ** 6, 3, 32, 32])]}), 400,
+     "more than a body of"),
+    ("data-nan", "POST", INFER, {}, _NAN_DATA, 400, "request JSON holds NaN; values must be finite"),
+    ("data-1e999", "POST", INFER, {}, _INF_TEXT, 400, "1 of its 3,072 values are not finite"),
+    ("data-beyond-fp32", "POST", INFER, {}, _FP32_OVER, 400, "1 of its 3,072 values are not finite"),
+    ("binary-nan", "POST", INFER, {"Inference-Header-Content-Length": str(len(_BIN_HEAD))}, _BIN_HEAD + _NAN_BIN, 400,
+     "3,072 of its 3,072 values are not finite"),
+    ("data-nested-too-deep", "POST", INFER, {}, _json({"inputs": [_tensor(data=[[[[[[0.5] * 3072]]]]])]}), 400,
+     "'data' is nested 6 deep"),
+    ("classify-top-5000-digits", "POST", "/v2/models/r8/classify?top=" + "9" * 5000, {"Content-Type": _PNG_JUNK[1]},
+     _PNG_JUNK[0], 400, "top="),
+    ("classify-too-many-pixels", "POST", "/v2/models/r8/classify", {"Content-Type": _BIG_THREE[1]}, _BIG_THREE[0],
+     413, "3 images of 75,000,000 pixels in all (the largest 'big0.png', 25,000,000): more than the 50,000,000"),
 ]
 
 
@@ -484,6 +533,73 @@ def test_server_still_serves_after_bad_requests(server, client, r8_composed, ima
     assert client.is_server_live() and client.is_model_ready("r8")
     r = _infer(client, "r8", images[:2], ["probs"], binary=True)
     np.testing.assert_allclose(r.as_numpy("probs"), _direct(r8_composed, images[:2])["probs"], atol=1e-5, rtol=0)
+
+
+def test_response_never_carries_bare_nan():
+    """An output that is not finite for a (finite) input: 400 for JSON, which cannot carry it; binary carries it."""
+    from onnxmod.serve.protocol import ApiError, InferRequest, RequestedOutput, encode_infer
+
+    probs = np.array([[np.nan, 0.5]], np.float32)
+    req = InferRequest(np.zeros((1, 3, 2, 2), np.float32), [RequestedOutput("probs", False)])
+    with pytest.raises(ApiError, match="output 'probs' is not finite") as e:
+        encode_infer("m", "1", req, {"probs": probs}, {"probs": "FP32"}, ["a", "b"])
+    assert e.value.status == 400
+    body, headers = encode_infer("m", "1", InferRequest(req.x, [RequestedOutput("probs", True)]), {"probs": probs},
+                                 {"probs": "FP32"}, ["a", "b"])
+    head = json.loads(body[:int(headers["Inference-Header-Content-Length"])])
+    assert head["outputs"][0]["parameters"]["binary_data_size"] == 8
+    assert np.isnan(np.frombuffer(body[-8:], "<f4")[0])
+
+
+@pytest.mark.parametrize("delay", [float("nan"), float("inf"), 1e9, -1.0])
+def test_batcher_refuses_an_unbounded_wait(delay):
+    """--max-delay-ms is refused at the flag; the batcher refuses it too (nan once killed its loop, inf left a
+    request smaller than --max-batch unanswered forever)."""
+    with pytest.raises(ValueError, match="max_delay_s must be a finite number"):
+        Batcher(lambda x: [x], 4, delay)
+
+
+def _raw_connection(host: str) -> "socket.socket":
+    import socket
+
+    h, port = host.rsplit(":", 1)
+    return socket.create_connection((h, int(port)), timeout=10)
+
+
+def _read_all(sock) -> bytes:
+    out = b""
+    while chunk := sock.recv(65536):
+        out += chunk
+    return out
+
+
+def test_read_timeout_closes_half_sent_requests(r8_composed, images):
+    """Half a request head, or a head with half its body: 408 with an error body, and the connection closed, after
+    --read-timeout; the server keeps answering throughout."""
+    models = load_models([r8_composed], ["r8"], device="cpu")
+    settings = ServeSettings(port=0, device="cpu", max_batch=MAX_BATCH, max_delay_ms=1.0, read_timeout_s=1.0)
+    with serve_in_thread(models, settings) as url:
+        host = url.removeprefix("http://")
+        half_head = [_raw_connection(host) for _ in range(20)]
+        for c in half_head:
+            c.sendall(b"POST /v2/models/r8/infer HTTP/1.1\r\nHost: x\r\nContent-Le")
+        half_body = _raw_connection(host)
+        half_body.sendall(b"POST /v2/models/r8/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"inputs\"")
+        silent = _raw_connection(host)
+        t0 = time.monotonic()
+        status, _, raw = _request(host, "GET", "/v2/health/live")  # answered while the others hang
+        assert status == 200, raw
+        for c in [*half_head, half_body, silent]:
+            reply = _read_all(c)  # returns when the server closes the connection
+            c.close()
+            assert reply.startswith(b"HTTP/1.1 408"), reply[:80]
+            assert json.loads(reply.split(b"\r\n\r\n", 1)[1]) == {
+                "error": "request not received in full within the server's read timeout (--read-timeout)"}
+        assert 0.9 < time.monotonic() - t0 < 8
+        c = triton.InferenceServerClient(host)
+        r = _infer(c, "r8", images[:2], ["label"], binary=False)  # a request read in time is not timed out
+        np.testing.assert_array_equal(r.as_numpy("label"), _direct(r8_composed, images[:2])["label"])
+        c.close()
 
 
 def test_tritonclient_sees_protocol_errors(client):

@@ -16,7 +16,7 @@ from typing import AsyncIterator, Awaitable, Callable
 import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -32,6 +32,10 @@ log = logging.getLogger("onnxmod.serve")
 SERVER_NAME = "onnxmod"
 EXTENSIONS = ["binary_tensor_data", "classification", "statistics", "model_repository"]
 MAX_FILES = 1024  # images per classify request (the body size bounds them too)
+# decoded pixels of all the images of one classify request, summed from their headers before any is decoded
+# (each image may have data.MAX_IMAGE_PIXELS): two images of that size, 12 MB compressed, decode to 150 MB
+MAX_REQUEST_PIXELS = 50_000_000
+DECODE_SLOTS = 2  # classify requests decoding images at once (each decodes one image at a time)
 
 
 class BodyTooLarge(Exception):
@@ -52,7 +56,7 @@ class BodyLimit:
         if length is not None and not length.isdigit():
             await _error(400, f"Content-Length {length[:20]!r} is not a number")(scope, receive, send)
             return
-        if length is not None and int(length) > self.max_bytes:
+        if length is not None and (len(length) > 18 or int(length) > self.max_bytes):
             await _too_large(self.max_bytes)(scope, receive, send)
             return
         seen = 0
@@ -85,6 +89,7 @@ class Registry:
         self.batchers = {m.name: Batcher(m.run, max_batch, max_delay_s, m.name, instances, fixed_shape=m.device == "cuda")
                          for m in models}
         self.max_batch, self.max_body_bytes = max_batch, max_body_bytes
+        self.decode_slots = asyncio.Semaphore(DECODE_SLOTS)
 
     def get(self, request: Request) -> tuple[ServedModel, Batcher]:
         name = request.path_params["name"]
@@ -114,6 +119,8 @@ def _endpoint(fn: Callable[[Request, Registry], Awaitable[Response]]) -> Handler
             return _too_large(request.app.state.registry.max_body_bytes)
         except OnnxmodError as e:
             return _error(400, str(e))
+        except ClientDisconnect:  # the read timeout closed a half-sent request, or the client went away
+            return _error(400, "the client disconnected before the request was complete")
         except HTTPException:
             raise
         except Exception as e:  # a bug or an onnxruntime failure: logged, answered, and the server goes on
@@ -204,9 +211,33 @@ async def infer(request: Request, reg: Registry) -> Response:
 
 def _top(request: Request) -> int:
     raw = request.query_params.get("top", "3")
-    if not raw.isdigit() or int(raw) < 1:
-        raise bad(f"top={raw!r}: expected a positive integer")
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 9 or int(raw) < 1:
+        raise bad(f"top={raw[:20]!r}: expected a positive integer")
     return int(raw)
+
+
+def _header_pixels(blob: bytes) -> int:
+    """Pixels an image file says it has (its header only; 0 when unreadable: decoding then names the file)."""
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(blob)) as img:
+                return int(img.width) * int(img.height)
+    except Exception:  # noqa: BLE001 - any unreadable header: decode_image gives the file's own error
+        return 0
+
+
+def _check_request_pixels(names: list[str], blobs: list[bytes]) -> None:
+    sizes = [_header_pixels(b) for b in blobs]
+    if sum(sizes) > MAX_REQUEST_PIXELS:
+        biggest = max(range(len(sizes)), key=sizes.__getitem__)
+        raise ApiError(413, f"{len(blobs)} images of {sum(sizes):,} pixels in all (the largest '{names[biggest]}', "
+                            f"{sizes[biggest]:,}): more than the {MAX_REQUEST_PIXELS:,} one classify request may "
+                            "decode; send them in several requests")
 
 
 async def classify(request: Request, reg: Registry) -> Response:
@@ -231,10 +262,12 @@ async def classify(request: Request, reg: Registry) -> Response:
         raise bad("no image files in the form")
 
     def decode_all():
+        _check_request_pixels(names, blobs)
         return np.stack([fit_image(decode_image(io.BytesIO(b), n, model.chw[0]), model.chw[1:])
                          for n, b in zip(names, blobs)])
 
-    x = await run_in_threadpool(decode_all)  # Pillow off the event loop
+    async with reg.decode_slots:  # a bounded number of decodes at once: memory stays bounded under load
+        x = await run_in_threadpool(decode_all)  # Pillow off the event loop
     outs = dict(zip(model.output_names, await _run(batcher, x)))
     preds = rank_predictions(model.proto, [outs[model.prediction_output]], names, top, model.name)
     return JSONResponse({"model_name": model.name, "model_version": VERSION, "predictions": preds})

@@ -15,6 +15,7 @@ workers are busy, new requests queue up, so under load batches fill without wait
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,7 @@ import numpy as np
 from onnxmod.runtime import pad_rows
 
 RunFn = Callable[[np.ndarray], list[np.ndarray]]
+MAX_DELAY_S = 60.0  # the longest a batcher may wait for a fuller batch (serve --max-delay-ms: at most 60,000)
 
 
 @dataclass
@@ -97,8 +99,11 @@ class Batcher:
     def __init__(self, run: RunFn, max_batch: int, max_delay_s: float, name: str = "model", instances: int = 1,
                  fixed_shape: bool = False):
         """``fixed_shape``: every run gets ``max_batch`` rows, zero-padded (for CUDA: onnxmod.runtime.pad_rows)."""
-        if max_batch < 1 or max_delay_s < 0 or instances < 1:
-            raise ValueError("max_batch and instances must be >= 1, max_delay_s >= 0")
+        if max_batch < 1 or instances < 1:
+            raise ValueError("max_batch and instances must be >= 1")
+        if not (math.isfinite(max_delay_s) and 0 <= max_delay_s <= MAX_DELAY_S):  # nan would pass `< 0`
+            raise ValueError(f"max_delay_s must be a finite number of seconds in [0, {MAX_DELAY_S:g}], "
+                             f"got {max_delay_s!r}")
         self._run_fn, self.max_batch, self.max_delay_s, self.instances = run, max_batch, max_delay_s, instances
         self.fixed_shape = fixed_shape
         self.stats = ModelStats()

@@ -10,11 +10,18 @@ row-major tensor bytes after it, in input order; an input with binary data says 
 ``parameters.binary_data_output``; the response then has the same header and layout.
 Classification extension: ``outputs[i].parameters.classification = k`` returns, per row,
 the top ``k`` entries as BYTES strings ``"<value>:<index>:<class name>"``.
+
+Validation, before anything is allocated from what a request declares: JSON nested more than
+``MAX_JSON_DEPTH`` levels (outside a tensor's ``data``, whose nesting must be its rank), an
+integer literal of more than ``MAX_INT_DIGITS`` digits, a shape whose element count the body
+cannot hold (counted exactly, never in int64), and tensor values that are not finite (NaN,
+``Infinity``, ``1e999``, or beyond FP32) are all 400. A response never carries a bare ``NaN``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -45,6 +52,34 @@ def bad(message: str) -> ApiError:
     return ApiError(400, message)
 
 
+MAX_JSON_DEPTH = 32  # a v2 request needs 4 levels, plus a tensor's rank inside its 'data'
+MAX_INT_DIGITS = 20  # every int64 and uint64 fits
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise bad(f"request JSON holds an integer of {len(text.lstrip('-')):,} digits (at most {MAX_INT_DIGITS})")
+    return int(text)
+
+
+def _parse_constant(text: str) -> float:
+    raise bad(f"request JSON holds {text}; values must be finite numbers")
+
+
+def _check_depth(obj: Any) -> None:
+    """At most MAX_JSON_DEPTH levels of arrays/objects; a tensor's 'data' is left to its shape check."""
+    stack = [(obj, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise bad(f"request JSON is nested more than {MAX_JSON_DEPTH} levels deep")
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for k, v in node.items()
+                         if isinstance(v, (list, dict)) and not (k == "data" and isinstance(v, list)))
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node if isinstance(v, (list, dict)))
+
+
 @dataclass
 class RequestedOutput:
     name: str
@@ -68,14 +103,18 @@ def split_body(body: bytes, header_length: str | None) -> tuple[Any, memoryview]
         try:
             n = int(header_length)
         except ValueError:
-            raise bad(f"{HEADER_LENGTH} '{header_length}' is not an integer") from None
+            raise bad(f"{HEADER_LENGTH} {header_length[:20]!r} is not an integer") from None
         if not 0 < n <= len(body):
             raise bad(f"{HEADER_LENGTH} {n} is outside the body's {len(body)} bytes")
         json_part, binary = body[:n], memoryview(body)[n:]
     try:
-        return json.loads(json_part), binary
+        req = json.loads(json_part, parse_int=_parse_int, parse_constant=_parse_constant)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise bad(f"request JSON does not parse: {e}") from None
+    except RecursionError:  # the C scanner stops at the interpreter's recursion limit, long before the C stack
+        raise bad(f"request JSON is nested more than {MAX_JSON_DEPTH} levels deep") from None
+    _check_depth(req)
+    return req, binary
 
 
 def _is_int(v: Any) -> bool:
@@ -96,17 +135,21 @@ def _json_data(data: Any, shape: tuple[int, ...], name: str) -> np.ndarray:
         raise bad(f"input '{name}': 'data' must be a list of numbers")
     try:
         arr = np.asarray(data)
-    except ValueError:  # ragged nesting
+    except ValueError:  # ragged nesting, or deeper than numpy's dimensions
         raise bad(f"input '{name}': 'data' is ragged") from None
     if arr.size and arr.dtype.kind not in "fiu":  # strings, booleans, objects, nulls
         raise bad(f"input '{name}': 'data' holds {arr.dtype.kind!r}-kind values, expected FP32 numbers")
-    if arr.size != int(np.prod(shape)):
-        raise bad(f"input '{name}': 'data' has {arr.size} values, shape {list(shape)} needs {int(np.prod(shape))}")
-    return arr.astype(np.float32).reshape(shape)
+    if arr.ndim not in (1, len(shape)):
+        raise bad(f"input '{name}': 'data' is nested {arr.ndim} deep; flat, or nested as its shape {list(shape)}")
+    need = math.prod(shape)
+    if arr.size != need:
+        raise bad(f"input '{name}': 'data' has {arr.size} values, shape {list(shape)} needs {need}")
+    with np.errstate(over="ignore"):  # beyond FP32: infinity, refused by the finite check
+        return arr.astype(np.float32).reshape(shape)
 
 
 def _binary_data(size: Any, binary: memoryview, shape: tuple[int, ...], name: str) -> np.ndarray:
-    need = int(np.prod(shape)) * 4
+    need = math.prod(shape) * 4
     if not _is_int(size) or size != need:
         raise bad(f"input '{name}': binary_data_size {size} but FP32 shape {list(shape)} needs {need} bytes")
     if need > len(binary):
@@ -166,18 +209,26 @@ def parse_infer(body: bytes, header_length: str | None, inp: TensorSpec,
     params = t.get("parameters") or {}
     if not isinstance(params, dict):
         raise bad(f"input '{inp.name}': 'parameters' must be an object")
+    if "binary_data_size" in params and "data" in t:
+        raise bad(f"input '{inp.name}': both 'data' and binary_data_size given")
+    if "binary_data_size" not in params and "data" not in t:
+        raise bad(f"input '{inp.name}': no 'data' and no binary_data_size")
+    count = math.prod(shape)  # exact: a shape like [2**54 + 1, 3, 32, 32] overflows int64
+    if count > len(body):  # a value takes at least one character of JSON, or 4 bytes of binary data
+        raise bad(f"input '{inp.name}': shape {list(shape)} declares {count:,} values, more than a body of "
+                  f"{len(body):,} bytes can hold")
     if "binary_data_size" in params:
-        if "data" in t:
-            raise bad(f"input '{inp.name}': both 'data' and binary_data_size given")
         x = _binary_data(params["binary_data_size"], binary, shape, inp.name)
         used = x.nbytes
     else:
-        if "data" not in t:
-            raise bad(f"input '{inp.name}': no 'data' and no binary_data_size")
         x = _json_data(t["data"], shape, inp.name)
         used = 0
     if used != len(binary):
         raise bad(f"{len(binary) - used} bytes of binary data after the inputs")
+    finite = np.isfinite(x)
+    if not finite.all():
+        raise bad(f"input '{inp.name}': {int(x.size - np.count_nonzero(finite)):,} of its {x.size:,} values are not "
+                  "finite (NaN or infinity, or beyond FP32); pixels must be finite numbers")
     rid = req.get("id")
     if rid is not None and not isinstance(rid, str):
         raise bad("'id' must be a string")
@@ -215,13 +266,16 @@ def encode_infer(model_name: str, version: str, request: InferRequest, results: 
             entry["parameters"] = {"binary_data_size": len(raw)}
             tails.append(raw)
         else:
+            if datatype != "BYTES" and arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                raise bad(f"output '{o.name}' is not finite for this input (NaN or infinity, which JSON cannot carry; "
+                          "ask for it as binary_data)")
             flat = arr.reshape(-1).tolist()
             entry["data"] = [s.decode() for s in flat] if datatype == "BYTES" else flat
         outs.append(entry)
     head: dict[str, Any] = {"model_name": model_name, "model_version": version, "outputs": outs}
     if request.id is not None:
         head["id"] = request.id
-    header = json.dumps(head).encode()
+    header = json.dumps(head, allow_nan=False).encode()
     if not tails:
         return header, {"content-type": "application/json"}
     return header + b"".join(tails), {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(header))}

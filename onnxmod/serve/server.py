@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib.util
 import os
@@ -15,6 +16,8 @@ from types import FrameType
 from typing import Iterator, Sequence
 
 import uvicorn
+from uvicorn.config import HTTP_PROTOCOLS
+from uvicorn.importer import import_from_string
 
 from onnxmod.errors import OnnxmodError
 from onnxmod.serve.app import create_app
@@ -31,6 +34,7 @@ class ServeSettings:
     max_body_mb: float = 64.0
     instances: int = 2
     access_log: bool = False
+    read_timeout_s: float = 30.0  # a request (head and body) must arrive within this; else 408 and closed
 
     @property
     def max_body_bytes(self) -> int:
@@ -74,27 +78,85 @@ def load_models(paths: Sequence[Path], names: Sequence[str], device: str,
 
 def bind(host: str, port: int) -> socket.socket:
     """A listening TCP socket on host:port (port 0: any free port); OnnxmodError when it cannot bind."""
+    shown = host if len(host) <= 80 else host[:77] + "..."
     try:
         family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         # proto IPPROTO_TCP (not 0): asyncio only sets TCP_NODELAY on accepted sockets that say TCP, and
         # without it Nagle holds each response body behind its headers for a delayed ACK (~40 ms)
         sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     except OSError as e:
-        raise OnnxmodError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+        raise OnnxmodError(f"cannot listen on {shown}:{port}: {e.strerror or e}") from None
+    except (UnicodeError, ValueError) as e:  # a host name no resolver takes: a label over 63 characters, a NUL
+        raise OnnxmodError(f"--host {shown!r}: not a host name or address ({_first_line(e)})") from None
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
         sock.listen(2048)
     except OSError as e:
         sock.close()
-        raise OnnxmodError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+        raise OnnxmodError(f"cannot listen on {shown}:{port}: {e.strerror or e}") from None
     sock.set_inheritable(True)
     return sock
+
+
+def _first_line(e: BaseException) -> str:
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
 
 
 def url(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+_TIMEOUT_BODY = b'{"error":"request not received in full within the server\'s read timeout (--read-timeout)"}'
+_TIMEOUT_RESPONSE = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                     b"content-length: " + str(len(_TIMEOUT_BODY)).encode() + b"\r\n\r\n" + _TIMEOUT_BODY)
+
+
+def with_read_timeout(protocol: type, timeout_s: float) -> type:
+    """uvicorn's HTTP protocol (httptools or h11) with a read timeout: a request whose head and body have not
+    arrived within ``timeout_s`` of the connection opening, or of the previous response, gets a 408 and the
+    connection is closed. uvicorn itself only times out idle keep-alive connections, so a client sending half a
+    request (or half a body) held its connection, and its buffers, forever. A request fully read is not timed:
+    the model's run may take what it takes."""
+
+    class ReadTimeout(protocol):  # type: ignore[misc, valid-type]
+        _read_timer: asyncio.TimerHandle | None = None
+
+        def _arm(self) -> None:
+            if self._read_timer is not None:
+                self._read_timer.cancel()
+            self._read_timer = self.loop.call_later(timeout_s, self._read_timed_out)
+
+        def connection_made(self, transport):  # type: ignore[no-untyped-def]
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()  # the next request's clock starts now
+
+        def connection_lost(self, exc):  # type: ignore[no-untyped-def]
+            if self._read_timer is not None:
+                self._read_timer.cancel()
+                self._read_timer = None
+            super().connection_lost(exc)
+
+        def _read_timed_out(self) -> None:
+            self._read_timer = None
+            if self.transport.is_closing():
+                return
+            cycle = self.cycle
+            waiting = cycle is None or cycle.response_complete  # no request yet (or only part of its head)
+            if not waiting and not cycle.more_body:
+                return  # read in full: the app is answering it (on_response_complete re-arms)
+            if waiting or not cycle.response_started:
+                self.transport.write(_TIMEOUT_RESPONSE)
+            self.transport.close()
+
+    ReadTimeout.__name__ = ReadTimeout.__qualname__ = protocol.__name__  # http_stack's names stay what they are
+    return ReadTimeout
 
 
 class _Server(uvicorn.Server):
@@ -122,9 +184,10 @@ class _Server(uvicorn.Server):
 def make_server(models: list[ServedModel], settings: ServeSettings) -> uvicorn.Server:
     app = create_app(models, settings.max_batch, settings.max_delay_ms, settings.max_body_bytes, settings.instances)
     stack = http_stack()
+    protocol = import_from_string(HTTP_PROTOCOLS[stack["http"]])
     config = uvicorn.Config(app, lifespan="on", log_level="info" if settings.access_log else "warning",
                             access_log=settings.access_log, timeout_graceful_shutdown=10, loop=stack["loop"],
-                            http=stack["http"])
+                            http=with_read_timeout(protocol, settings.read_timeout_s))
     return _Server(config)
 
 
