@@ -95,24 +95,29 @@ def _interrupted(e: BaseException) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    _register()
-    # the commands register on `onnxmod.cli.main.cli`; under `python -m` this file is __main__
-    from onnxmod.cli.main import cli as group
-
-    log = logging.getLogger("onnxmod")
-    if not any(isinstance(h, _StderrWarnings) for h in log.handlers):
-        log.addHandler(_StderrWarnings(logging.WARNING))
-        log.propagate = False
+    # the handlers first: a signal while the commands' modules import (numpy, onnx, torch: a second or more) ends
+    # the command like any other (one line, exit 130), not with a KeyboardInterrupt traceback or a bare kill
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = ({sig: signal.signal(sig, _on_signal) for sig in STOP_SIGNALS}
                 if in_main_thread else {})
+    interrupted = False
     try:
+        _register()
+        # the commands register on `onnxmod.cli.main.cli`; under `python -m` this file is __main__
+        from onnxmod.cli.main import cli as group
+
+        log = logging.getLogger("onnxmod")
+        if not any(isinstance(h, _StderrWarnings) for h in log.handlers):
+            log.addHandler(_StderrWarnings(logging.WARNING))
+            log.propagate = False
         group.main(args=argv, prog_name="onnxmod", standalone_mode=False)
     except OnnxmodError as e:
         _fail(str(e))
     except (Interrupted, KeyboardInterrupt) as e:
+        interrupted = True
         _interrupted(e)
     except click.exceptions.Abort as e:  # click turns a KeyboardInterrupt into Abort
+        interrupted = True
         _interrupted(e.__cause__ or e)
     except _NO_ARGS_IS_HELP as e:  # bare `onnxmod`: the help, as click shows it
         e.show()
@@ -128,8 +133,11 @@ def main(argv: list[str] | None = None) -> None:
         where = f"{e.filename}: " if e.filename else ""
         _fail(f"{where}{e.strerror or e}")
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        # after a stop signal they stay ignored until the process is gone: a second signal during the interpreter's
+        # exit would otherwise kill it with that signal instead of exit 130 (SIGTERM twice, SIGINT then SIGHUP)
+        if not interrupted:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     sys.exit(0)
 
 

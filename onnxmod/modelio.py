@@ -73,7 +73,14 @@ def _load_external_data(model: onnx.ModelProto, p: Path) -> None:
     base = p.resolve().parent
     external = [t for t in _get_all_tensors(model) if uses_external_data(t)]
     for t in external:
-        loc = ExternalDataInfo(t).location
+        try:  # its offset and length must be non-negative integers (onnx raises ValueError on "abc" or -5)
+            info = ExternalDataInfo(t)
+            int(info.length or 0)
+        except ValueError as e:
+            raise OnnxmodError(f"{p}: tensor '{t.name}': bad external data entry ({_first_line(e)}); refused") from None
+        if int(info.length or 0) < 0:
+            raise OnnxmodError(f"{p}: tensor '{t.name}': external data length {info.length} is negative; refused")
+        loc = info.location
         target = (base / loc).resolve()
         if os.path.isabs(loc) or base not in target.parents:
             raise OnnxmodError(f"{p}: tensor '{t.name}' keeps its data in '{loc}', outside the model's "
@@ -119,9 +126,50 @@ def _node_label(n: onnx.NodeProto, i: int) -> str:
     return f"'{n.name}' ({n.op_type})" if n.name else f"#{i} ({n.op_type})"
 
 
+MAX_INPUT_VALUES = 1 << 30  # values of one input row (C*H*W): 4 GiB of float32 an image
+
+
+def _check_dims(model: onnx.ModelProto, where: str) -> None:
+    """Graph input dims non-negative and one row (all but the batch dim) at most MAX_INPUT_VALUES values (a -5 dim
+    aborted onnxruntime, 2**40 sides made numpy refuse the image buffer); an initializer's dims non-negative and
+    matching the bytes it holds (dims of 2**40 over 48 bytes failed deep in onnx-graphsurgeon)."""
+    for i in model.graph.input:
+        if not i.type.HasField("tensor_type") or not i.type.tensor_type.HasField("shape"):
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim]
+        if any(d is not None and d < 0 for d in dims):
+            raise OnnxmodError(f"{where}: graph input '{i.name}' has a negative dimension {dims}")
+        row = math.prod(d for d in dims[1:] if d)
+        if row > MAX_INPUT_VALUES:
+            raise OnnxmodError(f"{where}: graph input '{i.name}' of shape {dims} holds {row:,} values an image, more "
+                               f"than {MAX_INPUT_VALUES:,}; refused")
+    inits = list(model.graph.initializer)
+    inits += [n_attr.t for n in model.graph.node for n_attr in n.attribute if n_attr.HasField("t")]
+    for t in inits:
+        if any(d < 0 for d in t.dims):
+            raise OnnxmodError(f"{where}: tensor '{t.name}' has a negative dimension {list(t.dims)}")
+        if t.data_location == onnx.TensorProto.EXTERNAL or not t.raw_data:
+            continue
+        try:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        except Exception:  # noqa: BLE001 - undefined, string or packed 4-bit types: no fixed byte size
+            continue
+        if t.data_type in _PACKED or t.data_type == onnx.TensorProto.STRING:
+            continue
+        need = math.prod(t.dims) * itemsize
+        if need != len(t.raw_data):
+            raise OnnxmodError(f"{where}: tensor '{t.name}' of shape {list(t.dims)} needs {need:,} bytes but holds "
+                               f"{len(t.raw_data):,}")
+
+
+_PACKED = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2")
+           if hasattr(onnx.TensorProto, n)}
+
+
 def check_graph(model: onnx.ModelProto, where: str) -> None:
     """Every node input has a producer and the nodes form no cycle, checked when a file is loaded:
     onnx-graphsurgeon's topological sort and onnxruntime would otherwise fail far from the file's fault."""
+    _check_dims(model, where)
     g = model.graph
     known = {i.name for i in g.input} | {t.name for t in g.initializer} | {t.values.name for t in g.sparse_initializer}
     producer: dict[str, int] = {}

@@ -173,7 +173,7 @@ def owned_files(directory: Path) -> set[str] | None:
         return None
     try:
         data = json.loads(manifest.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):  # unreadable, not JSON, nested too deep: not an onnxmod output
         return None
     if not isinstance(data, dict):
         return None

@@ -223,6 +223,41 @@ def inp(tmp_path_factory) -> Path:
     broken = d / "brokenmods"
     broken.mkdir()
     (broken / "manifest.json").write_text("{ not json")
+    # ---- issue 24, round 3 (the hand attack's last findings, bench/results/attack.json)
+    def _dims(dst: str, f) -> None:
+        m = onnx.load(str(d / "r8.onnx"))
+        f(m)
+        onnx.save(m, str(d / dst))
+
+    def _input_dims(*values):
+        def f(m):
+            for k, v in values:
+                m.graph.input[0].type.tensor_type.shape.dim[k].dim_value = v
+        return f
+
+    _dims("huge_dim.onnx", _input_dims((2, 2 ** 40), (3, 2 ** 40)))
+    _dims("neg_dim.onnx", _input_dims((2, -5)))
+
+    def _init_dims(m):
+        next(t for t in m.graph.initializer if len(t.dims) == 4).dims[0] = 2 ** 40
+    _dims("huge_init_dims.onnx", _init_dims)
+    for name, offset in (("offset_neg", "-5"), ("offset_text", "abc")):
+        (d / name).mkdir()
+        m = onnx.load(str(d / "r8.onnx"))
+        t = m.graph.initializer[0]
+        (d / name / "w.bin").write_bytes(t.raw_data)
+        t.ClearField("raw_data")
+        t.data_location = TensorProto.EXTERNAL
+        t.external_data.add(key="location", value="w.bin")
+        t.external_data.add(key="offset", value=offset)
+        onnx.save(m, str(d / name / "model.onnx"))
+    for name, text in (("deepmods", "[" * 100_000 + "]" * 100_000), ("escapemods", None)):
+        shutil.copytree(mods, d / name)
+        if text is None:
+            man = json.loads((mods / "manifest.json").read_text())
+            man["modules"][0]["file"] = "../r8.modules/module_005_dog.onnx"
+            text = json.dumps(man)
+        (d / name / "manifest.json").write_text(text)
     return d
 
 
@@ -593,6 +628,32 @@ CASES = [
          "is the file system root"),
     Case("export-triton-entry-exists", lambda i, c: ["export-triton", i / "catdog.onnx", "-o", ".", "--name", "proj"],
          "already exists (use --force", _triton_user_folder),
+    # ---- issue 24, round 3: the hand attack's last findings, each refused where the value enters
+    Case("predict-input-dims-2**40", lambda i, c: ["predict", i / "huge_dim.onnx", i / "good.png", "-q"],
+         "huge_dim.onnx: graph input 'input' of shape [None, 3, 1099511627776, 1099511627776] holds"),
+    Case("decompose-input-dims-2**40", lambda i, c: [*DEC, i / "huge_dim.onnx", "--calib", i / CALIB],
+         "more than 1,073,741,824; refused"),
+    Case("eval-negative-input-dim", lambda i, c: ["eval", i / "neg_dim.onnx", "--data", i / CALIB, "-q"],
+         "neg_dim.onnx: graph input 'input' has a negative dimension"),
+    Case("decompose-initializer-dims-2**40", lambda i, c: [*DEC, i / "huge_init_dims.onnx", "--calib", i / CALIB],
+         "of shape [1099511627776, "),
+    Case("info-external-offset-negative", lambda i, c: ["info", i / "offset_neg" / "model.onnx"],
+         "bad external data entry (External data offset must be non-negative, got -5"),
+    Case("info-external-offset-text", lambda i, c: ["info", i / "offset_text" / "model.onnx"],
+         "bad external data entry (invalid literal for int()"),
+    Case("compose-manifest-100k-deep", lambda i, c: ["compose", i / "deepmods", "-o", "x.onnx", "-q"],
+         "manifest.json: broken manifest (nested too deep)"),
+    Case("replace-manifest-100k-deep", lambda i, c: ["replace", i / "deepmods", "--class", "cat", "--with",
+                                                     i / "r8.modules" / "module_003_cat.onnx", "-o", "x.onnx", "-q"],
+         "broken manifest (nested too deep)"),
+    Case("compose-manifest-file-outside", lambda i, c: ["compose", i / "escapemods", "-o", "x.onnx", "-q"],
+         "module file '../r8.modules/module_005_dog.onnx' is outside its folder; refused"),
+    Case("serve-host-too-long", lambda i, c: ["serve", i / "catdog.onnx", "--port", "0", "--host", "h" * 300, "-q"],
+         "not a host name or address (encoding with 'idna' codec failed"),
+    Case("serve-max-delay-inf", lambda i, c: ["serve", i / "catdog.onnx", "--max-delay-ms", "inf"], "'--max-delay-ms'"),
+    Case("serve-read-timeout-nan", lambda i, c: ["serve", i / "catdog.onnx", "--read-timeout", "nan"],
+         "'--read-timeout': 'nan' is not a finite number"),
+    Case("serve-read-timeout-0", lambda i, c: ["serve", i / "catdog.onnx", "--read-timeout", "0"], "'--read-timeout'"),
 ]
 
 
@@ -779,3 +840,32 @@ def test_one_image_calibration_works_or_is_refused(extra: list, inp: Path, tmp_p
     if code == 2:
         assert len(err.strip().splitlines()) == 1 and err.startswith("onnxmod: error: ")
         assert sorted(p.name for p in tmp_path.iterdir()) == ["one.npz"]
+
+
+# --------------------------------------------------------------------------- a module from another source
+@pytest.mark.parametrize("slope", [None, 5.0], ids=["scales-match", "platt-slope-5"])
+def test_cross_source_member_warns_when_its_scale_cannot_be_matched(slope, inp: Path, tmp_path: Path, monkeypatch,
+                                                                    capsys):
+    """A module of another source whose Platt slope times its source's temperature is far from 1 (here 5 x 0.92):
+    one warning line on stderr, and in --json, saying how it was matched; none when the scales agree."""
+    mods = inp / "r8.modules"
+    dog = mods / "module_005_dog.onnx"
+    src = _meta(dog, "onnxmod.source")
+    cal = _meta(dog, "onnxmod.calibration")
+    changes = {"onnxmod.source": json.dumps({**src, "sha256": "f" * 64, "name": "other"})}
+    if slope is not None:
+        changes["onnxmod.calibration"] = json.dumps({**cal, "a": slope})
+    _retag(dog, tmp_path / "other_dog.onnx", changes)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _run_cli(capsys, ["compose", mods / "module_003_cat.onnx", "other_dog.onnx", "-o", "c.onnx",
+                                       "--json"])
+    assert code == 0, err
+    warnings = [ln for ln in err.splitlines() if ln.startswith("onnxmod: warning:")]
+    got = json.loads(out).get("scale_warnings", [])
+    if slope is None:
+        assert warnings == [] and got == []
+        return
+    assert len(warnings) == 1 and len(got) == 1 and got[0] in warnings[0]
+    assert "other_dog.onnx" in got[0] and "from source other, composed with r8" in got[0]
+    assert f"Platt slope 5 on {cal['samples']} images" in got[0]
+    assert f"matched by dividing its logit by T = {cal['temperature']:.3g}" in got[0]
