@@ -60,10 +60,22 @@ def load_model(path: str | os.PathLike, check: bool = False) -> onnx.ModelProto:
         raise OnnxmodError(f"{p}: not an ONNX model (empty graph)")
     check_metadata(model, str(p))  # before anything reads it: no command sees raw, unchecked metadata
     check_graph(model, str(p))
+    _minus_one_as_unknown(model)
     _load_external_data(model, p)
     if check:
         check_input(model, str(p))
     return model
+
+
+def _minus_one_as_unknown(model: onnx.ModelProto) -> None:
+    """A dim of -1 (Paddle's and some converters' 'unknown') becomes an unknown dim in the loaded copy:
+    onnxruntime aborts the process on a negative dim instead of raising."""
+    g = model.graph
+    for vi in (*g.input, *g.output, *g.value_info):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+            for d in vi.type.tensor_type.shape.dim:
+                if d.HasField("dim_value") and d.dim_value == -1:
+                    d.Clear()
 
 
 def _load_external_data(model: onnx.ModelProto, p: Path) -> None:
@@ -130,16 +142,17 @@ MAX_INPUT_VALUES = 1 << 30  # values of one input row (C*H*W): 4 GiB of float32 
 
 
 def _check_dims(model: onnx.ModelProto, where: str) -> None:
-    """Graph input dims non-negative and one row (all but the batch dim) at most MAX_INPUT_VALUES values (a -5 dim
+    """Graph input dims at least -1 (the 'unknown' some exporters write, as Paddle does; the frontend reads it as
+    unknown) and one row (all but the batch dim) at most MAX_INPUT_VALUES values (a -5 dim
     aborted onnxruntime, 2**40 sides made numpy refuse the image buffer); an initializer's dims non-negative and
     matching the bytes it holds (dims of 2**40 over 48 bytes failed deep in onnx-graphsurgeon)."""
     for i in model.graph.input:
         if not i.type.HasField("tensor_type") or not i.type.tensor_type.HasField("shape"):
             continue
         dims = [d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim]
-        if any(d is not None and d < 0 for d in dims):
+        if any(d is not None and d < -1 for d in dims):
             raise OnnxmodError(f"{where}: graph input '{i.name}' has a negative dimension {dims}")
-        row = math.prod(d for d in dims[1:] if d)
+        row = math.prod(d for d in dims[1:] if d and d > 0)
         if row > MAX_INPUT_VALUES:
             raise OnnxmodError(f"{where}: graph input '{i.name}' of shape {dims} holds {row:,} values an image, more "
                                f"than {MAX_INPUT_VALUES:,}; refused")
@@ -447,8 +460,11 @@ def _check_frontend(v: Any, model: onnx.ModelProto) -> None:
         for k in ("shuffles", "rewrites"):
             _opt(d, k, lambda x: isinstance(x, list) and all(isinstance(e, dict) for e in x),
                  f"a list of objects (record {i})")
-        for k in ("from", "to"):
-            _opt(d, k, lambda x: isinstance(x, dict), f"an object (record {i})")
+        for k in ("from", "to"):  # an upgrade goes from one version record to another; an input size from a flag or data
+            if d.get("step") == "input_size":
+                _opt(d, k, lambda x: isinstance(x, str), f"a string (record {i})")
+            else:
+                _opt(d, k, lambda x: isinstance(x, dict), f"an object (record {i})")
         _opt(d, "size", _size_ok, f"[H, W] (record {i})")
 
 

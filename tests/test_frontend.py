@@ -276,3 +276,34 @@ def test_every_front_end_record_reads_in_words():
     assert "LogSoftmax 'sm' stripped" in texts[8] and "Identity 'id'" in texts[8]
     assert not any(t.startswith("step ") for t in texts)
     assert frontend.describe({"step": "future_rewrite", "n": 2}) == "step future_rewrite, n 2"
+
+
+def test_minus_one_dims_read_as_unknown_from_file_to_modules(tmp_path):
+    """Paddle writes -1 for unknown dims; onnxruntime aborts on them, so loading reads them as unknown, and the
+    input_size record the frontend then writes ('from': 'calibration data') passes the metadata check on reload."""
+    m = _model(DYNAMIC_HW)
+    for vi in (m.graph.input[0], m.graph.output[0]):
+        for d in vi.type.tensor_type.shape.dim:
+            if d.HasField("dim_param"):
+                d.Clear()
+                d.dim_value = -1
+    src = _write(tmp_path, m, "paddle_like.onnx")
+    loaded = modelio.load_model(src)
+    assert [d.HasField("dim_value") for d in loaded.graph.input[0].type.tensor_type.shape.dim] == [False, True, False, False]
+    x = RNG.random((4, 3, 8, 8), dtype=np.float32)
+    np.testing.assert_allclose(run(loaded, x)[0], run(_model(DYNAMIC_HW), x)[0], atol=1e-6)
+    rng = np.random.default_rng(2)
+    calib = write_npz(tmp_path / "calib.npz", (rng.random((30, 8, 8, 3)) * 255).astype(np.uint8), np.arange(30) % 5,
+                      [f"c{i}" for i in range(5)])
+    manifest = decompose(src, calib, tmp_path / "mods", settings=DecomposeSettings(target_macs=1.0, samples_per_class=6),
+                         quiet=True)
+    assert manifest["source"]["frontend"][0] == {"step": "input_size", "size": [8, 8], "from": "calibration data"}
+    for entry in manifest["modules"]:
+        _checked(modelio.load_model(tmp_path / "mods" / entry["file"]))
+    bad = _write(tmp_path, _model(DYNAMIC_HW), "minus_five.onnx")
+    m5 = onnx.load(bad)
+    m5.graph.input[0].type.tensor_type.shape.dim[2].Clear()
+    m5.graph.input[0].type.tensor_type.shape.dim[2].dim_value = -5
+    onnx.save(m5, bad)
+    with pytest.raises(OnnxmodError, match="negative dimension"):
+        modelio.load_model(bad)
