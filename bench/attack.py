@@ -1627,7 +1627,10 @@ def run_case(ctx: Ctx, case: Case, idx: int) -> dict:
     inp_after, cwd_after = snapshot(ctx.inp), snapshot(cwd)
     changed_inp = sorted(k for k in inp_before if inp_after.get(k) != inp_before[k])
     added_inp = sorted(k for k in inp_after if k not in inp_before)
-    allowed = set(case.outputs) if rc == 0 else set()
+    # stdout on /dev/full: the report is printed after the output is in place, so exit 2 ("No space left on device")
+    # may come with a complete output (validated below like a successful run's); a half-written one still fails
+    full_after_write = case.stdout == "full" and rc == 2 and "No space left on device" in stderr
+    allowed = set(case.outputs) if rc == 0 or full_after_write else set()
 
     def top(k: str) -> str:
         return k.split("/", 1)[0]
@@ -1656,6 +1659,11 @@ def run_case(ctx: Ctx, case: Case, idx: int) -> dict:
     if new_markers:
         kinds.append("code_ran")
         problems.append("payload ran: " + ", ".join(new_markers))
+    if full_after_write and any((cwd / o).exists() for o in case.outputs):
+        bad = [b for b in validate_outputs(case, cwd, "") if "stdout" not in b and "JSON" not in b]
+        if bad:
+            kinds.append("invalid_output")
+            problems.extend(bad)
     if success and rc == 0:
         bad = validate_outputs(case, cwd, stdout)
         if bad:
