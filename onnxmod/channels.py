@@ -193,9 +193,14 @@ class ChannelAnalysis:
         return [Derivation(d.node, self.find(d.src), self.find(d.dst), d.index) for d in self.derivations]
 
     # ---------------------------------------------------------------- keep sets
+    def _roots(self) -> list[ChannelGroup]:
+        """The root groups as they are (id, size, pins), without collecting tensors and nodes as ``groups`` does:
+        ``close`` runs thousands of times while a budget is searched."""
+        return [self._groups[r] for r in sorted({self.find(g.id) for g in self._groups})]
+
     def full_keep(self) -> dict[int, np.ndarray]:
         """A keep-mask per root group, all True."""
-        return {g.id: np.ones(g.size, dtype=bool) for g in self.groups}
+        return {g.id: np.ones(g.size, dtype=bool) for g in self._roots()}
 
     def close(self, keep: dict[int, np.ndarray], minimum: bool = True) -> dict[int, np.ndarray]:
         """Enforce the dependencies on ``keep`` (in place, returned).
@@ -204,7 +209,7 @@ class ChannelAnalysis:
         has no empty Conv; ``minimum=False`` drops that rule, to see what pins force); a kept channel derived from another group's channel
         keeps that one too. Iterates to a fixpoint.
         """
-        for g in self.groups:
+        for g in self._roots():
             if g.pinned:
                 keep[g.id][:] = True
             elif minimum and not keep[g.id].any():

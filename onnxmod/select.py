@@ -79,11 +79,11 @@ class Selector:
         return self._mac_terms
 
     def macs(self, keep: dict[int, np.ndarray]) -> float:
+        n = {gid: np.count_nonzero(m) for gid, m in keep.items()}  # each group counted once, not once per term
         total = 0.0
         for gin, gout, f in self._mac_terms:
-            kin = float(keep[gin].sum())
-            total += kin * f if gout is None else kin * float(keep[gout].sum()) * f
-        return total
+            total += n[gin] * f if gout is None else n[gin] * n[gout] * f
+        return float(total)
 
     # ------------------------------------------------------------------ importance
     def sensitivity(self, k: int) -> dict[str, np.ndarray]:
