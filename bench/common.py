@@ -75,6 +75,19 @@ class ManyClassesCfg:
 
 
 @dataclass
+class Cifar100Cfg:
+    """The cifar100 section: the project's CIFAR-100 source (bench/train_source.py), all 100 modules and a sub-task."""
+
+    data: Path | None  # image folder with train/ and test/ (None: a tiny generated one, and a source trained on it)
+    checkpoint: Path | None  # bench/train_source.py's checkpoint, its .json beside it (None: trained on `data` here)
+    arch: str = "resnet20"
+    # one CIFAR-100 superclass ("vehicles 1"); its model's budget sits below the bar's 0.3x by the 0.03 tolerance
+    subtask: list[str] = field(default_factory=lambda: ["bicycle", "bus", "motorcycle", "pickup_truck", "train"])
+    subtask_composed_macs: float = 0.27
+    read_repeats: int = 2  # eval of the test folder and of the same images from an npz, alternated this many times
+
+
+@dataclass
 class Config:
     mode: str  # "full" | "smoke"
     models: list[ModelCfg]
@@ -106,6 +119,7 @@ class Config:
     curve_models: list[str] | None = None  # the curve runs on these models only (None: all)
     variant_models: list[str] | None = None  # serving: the shared-trunk variant on these only (None: all)
     many: ManyClassesCfg = field(default_factory=ManyClassesCfg)
+    c100: Cifar100Cfg = field(default_factory=lambda: Cifar100Cfg(None, None))
 
     @property
     def run_models(self) -> list[ModelCfg]:
@@ -138,6 +152,7 @@ def full_config(data: Path, command: str) -> Config:
         readme=BENCH / "README.md",
         top_readme=REPO / "README.md",
         reuse=[("resnet20", ["airplane", "cat"]), ("resnet56", ["dog", "truck"])],
+        c100=Cifar100Cfg(data / "cifar100", BENCH / "models" / "cifar100_resnet20.th"),
         command=command,
     )
 
@@ -176,6 +191,8 @@ def smoke_config(tmp: Path, command: str) -> Config:
         serve_b1_images=10,
         serve_big_batch=64,
         many=ManyClassesCfg(input_size=64, classes=50, width=8, wanted_images=8, other_images=1),
+        c100=Cifar100Cfg(None, None, arch="resnet8", subtask=["c000", "c001", "c002", "c003", "c004"],
+                         subtask_composed_macs=0.5, read_repeats=1),
         command=command,
     )
 

@@ -13,13 +13,13 @@ import numpy as np
 from bench.common import BENCH, PAPER, SCHEMA, SOURCE_TRAINING, Config, log, read_json
 
 TEMPLATE = BENCH / "README.template.md"
-SECTION_NAMES = ("cost", "curve", "subset", "reuse", "replace", "time", "serving", "manyclasses", "cuda")
+SECTION_NAMES = ("cost", "curve", "subset", "reuse", "replace", "time", "serving", "manyclasses", "cifar100", "cuda")
 BLOCK_START, BLOCK_END = "<!-- bench:choosing-settings -->", "<!-- /bench:choosing-settings -->"
 
 
 def load_results(results_dir: Path, other_runs: bool = True) -> dict[str, Any]:
     """Section results of ``results_dir``. Each sub-directory holds another run of some sections, shown apart and
-    never mixed into the main tables: on another machine (e.g. ``h200/``, shown in section 9), or on this one
+    never mixed into the main tables: on another machine (e.g. ``h200/``, shown in section 10), or on this one
     with changed decompose settings (e.g. ``repair_epochs_10/``, whose runs record ``settings_overrides``;
     shown in section 6)."""
     out: dict[str, Any] = {}
@@ -407,6 +407,55 @@ def block_manyclasses(results: dict[str, Any]) -> str:
     return "\n".join(t)
 
 
+def _composition(c: dict[str, Any] | None) -> str:
+    """How decompose sized the modules (the manifest's "composition"), in words."""
+    if not c:
+        return "no composition record"
+    how = (f"sized by --composed-macs {c['budget']:g}" if c.get("budget") is not None
+           else f"capped at {c['cap']:g}x (uncapped: {c['uncapped_fraction']:.2f}x)" if c.get("cap") is not None
+           else "not capped")
+    return (f"{how}: shared depth {c['shared_depth']:g}, per-module target {c['mean_target_macs']:.3g}, "
+            f"composing to {c['fraction']:.3f}x")
+
+
+def block_cifar100(results: dict[str, Any]) -> str:
+    r = results.get("cifar100")
+    if not r:
+        return _not_run("cifar100")
+    src, bars, dec, comp, allc, sub, cost, read = (r["source"], r["bars"], r["decompose"], r["compose"],
+                                                   r["composed_all"], r["subtask"], r["training_cost"], r["read"])
+    tr = src["training"]
+    mods = dec["modules"]["mac_fraction"]
+    t = [f"Source: {src['arch']} trained by `bench/train_source.py` ({tr['epochs']} epochs, {tr['train_seconds'] / 60:.1f} "
+         f"min recorded), **{_pct(src['top1'])}** top-1 on the {src['test_images']} test images of its {r['classes']} "
+         f"classes; {src['macs'] / 1e6:.1f} M MACs.", "",
+         "| model | MACs ÷ source | top-1 | vs baseline | baseline |", "|---|---|---|---|---|",
+         f"| all {comp['modules']} modules composed (default flags; bar ≤ {bars['composed_all_macs_max']:g}x, within "
+         f"{bars['composed_all_loss_pt_max']:g} pt) | **{_x(allc['over_source_macs'])}** | {_pct(allc['top1'])} | "
+         f"**{_pt(allc['delta_pt'], True, allc['paired'])}** | the source, {_pct(src['top1'])} |",
+         f"| `--classes {','.join(sub['classes'])} --composed-macs {sub['composed_macs_flag']:g}` (bar ≤ "
+         f"{bars['subtask_macs_max']:g}x, ≥ {bars['subtask_vs_restricted_pt_min']:+g} pt) | **{_x(sub['over_source_macs'])}** | "
+         f"{_pct(sub['top1'])} | **{_pt(sub['delta_pt'], True, sub['paired'])}** | the source restricted to those "
+         f"{len(sub['classes'])} logits, {_pct(sub['source_restricted_top1'])} ({sub['test_images']} images) |", "",
+         f"Modules: {_pct(mods['mean'], 1)} of the source's MACs on average ({_pct(mods['min'], 1)}-{_pct(mods['max'], 1)}); "
+         f"{_composition(dec['composition'])}.", "",
+         "| what | seconds | peak RSS |", "|---|---|---|",
+         f"| decompose, 100 modules (child process) | {dec['decompose_s']:.0f} | {dec['peak_rss_bytes'] / 1e9:.2f} GB |",
+         f"| decompose, the sub-task | {sub['decompose_s']:.0f} | {sub['peak_rss_bytes'] / 1e9:.2f} GB |",
+         f"| `onnxmod compose` of {comp['modules']} modules (full checker passes; {comp['nodes']} nodes) | "
+         f"{comp['seconds']:.1f} | {comp['peak_rss_bytes'] / 1e9:.2f} GB |", "",
+         f"Training ÷ decompose (bar ≥ {bars['training_over_decompose_min']:g}x): **"
+         f"{_x(cost['estimated_here_over_decompose'], 1)}** against one epoch of the same recipe timed in this run "
+         f"({cost['epoch_here']['seconds']:.0f} s) x {tr['epochs']} epochs + reading ({cost['epoch_here']['read_seconds']:.0f} s); "
+         f"{_x(cost['recorded_over_decompose'], 1)} against the training's recorded {cost['recorded_train_s']:.0f} s "
+         f"(on a machine shared with other jobs, so an upper bound).", "",
+         f"`eval` of the JPEG test folder ÷ the same {read['images']} images from an npz (bar ≤ "
+         f"{bars['folder_over_npz_max']:g}x): **{_x(read['folder_over_npz'])}** (folder "
+         + ", ".join(f"{s:.1f}" for s in read["folder_s"]) + " s; npz " + ", ".join(f"{s:.1f}" for s in read["npz_s"])
+         + " s, alternated; same top-1)."]
+    return "\n".join(t)
+
+
 def block_choosing(results: dict[str, Any]) -> str:
     from onnxmod.decompose import DecomposeSettings
 
@@ -559,7 +608,8 @@ def render_readme(cfg: Config, results: dict[str, Any], figs: list[str]) -> str:
         "cost": block_cost(results), "curve": block_curve(results), "subset": block_subset(results),
         "reuse": block_reuse(results), "replace": block_replace(results), "time": block_time(results),
         "budget": block_budget(results),
-        "serving": block_serving(results), "manyclasses": block_manyclasses(results), "cuda": block_cuda(results),
+        "serving": block_serving(results), "manyclasses": block_manyclasses(results),
+        "cifar100": block_cifar100(results), "cuda": block_cuda(results),
         "choosing": block_choosing(results),
         "figures": "\n\n".join(f"![{f}]({os.path.relpath(cfg.results / f, cfg.readme.parent)})" for f in figs)
                    or "_no figures_",
