@@ -58,10 +58,14 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
+_received: list[int] = []  # the stop signal this process got, if any
+
+
 def _on_signal(signum, frame) -> None:
     # a second signal must not cut the cleanup short
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    _received.append(signum)
     raise Interrupted(signum)
 
 
@@ -132,10 +136,23 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as e:  # the environment, not the input: disk full, permission denied...
         where = f"{e.filename}: " if e.filename else ""
         _fail(f"{where}{e.strerror or e}")
+    except Exception:
+        # a C extension whose import the signal cut short re-raises it as its own error (torch: "ImportError:
+        # initialization failed"): still the stop signal, not a fault
+        if not _received:
+            raise
+        interrupted = True
+        _interrupted(Interrupted(_received[0]))
     finally:
         # after a stop signal they stay ignored until the process is gone: a second signal during the interpreter's
         # exit would otherwise kill it with that signal instead of exit 130 (SIGTERM twice, SIGINT then SIGHUP)
-        if not interrupted:
+        # the command is done and the process exits with its status: a stop signal now has nothing left to stop
+        # (restoring Python's handler would let a SIGINT during the interpreter's exit kill it silently with
+        # that signal); called with argv (a library or a test) the caller's handlers come back
+        if argv is None:
+            for sig in previous:
+                signal.signal(sig, signal.SIG_IGN)
+        elif not interrupted:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
     sys.exit(0)

@@ -769,6 +769,54 @@ def test_signal_during_write_leaves_nothing(sig, inp: Path, tmp_path: Path):
     assert snapshot(inp) == before
 
 
+def test_signal_turned_into_an_import_error_still_ends_as_interrupted(monkeypatch, capsys):
+    """A stop signal during a C extension's import comes back as that extension's error (torch: "ImportError:
+    initialization failed", seen by bench/attack.py): one line and exit 130, not a traceback with exit 1."""
+    from onnxmod.cli import main as cli_main
+
+    def interrupted_import() -> None:
+        cli_main._received.append(signal.SIGINT)  # what _on_signal records before raising
+        raise ImportError("initialization failed")
+
+    handlers = {s: signal.getsignal(s) for s in cli_main.STOP_SIGNALS}
+    monkeypatch.setattr(cli_main, "_received", [])
+    monkeypatch.setattr(cli_main, "_register", interrupted_import)
+    try:
+        with pytest.raises(SystemExit) as e:
+            cli_main.main(["ops"])
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    assert e.value.code == 130
+    assert capsys.readouterr().err == "onnxmod: error: interrupted; temporary outputs removed\n"
+    monkeypatch.setattr(cli_main, "_received", [])  # and without a signal the error is not hidden
+    monkeypatch.setattr(cli_main, "_register", lambda: (_ for _ in ()).throw(ImportError("broken install")))
+    with pytest.raises(ImportError, match="broken install"):
+        cli_main.main(["ops"])
+
+
+def test_stop_signals_are_ignored_once_the_program_is_done(monkeypatch, capsys):
+    """As the program (argv from sys.argv), a finished command leaves the stop signals ignored: Python's own
+    SIGINT handler, restored, became SIG_DFL during the interpreter's exit, and a SIGINT then killed the finished
+    eval silently with -2 (bench/attack.py); called with argv, the caller's handlers come back."""
+    from onnxmod.cli import main as cli_main
+
+    handlers = {s: signal.getsignal(s) for s in cli_main.STOP_SIGNALS}
+    monkeypatch.setattr(sys, "argv", ["onnxmod", "ops"])
+    try:
+        with pytest.raises(SystemExit) as e:
+            cli_main.main()
+        assert e.value.code == 0
+        assert all(signal.getsignal(s) == signal.SIG_IGN for s in cli_main.STOP_SIGNALS)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    with pytest.raises(SystemExit):
+        cli_main.main(["ops"])
+    assert {s: signal.getsignal(s) for s in cli_main.STOP_SIGNALS} == handlers
+    capsys.readouterr()
+
+
 def test_sigterm_during_force_keeps_the_old_output(inp: Path, tmp_path: Path):
     shutil.copytree(inp / "r8.modules", tmp_path / "r8.modules")
     old = snapshot(tmp_path)
