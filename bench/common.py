@@ -104,6 +104,9 @@ class Config:
     curve_limit: int | None = 2000  # class-balanced test subset for the non-default curve points
     subset_model: str = "resnet56"
     subset_classes: list[str] = field(default_factory=lambda: ["cat", "dog"])
+    # subset rows sized by the deployed model (--composed-macs), each on labelled and on unlabelled calibration data
+    subset_budgeted: list[tuple[list[str], float]] = field(default_factory=lambda: [
+        (["cat", "dog"], 0.25), (["airplane", "automobile", "ship", "truck"], 0.25)])
     reuse: list[tuple[str, list[str]]] = field(default_factory=list)  # (model key, classes) twice
     heldout_per_class: int = 200  # replace: training images per class the weakest class is chosen on
     heldout_min_per_class: int = 20  # fewer than this in some class: fall back (and say so)
@@ -182,6 +185,7 @@ def smoke_config(tmp: Path, command: str) -> Config:
         curve_models=["r8legacy"],
         variant_models=["r8legacy"],
         subset_model="r8dynamo",
+        subset_budgeted=[(["cat", "dog"], 0.5)],
         reuse=[("r8legacy", ["airplane", "cat"]), ("r8dynamo", ["dog", "truck"])],
         heldout_per_class=10,
         heldout_min_per_class=5,
@@ -456,25 +460,44 @@ class Bench:
     def settings(self, **kw: Any) -> Any:
         return dc_replace(self.default, **kw)
 
-    def _key(self, key: str, settings: Any, classes: list[str] | None) -> str:
+    @functools.cached_property
+    def unlabelled_train(self) -> Path:
+        """The training split as an .npz without labels (8-bit, exact for CIFAR): what a user without labels has."""
+        from onnxmod.data import write_npz
+
+        path = self.cfg.work / "train_unlabelled.npz"
+        if not path.exists():
+            log(f"write the {len(self.train)} training images without labels -> {path}")
+            x = np.concatenate([np.round(xb * 255.0).astype(np.uint8).transpose(0, 2, 3, 1)
+                                for xb, _ in self.train.iter_batches(1024)])
+            tmp = path.with_name(".tmp-" + path.name)
+            np.savez(tmp, x=x)
+            tmp.replace(path)
+        return path
+
+    def _key(self, key: str, settings: Any, classes: list[str] | None, calib: Path) -> str:
         from onnxmod.modelio import file_sha256
 
         blob = json.dumps({"source": file_sha256(self.source(key)), "settings": asdict(settings),
-                           "classes": classes, "calib": str(self.cfg.calib), "code": self._code,
+                           "classes": classes, "calib": str(calib), "code": self._code,
                            "device": self.cfg.device}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def decompose(self, key: str, settings: Any, classes: list[str] | None = None,
-                  fresh: bool = False) -> tuple[Path, dict[str, Any]]:
+                  fresh: bool = False, unlabelled: bool = False) -> tuple[Path, dict[str, Any]]:
         """Module dir ``work/<key>/modules-<settings>`` and its manifest. Reuses a decomposition
         this process made, or (unless ``fresh``) one on disk with the same cache key;
-        ``manifest['bench']`` says which, and the wall time of the run that made it."""
+        ``manifest['bench']`` says which, and the wall time of the run that made it.
+        ``unlabelled``: calibrate on the training images without their labels."""
         from onnxmod.decompose import decompose
 
-        ck = self._key(key, settings, classes)
+        calib = self.unlabelled_train if unlabelled else self.cfg.calib
+        ck = self._key(key, settings, classes, calib)
         tag = "modules-" + re.sub(r"[^A-Za-z0-9_.=-]+", "_", settings_label(settings, self.default))
         if classes:
             tag += "-" + "_".join(classes)
+        if unlabelled:
+            tag += "-unlabelled"
         d = self.cfg.work / key / tag
         if ck in self._runs and not (fresh and self._runs[ck]["bench"]["reused_from_disk"]):
             return d, self._runs[ck]
@@ -488,7 +511,7 @@ class Bench:
                 f"{'; classes ' + ','.join(classes) if classes else ''}) -> {d}")
             shutil.rmtree(d, ignore_errors=True)  # bench's own cache dir: decompose never replaces a dir it did not write
             t = time.perf_counter()
-            man = decompose(self.source(key), self.cfg.calib, d, classes=classes, settings=settings,
+            man = decompose(self.source(key), calib, d, classes=classes, settings=settings,
                             device=self.cfg.device, force=True, quiet=True)
             run = {"wall_s": time.perf_counter() - t, "date": now(), "cache_key": ck}
             (d / "bench-run.json").write_text(json.dumps(run))

@@ -233,6 +233,20 @@ def block_subset(results: dict[str, Any]) -> str:
          f"the unrestricted 10-class source: " + "; ".join(
              f"{c} {_pct(s['composed_per_class'][c], 1)} / {_pct(s['source_restricted_per_class'][c], 1)} / "
              f"{_pct(s['source_10class_recall'][c], 1)}" for c in s["classes"]) + "."]
+    rows = s.get("budgeted") or []
+    if rows:
+        t += ["", "Sized by the deployed model (`--composed-macs`), on the labelled training split and on the same "
+              "images without labels:", "",
+              "| classes | flags | calibration labels | repair | composed MACs / source MACs | composed top-1 | "
+              "restricted source | delta |", "|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            repair = (f"distillation + {r['label_weight']:g} x the sub-task's cross-entropy "
+                      f"({r['labelled_images']} labelled images)" if r.get("label_weight") else "distillation")
+            t.append(f"| {', '.join(r['classes'])} | `--composed-macs {r['composed_macs_flag']:g}` | "
+                     f"{'data' if r['labels'] else 'none (the source labels them)'} | {repair} | "
+                     f"**{_x(r['composed_over_source_macs'], 3)}** | {_pct(r['composed_top1'])} | "
+                     f"{_pct(r['source_restricted_top1'])} | **{_pt(r['delta_pt'], True, r['paired'])}** |")
+        t += ["", f"Each row on the test images of its classes ({', '.join(str(r['test_images']) for r in rows)})."]
     return "\n".join(t)
 
 
@@ -273,6 +287,18 @@ def block_replace(results: dict[str, Any]) -> str:
          f"({_pt(r['delta_vs_source_pt'], True, r.get('paired_vs_source'))} vs source, "
          f"{_pt(r['delta_vs_before_pt'], True, r.get('paired_vs_before'))} vs before) | "
          f"{_pct(r['top1']['donor_source'])} |"]
+    o = r.get("on_source")
+    if o:
+        t += ["", f"On the source itself (`onnxmod replace {r['base']}.onnx --class {o['class']} --with ... --calib TRAIN`; "
+                  f"every other class is the source graph's): **{o['class']}**, the class the {r['base_label']} source "
+                  f"recognises worst on the same selection images (recall there {_pct(o['selection_source_recall'], 1)}), "
+                  f"served by {r['donor_label']}'s module; {o['test_images']} test images.", "",
+              f"| | {r['base_label']} source | source with {r['donor_label']}'s '{o['class']}' | {r['donor_label']} source |",
+              "|---|---|---|---|",
+              f"| recall of '{o['class']}' | {_pct(o['class_recall']['source'], 1)} | **{_pct(o['class_recall']['after'], 1)}** "
+              f"({_pt(o['class_delta_vs_source_pt'], True)}) | {_pct(o['class_recall']['donor_source'], 1)} |",
+              f"| top-1 | {_pct(o['top1']['source'])} | **{_pct(o['top1']['after'])}** "
+              f"({_pt(o['delta_vs_source_pt'], True, o.get('paired_vs_source'))}) | {_pct(r['top1']['donor_source'])} |"]
     return "\n".join(t)
 
 
@@ -509,9 +535,12 @@ def block_choosing(results: dict[str, Any]) -> str:
     for name, other in _other_runs(results, changed_settings=True):  # same machine, its own cost and time run
         oc = lambda k, *p, o=other: _get(o, "cost", "models", k, "default", *p)  # noqa: E731
         ot = lambda k, *p, o=other: _get(o, "time", "models", k, *p)  # noqa: E731
-        more = _overrides(other).get("repair_epochs", 0) > DecomposeSettings.repair_epochs
+        ov = _overrides(other)
+        label = ("closer to the source, for a slower decompose" if ov.get("repair_epochs", 0) > DecomposeSettings.repair_epochs
+                 else f"every class, composed to {ov['composed_macs']:g}x the source's MACs" if "composed_macs" in ov
+                 else f"changed settings (`{name}/`)")
         rows.append(
-            f"| {'closer to the source, for a slower decompose' if more else f'changed settings (`{name}/`)'} | "
+            f"| {label} | "
             f"`{_flags(_overrides(other))}` | "
             f"{per(lambda k: _pct(oc(k, 'modules', 'mac_fraction', 'mean'), 0))} | {per(lambda k: _pt(oc(k, 'loss_pt')))} | "
             f"{per(lambda k: _x(ot(k, 'decompose_over_plain')))} | {per(lambda k: _x(ot(k, 'decompose_over_epoch')))} | "

@@ -124,6 +124,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     quick.add_argument("--samples-per-class", type=int, default=None, help="DecomposeSettings.samples_per_class")
     quick.add_argument("--repair-epochs", type=float, default=None, help="DecomposeSettings.repair_epochs")
     quick.add_argument("--repair-min-steps", type=int, default=None, help="DecomposeSettings.repair_min_steps")
+    quick.add_argument("--composed-macs", type=float, default=None,
+                       help="DecomposeSettings.composed_macs (the budget of all modules composed)")
     quick.add_argument("--curve-targets", default=None, help="comma-separated target_macs for the curve")
     quick.add_argument("--train-batches", type=int, default=None,
                        help="time: time this many training batches and extrapolate to an epoch")
@@ -144,7 +146,7 @@ def make_config(args: argparse.Namespace, command: str) -> tuple[Config, Path | 
         cfg.model_filter = [k.strip() for k in args.models.split(",") if k.strip()]
     if args.test_limit is not None:
         cfg.test_limit = args.test_limit
-    for field in ("samples_per_class", "repair_epochs", "repair_min_steps"):  # DecomposeSettings fields
+    for field in ("samples_per_class", "repair_epochs", "repair_min_steps", "composed_macs"):  # DecomposeSettings fields
         if getattr(args, field) is not None:
             cfg.settings_overrides[field] = getattr(args, field)
     if args.out is not None:

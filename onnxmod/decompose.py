@@ -546,7 +546,7 @@ def decompose(
     with stage(f"calibration statistics ({len(cal.idx)} images)", quiet):
         stats = calibrate.collect_stats(analysis, cal.dataset, cal.label_map, cal.idx, cal.src.input_chw[1:], device,
                                         cal.batch, quiet, settings.cov_images,
-                                        groups=prunable_groups(analysis, settings.strategy), classes=cal.wanted)
+                                        groups=calibrated_groups(analysis, settings), classes=cal.wanted)
     temperature = scoring.fit_temperature(stats.logits, stats.labels)  # the source's, for composing across sources
     plan = plan_modules(cal, analysis, stats, settings)
     fitter = ModuleFitter.build(stats, cal.wanted, plan.mac_targets, cal.images, settings, device, cal.batch,
@@ -641,8 +641,8 @@ def plan_modules(cal: CalibrationSet, analysis: channels.ChannelAnalysis, stats:
     classes) chooses the targets and the shared depth instead (:mod:`onnxmod.budget`)."""
     selector = Selector(analysis, stats)
     if settings.composed_macs is not None:
-        sizing = _planner(selector, cal.wanted, settings).plan(budget.Budget.requested(settings.composed_macs))
-        return _budget_plan(selector, sizing, settings, None)
+        sizing, streams_pruned = _plan_budget(selector, cal.wanted, settings)
+        return _budget_plan(selector, sizing, settings, None, streams_pruned)
     mac_targets = {k: settings.target_for(cal.src.classes[k]) for k in cal.wanted}
     shared_keep = (selector.shared_keep(float(np.mean(list(mac_targets.values()))), settings.strategy,
                                         settings.depth_slope, settings.channel_multiple, settings.shared_depth)
@@ -657,7 +657,7 @@ def plan_modules(cal: CalibrationSet, analysis: channels.ChannelAnalysis, stats:
         return _budget_plan(selector, sizing, settings, fraction)
     pruned = any(t < 1.0 for t in mac_targets.values())
     composition = {"budget": None, "cap": None, "shared_depth": settings.shared_depth,
-                   "predicted_fraction": fraction, "note": ""}
+                   "predicted_fraction": fraction, "residual_streams_pruned": False, "note": ""}
     return ModulePlan(selector, mac_targets, keeps, settings.reconstruct and pruned, settings.repair and pruned,
                       settings.shared_depth, composition)
 
@@ -668,16 +668,36 @@ def default_cap_applies(settings: DecomposeSettings, modules: int) -> bool:
             and modules > budget.CAP_ABOVE_MODULES)
 
 
-def _planner(selector: Selector, wanted: Sequence[int], settings: DecomposeSettings) -> budget.Planner:
+def _plan_budget(selector: Selector, wanted: Sequence[int], settings: DecomposeSettings) -> tuple[budget.Sizing, bool]:
+    """The sizes that meet --composed-macs, and whether residual streams had to be pruned for it. ``uniform``
+    keeps a stream whole, which floors a module's MACs (ResNet56: 2 modules compose to >= 0.30x); a budget
+    below that prunes the streams too (calibration saw them, see ``calibrated_groups``)."""
+    requested = budget.Budget.requested(settings.composed_macs)
+    try:
+        return _planner(selector, wanted, settings).plan(requested), False
+    except OnnxmodError:
+        if settings.strategy != "uniform":
+            raise
+    return _planner(selector, wanted, settings, prune_tied=True).plan(requested), True  # its error: the wider range
+
+
+def calibrated_groups(analysis: channels.ChannelAnalysis, settings: DecomposeSettings) -> list[int]:
+    """The groups calibration collects statistics for: those the selection may shrink (with --composed-macs,
+    residual streams too, which a low budget prunes)."""
+    return prunable_groups(analysis, settings.strategy, prune_tied=settings.composed_macs is not None)
+
+
+def _planner(selector: Selector, wanted: Sequence[int], settings: DecomposeSettings,
+             prune_tied: bool = False) -> budget.Planner:
     def keep_for(k: int, target: float, depth: float, fixed: dict[int, np.ndarray] | None) -> dict[int, np.ndarray]:
-        return selector.keep_for(k, target, settings.strategy, settings.depth_slope,
+        return selector.keep_for(k, target, settings.strategy, settings.depth_slope, prune_tied=prune_tied,
                                  multiple=settings.channel_multiple, shared_depth=depth, fixed=fixed)
 
     return budget.Planner(selector, wanted, keep_for, settings.fill, settings.target_macs, settings.shared_depth)
 
 
 def _budget_plan(selector: Selector, sizing: budget.Sizing, settings: DecomposeSettings,
-                 uncapped: float | None) -> ModulePlan:
+                 uncapped: float | None, streams_pruned: bool = False) -> ModulePlan:
     """The plan of a budgeted sizing; ``uncapped``: what the default sizes would have composed to (the cap)."""
     mean_target = float(np.mean(list(sizing.targets.values())))
     note = "" if uncapped is None else (
@@ -687,7 +707,8 @@ def _budget_plan(selector: Selector, sizing: budget.Sizing, settings: DecomposeS
         "to choose)")
     composition = {"budget": settings.composed_macs, "cap": None if uncapped is None else settings.composed_cap,
                    "uncapped_fraction": uncapped, "shared_depth": sizing.shared_depth,
-                   "mean_target_macs": mean_target, "predicted_fraction": sizing.fraction, "note": note}
+                   "mean_target_macs": mean_target, "predicted_fraction": sizing.fraction,
+                   "residual_streams_pruned": streams_pruned, "note": note}
     pruned = any(t < 1.0 for t in sizing.targets.values())
     return ModulePlan(selector, dict(sizing.targets), sizing.keeps, settings.reconstruct and pruned,
                       settings.repair and pruned, sizing.shared_depth, composition)

@@ -87,6 +87,21 @@ def test_unreachable_composed_macs_names_the_range(capsys, tmp_path):
     assert 0.1 < low < high
 
 
+def test_a_budget_below_whole_residual_streams_prunes_them(capsys, tmp_path):
+    """Two of the sample ResNet8's modules with whole residual streams cannot compose within 0.03 of 0.2x (0.3
+    they can); pruning the streams too meets 0.2, and the manifest says it did."""
+    whole = _decompose(capsys, R8, CALIB, tmp_path / "w", "--classes", "cat,dog", "--composed-macs", "0.3")
+    assert whole["composition"]["residual_streams_pruned"] is False
+    manifest = _decompose(capsys, R8, CALIB, tmp_path / "m", "--classes", "cat,dog", "--composed-macs", "0.2")
+    assert manifest["composition"]["residual_streams_pruned"] is True
+    composed = _compose(capsys, tmp_path / "m", tmp_path / "c.onnx")
+    onnx.checker.check_model(composed, full_check=True)
+    assert abs(count_macs(composed) / manifest["source"]["macs"] - 0.2) <= budget.TOLERANCE
+    x = np.random.default_rng(0).random((4, 3, 32, 32), dtype=np.float32)
+    probs, = runtime.run(runtime.make_session(composed, device="cpu"), x, ["probs"])
+    assert probs.shape == (4, 2) and np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def hundred(tmp_path_factory) -> tuple[Path, Path]:
     """A tiny 100-class CIFAR ResNet (random weights, 16x16 inputs) and random labelled calibration images."""

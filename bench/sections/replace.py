@@ -6,7 +6,12 @@ sample -- as the class the weaker model's composed model recognises worst; never
 set it is then scored on. With a data dir too small for such a sample (e.g. only
 ``data_batch_1``, all of it calibration), the choice falls back to the calibration images
 (still training images, not test) and the JSON says so. The result is scored on the test set
-against the composed model before the replacement AND against the source."""
+against the composed model before the replacement AND against the source.
+
+Then the same on the source itself (``on_source``): the weaker source's weakest class on the same
+selection images (the source's recall there), served by the stronger model's module in
+``replace SOURCE.onnx``; every other class stays the source graph's. The source's temperature, needed
+next to a module of another source, is fitted on the calibration data (training images)."""
 
 from __future__ import annotations
 
@@ -86,4 +91,30 @@ def run(b: Bench) -> dict[str, Any]:
                           "after": after_ev["per_class"][c], "donor_source": s_s["per_class"][c]}
                       for c in before_ev["per_class"]},
         "file": str(path),
+        "on_source": on_source(b, weak, strong, d_strong, man_strong, src_sel, s_w, s_s),
     }
+
+
+def on_source(b: Bench, weak: str, strong: str, d_strong: Any, man_strong: dict[str, Any],
+              src_sel: dict[str, Any], s_w: dict[str, Any], s_s: dict[str, Any]) -> dict[str, Any]:
+    """``replace WEAK_SOURCE.onnx --class C --with STRONG_MODULE --calib TRAIN``: C is the class the weak
+    source recognises worst on the selection images; scored on the test set against that source."""
+    from onnxmod import modelio
+    from onnxmod.compose import replace
+
+    cls = min(src_sel["per_class"], key=src_sel["per_class"].get)
+    module = d_strong / next(mm["file"] for mm in man_strong["modules"] if mm["class_name"] == cls)
+    after = replace(b.source(weak), cls, module, calib=b.cfg.calib, device=b.cfg.device)
+    path = b.cfg.work / f"replace-source-{weak}-{cls}.onnx"
+    modelio.save_model(after, path)
+    ev = b.eval_composed(after, what=f"{weak} source with {strong}'s '{cls}'")
+    log(f"replace on the source: '{cls}' recall {s_w['per_class'][cls]:.3f} -> {ev['per_class'][cls]:.3f}; "
+        f"top-1 {s_w['top1']:.4f} -> {ev['top1']:.4f}")
+    return {"class": cls, "module": str(module), "selection_source_recall": src_sel["per_class"][cls],
+            "test_images": ev["n"], "top1": {"source": s_w["top1"], "after": ev["top1"]},
+            "class_recall": {"source": s_w["per_class"][cls], "after": ev["per_class"][cls],
+                             "donor_source": s_s["per_class"][cls]},
+            "delta_vs_source_pt": pt(ev["top1"], s_w["top1"]), "paired_vs_source": paired(ev, s_w),
+            "class_delta_vs_source_pt": pt(ev["per_class"][cls], s_w["per_class"][cls]),
+            "per_class": {c: {"source": s_w["per_class"][c], "after": ev["per_class"][c]} for c in ev["per_class"]},
+            "file": str(path)}
