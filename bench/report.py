@@ -14,7 +14,6 @@ from bench.common import BENCH, PAPER, SCHEMA, SOURCE_TRAINING, Config, log, rea
 
 TEMPLATE = BENCH / "README.template.md"
 SECTION_NAMES = ("cost", "curve", "subset", "reuse", "replace", "time", "serving", "manyclasses", "cifar100", "cuda")
-BLOCK_START, BLOCK_END = "<!-- bench:choosing-settings -->", "<!-- /bench:choosing-settings -->"
 
 
 def load_results(results_dir: Path, other_runs: bool = True) -> dict[str, Any]:
@@ -652,16 +651,42 @@ def render_readme(cfg: Config, results: dict[str, Any], figs: list[str]) -> str:
     return out
 
 
-def rewrite_block(path: Path, body: str) -> bool:
-    """Replace the text between the choosing-settings markers of ``path``; False when it has none."""
+def markers(name: str) -> tuple[str, str]:
+    return f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+
+
+def rewrite_block(path: Path, name: str, body: str) -> bool:
+    """Replace the text between the ``name`` markers of ``path``; False when it has none."""
     from onnxmod.modelio import write_text_atomic
 
+    start_mark, end_mark = markers(name)
     text = path.read_text()
-    start, end = text.find(BLOCK_START), text.find(BLOCK_END)
+    start, end = text.find(start_mark), text.find(end_mark)
     if start < 0 or end < start:
         return False
-    write_text_atomic(path, text[:start + len(BLOCK_START)] + "\n" + body + "\n" + text[end:])
+    write_text_atomic(path, text[:start + len(start_mark)] + "\n" + body + "\n" + text[end:])
     return True
+
+
+def block_more_classes(results: dict[str, Any]) -> str:
+    """The top-level README's short CIFAR-100 part (the details are bench/README.md's cifar100 section)."""
+    r = results.get("cifar100")
+    if not r:
+        return "_The cifar100 bench section has not been run (`python bench/run.py --only cifar100`)._"
+    src, dec, comp, allc, sub, cost = (r["source"], r["decompose"], r["compose"], r["composed_all"], r["subtask"],
+                                       r["training_cost"])
+    return (f"On CIFAR-100 (measured by `bench/run.py`, {r['run']['date'][:10]}): the project's own {src['arch']} "
+            f"(`bench/train_source.py`, {src['training']['epochs']} epochs on the CPU, {_pct(src['top1'])} top-1 on "
+            f"{src['test_images']} test images). `onnxmod decompose` at default flags writes {comp['modules']} modules, "
+            f"sized so that all of them compose to at most 2.0x the source ({_composition(dec['composition'])}). All {comp['modules']} composed: **{_pct(allc['top1'])}** top-1 at "
+            f"{_x(allc['over_source_macs'])} the source's MACs ({_pt(allc['delta_pt'], True, allc['paired'])} vs the "
+            f"source). A 5-class sub-task, `--classes {','.join(sub['classes'])} --composed-macs "
+            f"{sub['composed_macs_flag']:g}`: **{_pct(sub['top1'])}** at {_x(sub['over_source_macs'])} the source's MACs "
+            f"against {_pct(sub['source_restricted_top1'])} for the source restricted to those classes "
+            f"({_pt(sub['delta_pt'], True, sub['paired'])}, {sub['test_images']} test images). Decomposing took "
+            f"{dec['decompose_s'] / 60:.0f} min, and training the source {_x(cost['estimated_here_over_decompose'], 1)} "
+            f"that (its epochs x one epoch timed in the same run); composing the {comp['modules']} modules {comp['seconds']:.0f} s and "
+            f"{comp['peak_rss_bytes'] / 1e9:.1f} GB. Details: [`bench/README.md`](bench/README.md), CIFAR-100.")
 
 
 def write_all(cfg: Config) -> None:
@@ -672,8 +697,10 @@ def write_all(cfg: Config) -> None:
     write_text_atomic(cfg.readme, render_readme(cfg, results, figs))
     log(f"wrote {cfg.readme}" + (f" and figures {', '.join(figs)}" if figs else ""))
     if cfg.top_readme is not None:
-        if rewrite_block(cfg.top_readme, block_choosing(results)):
-            log(f"rewrote the choosing-settings block of {cfg.top_readme}")
-        else:
-            log(f"{cfg.top_readme}: no {BLOCK_START} ... {BLOCK_END} markers; block not written")
+        # the top-level README's blocks, by marker name
+        for name, block in (("choosing-settings", block_choosing), ("more-classes", block_more_classes)):
+            if rewrite_block(cfg.top_readme, name, block(results)):
+                log(f"rewrote the {name} block of {cfg.top_readme}")
+            else:
+                log(f"{cfg.top_readme}: no {' ... '.join(markers(name))} markers; block not written")
 
