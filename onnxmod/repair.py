@@ -59,6 +59,8 @@ class RepairSettings:
     # weight of the cross-entropy over the modules' logits for labelled images (RepairImages.labels: decompose
     # gives them to a --classes sub-task on labelled data); 0 until a held-out sweep says otherwise
     label_weight: float = 0.0
+    # decay of an exponential moving average of the weights, written instead of the last step's (0: off)
+    ema: float = 0.0
     seed: int = 0
 
 
@@ -203,6 +205,7 @@ def repair(
                 yield np.sort(order[start:start + batch_size])  # sorted: cheaper reads; the batch is a set
 
     labelled = images.labels is not None and settings.label_weight > 0
+    averaged = [p.detach().clone() for p in params] if settings.ema > 0 else []
     labels = torch.as_tensor(images.labels if labelled else np.zeros(0), dtype=torch.long)
 
     def read(positions: Iterator[np.ndarray]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -228,6 +231,8 @@ def repair(
         torch.nn.utils.clip_grad_norm_(params, settings.clip)
         opt.step()
         sched.step()
+        for a, p in zip(averaged, params):
+            a.lerp_(p.detach(), 1.0 - settings.ema)
         return loss.detach()
 
     try:
@@ -242,6 +247,9 @@ def repair(
                 per = (time.perf_counter() - t_steps) / (i + 1)
                 say(f"repair: {total} steps of {batch_size} images over {n} images, about "
                     f"{_duration(per * total)} (from the first {i + 1} steps)")
+        with torch.no_grad():  # the average is what is written (and what the norms below see)
+            for p, a in zip(params, averaged):
+                p.copy_(a)
         if student.store.norms:  # statistics of the trained network, then into the Conv weights
             student.record_norms(images_only(NORM_BATCHES), identity=False)
             student.store.fold_norms()
@@ -252,7 +260,7 @@ def repair(
     report = {
         "images": int(n), "epochs": settings.epochs, "steps": total, "batch_size": batch_size,
         "lr": settings.lr, "temperature": settings.temperature, "mse_weight": settings.mse_weight,
-        "clip": settings.clip, "augment": settings.augment, "batchnorm": settings.batchnorm,
+        "clip": settings.clip, "augment": settings.augment, "batchnorm": settings.batchnorm, "ema": settings.ema,
         "label_weight": settings.label_weight if labelled else 0.0,
         "labelled_images": int((images.labels >= 0).sum()) if labelled else 0,
         "device": str(dev), "parameters": int(sum(p.numel() for p in student.store.params.parameters())),
