@@ -73,7 +73,9 @@ def _size(value: str | None) -> list[int] | None:
 @click.option("--calib", required=True, type=click.Path(), help="Calibration data (CIFAR batches, image folder or .npz).")
 @click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False), default=None,
               show_default="<model stem>.modules in the current dir", help="Output dir.")
-@click.option("--classes", default=None, show_default="all", help="Comma-separated class names or indices.")
+@click.option("--classes", default=None, show_default="all", help="Comma-separated class names or indices. On labelled --calib data, repair adds the "
+              "sub-task's own cross-entropy (over these classes) to the distillation; unlabelled data: pure "
+              "distillation.")
 @click.option("--samples-per-class", default=_D.samples_per_class, show_default=True, type=int_range(1, 1_000_000),
               help="Calibration images per class.")
 @click.option("--split", default=_D.split, show_default=True, type=click.Choice(["train", "test"]))

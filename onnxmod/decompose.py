@@ -33,6 +33,7 @@ from onnxmod.progress import progress, say, stage
 from onnxmod.select import STRATEGIES, Selector, prunable_groups
 
 FILLS = ("linear", "mean", "zero")
+SUBTASK_REPAIR_IMAGES = ("all", "wanted")
 REFIT_OTHERS = 0.15  # fraction of the non-relevant refit images each module also fits on
 REFIT_RELEVANT_WEIGHT = 5.0  # least-squares weight of images where the class is contested
 MODULES_PER_RUN = 8  # modules run together (shared layers once) for the row and score fits; bounds memory
@@ -78,6 +79,9 @@ class DecomposeSettings:
     repair_batch_size: int | None = None  # None: 256 on CUDA (launch-bound: half the steps), 128 on CPU
     repair_images: int = 20000  # calibration images repair trains on (streamed: any number, any resolution)
     repair_recipe: dict[str, Any] = field(default_factory=dict)  # other repair.RepairSettings fields, for sweeps
+    # a --classes sub-task repairs on "all" calibration images or on the "wanted" classes' only (labelled data: by
+    # label; unlabelled: by the source's prediction)
+    subtask_repair_images: str = "all"
     platt_images: int = 500  # calibration images each module's score calibration is fitted on
     split: str = "train"
     batch_size: int = 256
@@ -115,6 +119,9 @@ class DecomposeSettings:
             if unknown:
                 raise OnnxmodError(f"repair_recipe: unknown field(s) {', '.join(unknown)}; "
                                    f"known: {', '.join(sorted(recipe))}")
+        if self.subtask_repair_images not in SUBTASK_REPAIR_IMAGES:
+            raise OnnxmodError(f"subtask_repair_images must be one of {', '.join(SUBTASK_REPAIR_IMAGES)}, "
+                               f"got {self.subtask_repair_images!r}")
         if self.platt_images < 2:
             raise OnnxmodError(f"platt_images must be >= 2, got {self.platt_images}")
         if self.samples_per_class < 1:
@@ -791,6 +798,8 @@ def _repair_modules(smalls: list[onnx.ModelProto], cal: CalibrationSet, labels: 
     from onnxmod import repair  # torch: imported only when repairing
 
     positions = _balanced_positions(labels, settings.repair_images, settings.seed + 4)
+    if len(cal.wanted) < len(cal.src.classes) and settings.subtask_repair_images == "wanted":
+        positions = positions[np.isin(labels[positions], cal.wanted)]
     batch = settings.repair_batch_size or repair.default_batch_size(device)
     rs = repair.RepairSettings(epochs=settings.repair_epochs, min_steps=settings.repair_min_steps, batch_size=batch,
                                lr=settings.repair_lr, seed=settings.seed, **settings.repair_recipe)

@@ -321,7 +321,8 @@ def test_repair_with_batchnorm_trains_and_writes_the_same_structure(repaired):
 def test_a_labelled_subtask_adds_its_cross_entropy(tmp_path):
     """--classes on labelled data: repair gets each image's column among the wanted classes (the other classes'
     images: none), and with label_weight > 0 trains on their cross-entropy too; all classes: no labels."""
-    recipe = {"label_weight": 1.0}
+    recipe: dict = {}  # the default recipe adds it
+    assert repair.RepairSettings().label_weight == 1.0
     settings = DecomposeSettings(samples_per_class=20, repair_epochs=1, repair_min_steps=4, repair_recipe=recipe)
     man = decompose(SAMPLE, CALIB, tmp_path / "m", classes=["cat", "dog"], settings=settings, quiet=True,
                     device="cpu")
@@ -363,3 +364,26 @@ def test_ema_writes_the_moving_average_of_the_weights():
         assert any(not np.array_equal(w0[k], w1[k]) for k in w0)  # the step moved some weights
         for k in w0:
             np.testing.assert_allclose(wa[k], 0.25 * w0[k] + 0.75 * w1[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("calib_labels", ["data", "source predictions"])
+def test_a_subtask_can_repair_on_its_own_classes_images(tmp_path, calib_labels):
+    """subtask_repair_images='wanted': repair trains on the wanted classes' calibration images only (labelled data:
+    by label; unlabelled: the source's predictions, which label them); 'all' (the default) on every image."""
+    calib = CALIB
+    if calib_labels == "source predictions":
+        calib = tmp_path / "unlabelled.npz"
+        np.savez(calib, x=np.load(CALIB)["x"])  # the images without y
+    runs = {}
+    for which in ("all", "wanted"):
+        settings = DecomposeSettings(samples_per_class=20, repair_epochs=1, repair_min_steps=2,
+                                     subtask_repair_images=which)
+        runs[which] = decompose(SAMPLE, calib, tmp_path / which, classes=["cat", "dog"], settings=settings,
+                                quiet=True, device="cpu")
+    assert runs["all"]["settings"]["calibration_labels"] == calib_labels
+    wanted_images = runs["wanted"]["repair"]["images"]
+    assert 0 < wanted_images < runs["all"]["repair"]["images"]
+    if calib_labels == "data":
+        assert wanted_images == 40  # 20 cat + 20 dog
+    with pytest.raises(OnnxmodError, match="subtask_repair_images"):
+        DecomposeSettings(subtask_repair_images="some").validate()
