@@ -322,7 +322,7 @@ def test_a_labelled_subtask_adds_its_cross_entropy(tmp_path):
     """--classes on labelled data: repair gets each image's column among the wanted classes (the other classes'
     images: none), and with label_weight > 0 trains on their cross-entropy too; all classes: no labels."""
     recipe: dict = {}  # the default recipe adds it
-    assert repair.RepairSettings().label_weight == 1.0
+    assert repair.RepairSettings.__dataclass_fields__["label_weight"].default == 1.0
     settings = DecomposeSettings(samples_per_class=20, repair_epochs=1, repair_min_steps=4, repair_recipe=recipe)
     man = decompose(SAMPLE, CALIB, tmp_path / "m", classes=["cat", "dog"], settings=settings, quiet=True,
                     device="cpu")
