@@ -8,7 +8,7 @@ import click
 
 from onnxmod.cli.common import (BATCH, FiniteFloat, device_option, emit, float_list, fmt_count, force_option,
                                 int_range, json_option, quiet_option, say)
-from onnxmod.budget import CAP_ABOVE_MODULES, DEFAULT_CAP, TOLERANCE
+from onnxmod.budget import CAP_ABOVE_MODULES, CAPPED_TARGET, DEFAULT_CAP, TOLERANCE
 from onnxmod.cli.main import cli
 from onnxmod.decompose import DecomposeSettings
 from onnxmod.errors import OnnxmodError
@@ -100,8 +100,8 @@ def _size(value: str | None) -> list[int] | None:
                    "targets and how deep modules share (--shared-depth is then the least sharing). Not with "
                    "--target-macs or --class-target. Without either, more than "
                    f"{CAP_ABOVE_MODULES} modules whose composition at --target-macs would cost more than "
-                   f"{DEFAULT_CAP:g}x the source are sized to compose to at most {DEFAULT_CAP:g}x (said in one line "
-                   "and in the manifest's \"composition\").")
+                   f"{DEFAULT_CAP:g}x the source share every layer at a per-module target of {CAPPED_TARGET:g} instead "
+                   "(said in one line and in the manifest's \"composition\").")
 @click.option("--class-target", "class_targets", multiple=True, metavar="NAME=FRACTION",
               show_default="none: every class gets --target-macs",
               help="A different --target-macs for one class (repeatable), e.g. --class-target cat=0.6: "

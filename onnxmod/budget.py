@@ -36,6 +36,10 @@ MIN_TARGET = 0.05  # the smallest per-module target a budget may choose
 MAX_TARGET = 0.95  # the largest below full size (a full-size module is the source: every level composes to 1x)
 DEFAULT_CAP = 2.0  # with no sizing flag, a decomposition of many classes composes to at most this
 CAP_ABOVE_MODULES = 10  # ... "many": more modules than this (CIFAR-10 decompositions keep today's sizes)
+# ... sized by sharing every layer at this per-module target: on held-out CIFAR-100 training images (ResNet20, 100
+# modules, bench/sweep_results/sharing_cifar100_resnet20.jsonl) one shared 0.8x trunk lost 1.7 pt against the
+# source, a 0.5x one 18.7 pt, and the 2x budget spent on class-specific tails (shared depth 0.95, 0.32 each) 39.0
+CAPPED_TARGET = 0.8
 SAMPLE_CLASSES = 8  # the target search sizes this many classes and scales their tails to all
 BISECT_STEPS = 12
 SCAN_POINTS = 12  # targets sampled per sharing level, MIN_TARGET to the largest

@@ -660,8 +660,7 @@ def plan_modules(cal: CalibrationSet, analysis: channels.ChannelAnalysis, stats:
              for k in cal.wanted]
     fraction = budget.composed_fraction(selector, keeps, settings.fill)
     if default_cap_applies(settings, len(cal.wanted)) and fraction > settings.composed_cap:
-        sizing = _planner(selector, cal.wanted, settings).plan(budget.Budget.cap(settings.composed_cap))
-        return _budget_plan(selector, sizing, settings, fraction)
+        return _capped_plan(selector, cal.wanted, settings, fraction)
     pruned = any(t < 1.0 for t in mac_targets.values())
     composition = {"budget": None, "cap": None, "shared_depth": settings.shared_depth,
                    "predicted_fraction": fraction, "residual_streams_pruned": False, "note": ""}
@@ -673,6 +672,22 @@ def default_cap_applies(settings: DecomposeSettings, modules: int) -> bool:
     """The default cap on the composed model: no sizing asked for, and more than CAP_ABOVE_MODULES modules."""
     return (settings.composed_cap is not None and settings.composed_macs is None and not settings.class_targets
             and modules > budget.CAP_ABOVE_MODULES)
+
+
+def _capped_plan(selector: Selector, wanted: Sequence[int], settings: DecomposeSettings, uncapped: float
+                 ) -> ModulePlan:
+    """The default cap: many classes share every layer at ``budget.CAPPED_TARGET`` (a wide trunk is what keeps
+    the composition faithful, not class-specific tails; see there); a source whose full sharing still composes
+    above the cap is sized by the planner for a budget of the cap."""
+    target = budget.CAPPED_TARGET
+    keeps = [selector.keep_for(k, target, settings.strategy, settings.depth_slope, multiple=settings.channel_multiple,
+                               shared_depth=1.0) for k in wanted]
+    fraction = budget.composed_fraction(selector, keeps, settings.fill)
+    if fraction > settings.composed_cap:
+        return _budget_plan(selector, _planner(selector, wanted, settings).plan(
+            budget.Budget.cap(settings.composed_cap)), settings, uncapped)
+    sizing = budget.Sizing(1.0, {k: target for k in wanted}, keeps, fraction, list(wanted))
+    return _budget_plan(selector, sizing, settings, uncapped)
 
 
 def _plan_budget(selector: Selector, wanted: Sequence[int], settings: DecomposeSettings) -> tuple[budget.Sizing, bool]:

@@ -133,6 +133,9 @@ def test_hundred_classes_compose_within_the_default_cap(capsys, tmp_path, hundre
     comp = manifest["composition"]
     assert len(manifest["modules"]) == 100 and comp["cap"] == budget.DEFAULT_CAP
     assert comp["uncapped_fraction"] > budget.DEFAULT_CAP  # the default sizes would have cost more
+    # capped: one trunk of every layer at CAPPED_TARGET, so the composition costs about one module
+    assert comp["shared_depth"] == 1.0 and comp["mean_target_macs"] == pytest.approx(budget.CAPPED_TARGET)
+    assert comp["fraction"] == pytest.approx(manifest["modules"][0]["mac_fraction"], abs=0.01)
     notes = [ln for ln in err.splitlines() if ln.startswith("onnxmod: note:")]
     assert len(notes) == 1 and "capped at 2x" in notes[0]
     assert comp["note"] in notes[0]
