@@ -644,8 +644,8 @@ def plan_modules(cal: CalibrationSet, analysis: channels.ChannelAnalysis, stats:
                  settings: DecomposeSettings) -> ModulePlan:
     """Stage 3: each module's MAC target and kept channels. Modules of different targets (--class-target) still
     share the early layers: those are chosen once, at the mean target, and each module's own target is met in
-    its class-specific layers. A budget on the composed model (--composed-macs, or the default cap for many
-    classes) chooses the targets and the shared depth instead (:mod:`onnxmod.budget`)."""
+    its class-specific layers. --composed-macs chooses the targets and the shared depth instead
+    (:mod:`onnxmod.budget`); the default cap for many classes shares every layer (``_capped_plan``)."""
     selector = Selector(analysis, stats)
     if settings.composed_macs is not None:
         sizing, streams_pruned = _plan_budget(selector, cal.wanted, settings)
