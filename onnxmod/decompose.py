@@ -34,6 +34,7 @@ from onnxmod.select import STRATEGIES, Selector, prunable_groups
 
 FILLS = ("linear", "mean", "zero")
 SUBTASK_REPAIR_IMAGES = ("all", "wanted")
+REPAIR_LABELS = ("subtask", "all")
 REFIT_OTHERS = 0.15  # fraction of the non-relevant refit images each module also fits on
 REFIT_RELEVANT_WEIGHT = 5.0  # least-squares weight of images where the class is contested
 MODULES_PER_RUN = 8  # modules run together (shared layers once) for the row and score fits; bounds memory
@@ -82,6 +83,9 @@ class DecomposeSettings:
     # a --classes sub-task repairs on "all" calibration images or on the "wanted" classes' only (labelled data: by
     # label; unlabelled: by the source's prediction)
     subtask_repair_images: str = "all"
+    # which decompositions of labelled data add the labels' cross-entropy to repair: a --classes "subtask" only, or
+    # "all" (every decomposition; for sweeps: a full decomposition is distilled to be faithful to its source)
+    repair_labels: str = "subtask"
     platt_images: int = 500  # calibration images each module's score calibration is fitted on
     split: str = "train"
     batch_size: int = 256
@@ -122,6 +126,8 @@ class DecomposeSettings:
         if self.subtask_repair_images not in SUBTASK_REPAIR_IMAGES:
             raise OnnxmodError(f"subtask_repair_images must be one of {', '.join(SUBTASK_REPAIR_IMAGES)}, "
                                f"got {self.subtask_repair_images!r}")
+        if self.repair_labels not in REPAIR_LABELS:
+            raise OnnxmodError(f"repair_labels must be one of {', '.join(REPAIR_LABELS)}, got {self.repair_labels!r}")
         if self.platt_images < 2:
             raise OnnxmodError(f"platt_images must be >= 2, got {self.platt_images}")
         if self.samples_per_class < 1:
@@ -813,17 +819,19 @@ def _repair_modules(smalls: list[onnx.ModelProto], cal: CalibrationSet, labels: 
     from onnxmod import repair  # torch: imported only when repairing
 
     positions = _balanced_positions(labels, settings.repair_images, settings.seed + 4)
-    if len(cal.wanted) < len(cal.src.classes) and settings.subtask_repair_images == "wanted":
+    subtask = len(cal.wanted) < len(cal.src.classes)
+    if subtask and settings.subtask_repair_images == "wanted":
         positions = positions[np.isin(labels[positions], cal.wanted)]
     batch = settings.repair_batch_size or repair.default_batch_size(device)
     rs = repair.RepairSettings(epochs=settings.repair_epochs, min_steps=settings.repair_min_steps, batch_size=batch,
                                lr=settings.repair_lr, seed=settings.seed, **settings.repair_recipe)
-    # a sub-task on labelled data: each image's column among the wanted classes (-1: another class)
-    subtask = len(cal.wanted) < len(cal.src.classes) and UNSEEN not in cal.dataset.classes
+    # labelled data (a sub-task, or any decomposition with repair_labels "all"): each image's column among the
+    # wanted classes (-1: another class)
+    labelled = UNSEEN not in cal.dataset.classes and (subtask or settings.repair_labels == "all")
     column = np.full(len(cal.src.classes) + 1, -1, dtype=np.int64)
     column[cal.wanted] = np.arange(len(cal.wanted))
     images = repair.RepairImages(len(positions), lambda p: cal.images(positions[p]),
-                                 column[labels[positions]] if subtask else None)
+                                 column[labels[positions]] if labelled else None)
     return repair.repair(smalls, cal.src.model, cal.wanted, images, rs, device, quiet,
                          say=lambda line: say(line, quiet))
 

@@ -332,6 +332,11 @@ def test_a_labelled_subtask_adds_its_cross_entropy(tmp_path):
     everything = decompose(SAMPLE, CALIB, tmp_path / "all", settings=DecomposeSettings(
         samples_per_class=4, repair_epochs=1, repair_min_steps=2, repair_recipe=recipe), quiet=True, device="cpu")
     assert everything["repair"]["labelled_images"] == 0  # not a sub-task: pure distillation
+    labelled = decompose(SAMPLE, CALIB, tmp_path / "labelled", settings=DecomposeSettings(
+        samples_per_class=4, repair_epochs=1, repair_min_steps=2, repair_labels="all"), quiet=True, device="cpu")
+    assert labelled["repair"]["labelled_images"] == labelled["repair"]["images"] > 0  # every image, its own column
+    with pytest.raises(OnnxmodError, match="repair_labels"):
+        DecomposeSettings(repair_labels="some").validate()
 
 
 def test_labels_reach_the_loss():
