@@ -13,8 +13,9 @@ every module on the source's absolute logit scale, which compose relies on when 
 sources. All modules train jointly: computation that is identical across them (shared
 layers) is computed once and holds one parameter, so it stays byte-identical. The
 trained values go back into the same graphs: node structure, names and metadata are
-unchanged. Labels, where decompose passes them (a ``--classes`` sub-task of labelled data), add their
-cross-entropy over the modules' logits (``label_weight``).
+unchanged. Labels, where decompose passes them (a ``--classes`` sub-task of labelled data,
+or any decomposition with ``repair_labels`` "all"), add their cross-entropy over the
+modules' logits (``label_weight``).
 """
 
 from __future__ import annotations
