@@ -62,7 +62,8 @@ class RepairSettings:
     # gives them to a --classes sub-task on labelled data). ResNet56 cat+dog at --composed-macs 0.25, held-out
     # training images (bench/sweep_results/subtask_resnet56_catdog.jsonl): 1.0 vs 0 +0.30 +- 0.56 pt
     label_weight: float = 1.0
-    # decay of an exponential moving average of the weights, written instead of the last step's (0: off)
+    # decay of an exponential moving average of the weights, written instead of the last step's (0: off); warmed
+    # up as min(ema, (1 + t) / (10 + t)) at step t, so the pruned starting weights do not linger in what is written
     ema: float = 0.0
     seed: int = 0
 
@@ -234,8 +235,9 @@ def repair(
         torch.nn.utils.clip_grad_norm_(params, settings.clip)
         opt.step()
         sched.step()
+        decay = min(settings.ema, (1 + sched.last_epoch) / (10 + sched.last_epoch))  # last_epoch: steps taken
         for a, p in zip(averaged, params):
-            a.lerp_(p.detach(), 1.0 - settings.ema)
+            a.lerp_(p.detach(), 1.0 - decay)
         return loss.detach()
 
     try:

@@ -354,21 +354,23 @@ def test_labels_reach_the_loss():
 
 
 def test_ema_writes_the_moving_average_of_the_weights():
-    """One step with decay d writes d x the starting weights + (1 - d) x the weights that step reached."""
+    """One step with decay d writes d' x the starting weights + (1 - d') x the weights that step reached, where d' is
+    the warmed-up decay of the first step: min(d, 2 / 11)."""
     src = prepare_source(SAMPLE)
     modules = _random_prune(src.model, 0.5, seed=3)
     x = _images(CALIB, 64)
     written = {}
-    for decay in (0.0, 0.25):
+    for decay in (0.0, 0.999):
         settings = repair.RepairSettings(epochs=1, min_steps=1, batch_size=64, lr=1e-2, augment=False, ema=decay)
         written[decay], report = repair.repair(modules, src.model, CLASSES, x, settings, "cpu", True)
         assert report["ema"] == decay
-    for start, stepped, averaged in zip(modules, written[0.0], written[0.25]):
+    first = 2 / 11
+    for start, stepped, averaged in zip(modules, written[0.0], written[0.999]):
         w0, w1, wa = ({i.name: numpy_helper.to_array(i) for i in m.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
                       for m in (start, stepped, averaged))
         assert any(not np.array_equal(w0[k], w1[k]) for k in w0)  # the step moved some weights
         for k in w0:
-            np.testing.assert_allclose(wa[k], 0.25 * w0[k] + 0.75 * w1[k], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(wa[k], first * w0[k] + (1 - first) * w1[k], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("calib_labels", ["data", "source predictions"])
