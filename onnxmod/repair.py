@@ -63,7 +63,8 @@ class RepairSettings:
     # training images (bench/sweep_results/subtask_resnet56_catdog.jsonl): 1.0 vs 0 +0.30 +- 0.56 pt
     label_weight: float = 1.0
     # decay of an exponential moving average of the weights, written instead of the last step's (0: off); warmed
-    # up as min(ema, (1 + t) / (10 + t)) at step t, so the pruned starting weights do not linger in what is written
+    # up as min(ema, (1 + t) / (10 + t)) at step t, so the pruned starting weights do not linger in what is written.
+    # Off: 0.998 on held-out ResNet20 images, 1,250 steps, -0.05 +- 0.07 pt (bench/sweep_results/repair_ema_*)
     ema: float = 0.0
     seed: int = 0
 
