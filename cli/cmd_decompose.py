@@ -75,7 +75,8 @@ def _size(value: str | None) -> list[int] | None:
               show_default="<model stem>.modules in the current dir", help="Output dir.")
 @click.option("--classes", default=None, show_default="all", help="Comma-separated class names or indices. On labelled --calib data, repair adds the "
               "sub-task's own cross-entropy (over these classes) to the distillation; unlabelled data: pure "
-              "distillation.")
+              "distillation. Repair trains on these classes' images (by label, or by the source's prediction) for "
+              "the steps a repair on all calibration images takes.")
 @click.option("--samples-per-class", default=_D.samples_per_class, show_default=True, type=int_range(1, 1_000_000),
               help="Calibration images per class.")
 @click.option("--split", default=_D.split, show_default=True, type=click.Choice(["train", "test"]))

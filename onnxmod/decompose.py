@@ -80,9 +80,11 @@ class DecomposeSettings:
     repair_batch_size: int | None = None  # None: 256 on CUDA (launch-bound: half the steps), 128 on CPU
     repair_images: int = 20000  # calibration images repair trains on (streamed: any number, any resolution)
     repair_recipe: dict[str, Any] = field(default_factory=dict)  # other repair.RepairSettings fields, for sweeps
-    # a --classes sub-task repairs on "all" calibration images or on the "wanted" classes' only (labelled data: by
-    # label; unlabelled: by the source's prediction)
-    subtask_repair_images: str = "all"
+    # a --classes sub-task repairs on the "wanted" classes' calibration images only (labelled data: by label;
+    # unlabelled: by the source's prediction), for the steps a repair on "all" of them takes. "wanted": ResNet56
+    # cat+dog at --composed-macs 0.25, 625 steps, 2,000 held-out images: +2.6 +- 0.75 pt
+    # (bench/sweep_results/subtask_resnet56_catdog_steps.jsonl)
+    subtask_repair_images: str = "wanted"
     # which decompositions of labelled data add the labels' cross-entropy to repair: a --classes "subtask" only, or
     # "all". "subtask": on held-out ResNet20 images "all" bought 0.0 +- 0.22 pt (bench/sweep_results/repair_labels_*)
     repair_labels: str = "subtask"
@@ -818,10 +820,15 @@ def _repair_modules(smalls: list[onnx.ModelProto], cal: CalibrationSet, labels: 
 
     positions = _balanced_positions(labels, settings.repair_images, settings.seed + 4)
     subtask = len(cal.wanted) < len(cal.src.classes)
+    epochs = settings.repair_epochs
     if subtask and settings.subtask_repair_images == "wanted":
-        positions = positions[np.isin(labels[positions], cal.wanted)]
+        # the steps of a repair on every calibration image, spent on the wanted classes' images: fewer
+        # images, not fewer steps (steps are what a sub-task's repair is short of)
+        wanted = positions[np.isin(labels[positions], cal.wanted)]
+        epochs *= len(positions) / max(len(wanted), 1)
+        positions = wanted
     batch = settings.repair_batch_size or repair.default_batch_size(device)
-    rs = repair.RepairSettings(epochs=settings.repair_epochs, min_steps=settings.repair_min_steps, batch_size=batch,
+    rs = repair.RepairSettings(epochs=epochs, min_steps=settings.repair_min_steps, batch_size=batch,
                                lr=settings.repair_lr, seed=settings.seed, **settings.repair_recipe)
     # labelled data (a sub-task, or any decomposition with repair_labels "all"): each image's column among the
     # wanted classes (-1: another class)

@@ -207,7 +207,8 @@ def test_cli_flags(tmp_path, capsys):
               "--json", "-q"])
     assert e.value.code == 0
     man = json.loads(capsys.readouterr().out)
-    assert man["repair"]["epochs"] == 0.5 and man["settings"]["repair"] is True
+    assert man["settings"]["repair_epochs"] == 0.5 and man["settings"]["repair"] is True
+    assert man["repair"]["epochs"] > 0.5  # a sub-task: the same steps as over every image, on its own classes' ones
     assert man["repair"]["batch_size"] == 32
     # --shared-depth 1 + repair: the modules still compose into one trunk
     info = compose_info(compose([tmp_path / "m"]))
@@ -227,9 +228,9 @@ def test_out_of_memory_names_the_flag(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(repair.JointModules, "forward", no_memory)
     with pytest.raises(SystemExit) as e:
         main(["decompose", str(SAMPLE), "--calib", str(CALIB), "-o", str(tmp_path / "m"), "--classes", "cat",
-              "--samples-per-class", "20", "--repair-batch-size", "64", "-q"])
+              "--samples-per-class", "20", "--repair-batch-size", "16", "-q"])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and "out of CPU memory at 64 images per step" in err and "--repair-batch-size" in err
+    assert e.value.code == 2 and "out of CPU memory at 16 images per step" in err and "--repair-batch-size" in err
     assert "Traceback" not in err and not (tmp_path / "m").exists()  # nothing half-written
 
 
@@ -320,10 +321,12 @@ def test_repair_with_batchnorm_trains_and_writes_the_same_structure(repaired):
 
 def test_a_labelled_subtask_adds_its_cross_entropy(tmp_path):
     """--classes on labelled data: repair gets each image's column among the wanted classes (the other classes'
-    images: none), and with label_weight > 0 trains on their cross-entropy too; all classes: no labels."""
+    images, which repair sees with subtask_repair_images 'all': none), and with label_weight > 0 trains on their
+    cross-entropy too; all classes: no labels."""
     recipe: dict = {}  # the default recipe adds it
     assert repair.RepairSettings.__dataclass_fields__["label_weight"].default == 1.0
-    settings = DecomposeSettings(samples_per_class=20, repair_epochs=1, repair_min_steps=4, repair_recipe=recipe)
+    settings = DecomposeSettings(samples_per_class=20, repair_epochs=1, repair_min_steps=4, repair_recipe=recipe,
+                                 subtask_repair_images="all")
     man = decompose(SAMPLE, CALIB, tmp_path / "m", classes=["cat", "dog"], settings=settings, quiet=True,
                     device="cpu")
     rep = man["repair"]
@@ -376,20 +379,24 @@ def test_ema_writes_the_moving_average_of_the_weights():
 @pytest.mark.parametrize("calib_labels", ["data", "source predictions"])
 def test_a_subtask_can_repair_on_its_own_classes_images(tmp_path, calib_labels):
     """subtask_repair_images='wanted': repair trains on the wanted classes' calibration images only (labelled data:
-    by label; unlabelled: the source's predictions, which label them); 'all' (the default) on every image."""
+    by label; unlabelled: the source's predictions, which label them) for as many steps as on every image ('all')."""
     calib = CALIB
     if calib_labels == "source predictions":
         calib = tmp_path / "unlabelled.npz"
         np.savez(calib, x=np.load(CALIB)["x"])  # the images without y
     runs = {}
     for which in ("all", "wanted"):
-        settings = DecomposeSettings(samples_per_class=20, repair_epochs=1, repair_min_steps=2,
+        settings = DecomposeSettings(samples_per_class=20, repair_epochs=1, repair_min_steps=1, repair_batch_size=8,
                                      subtask_repair_images=which)
         runs[which] = decompose(SAMPLE, calib, tmp_path / which, classes=["cat", "dog"], settings=settings,
                                 quiet=True, device="cpu")
     assert runs["all"]["settings"]["calibration_labels"] == calib_labels
-    wanted_images = runs["wanted"]["repair"]["images"]
-    assert 0 < wanted_images < runs["all"]["repair"]["images"]
+    wanted_images, all_images = runs["wanted"]["repair"]["images"], runs["all"]["repair"]["images"]
+    assert 0 < wanted_images < all_images
+    # the same steps (up to rounding each pass to whole batches), so more passes over fewer images
+    assert runs["all"]["repair"]["steps"] == -(-all_images // 8)
+    assert runs["wanted"]["repair"]["epochs"] == pytest.approx(all_images / wanted_images)
+    assert abs(runs["wanted"]["repair"]["steps"] - runs["all"]["repair"]["steps"]) <= all_images / wanted_images
     if calib_labels == "data":
         assert wanted_images == 40  # 20 cat + 20 dog
     with pytest.raises(OnnxmodError, match="subtask_repair_images"):
