@@ -482,7 +482,7 @@ def block_cifar100(results: dict[str, Any]) -> str:
 
 
 def block_choosing(results: dict[str, Any]) -> str:
-    from onnxmod.decompose import DecomposeSettings
+    from onnxmod.decompose import REPAIR_EPOCHS
 
     cost, curve, tm, sv = (results.get(k) for k in ("cost", "curve", "time", "serving"))
     models = _per_model(results)
@@ -535,7 +535,7 @@ def block_choosing(results: dict[str, Any]) -> str:
         oc = lambda k, *p, o=other: _get(o, "cost", "models", k, "default", *p)  # noqa: E731
         ot = lambda k, *p, o=other: _get(o, "time", "models", k, *p)  # noqa: E731
         ov = _overrides(other)
-        label = ("closer to the source, for a slower decompose" if ov.get("repair_epochs", 0) > DecomposeSettings.repair_epochs
+        label = ("closer to the source, for a slower decompose" if ov.get("repair_epochs", 0) > REPAIR_EPOCHS
                  else f"every class, composed to {ov['composed_macs']:g}x the source's MACs" if "composed_macs" in ov
                  else f"changed settings (`{name}/`)")
         rows.append(

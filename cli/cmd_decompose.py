@@ -129,7 +129,8 @@ def _size(value: str | None) -> list[int] | None:
 @click.option("--repair/--no-repair", default=_D.repair, show_default=True,
               help="Distil the pruned modules against the source on the calibration images (torch; CUDA when "
                    "--device allows). --no-repair keeps the training-free path.")
-@click.option("--repair-epochs", default=_D.repair_epochs, show_default=True, type=FiniteFloat(0, 10_000, min_open=True),
+@click.option("--repair-epochs", default=None, show_default="5; 1 where the default cap shares one trunk",
+              type=FiniteFloat(0, 10_000, min_open=True),
               help="Repair budget: passes over the repair images (at least 200 optimiser steps, but no more "
                    "than 20 passes for that minimum).")
 @click.option("--repair-batch-size", default=None, type=BATCH, show_default="256 on CUDA, 128 on CPU",

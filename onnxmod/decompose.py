@@ -41,6 +41,12 @@ MODULES_PER_RUN = 8  # modules run together (shared layers once) for the row and
 # --classes: calibration images of the other classes per image of the wanted ones (at 4, a 2-class
 # subset of a 10-class set still calibrates on all its images)
 OTHERS_PER_WANTED = 4
+REPAIR_EPOCHS = 5.0  # --repair-epochs' default
+# ... where the default cap shares one trunk (many classes, budget.CAPPED_TARGET): such modules are near the
+# source, and five passes cost three times one for little. 100 CIFAR-100 modules of the project's ResNet20, 5,000
+# held-out images: 1 pass (the 200-step minimum) vs 5 -0.56 +- 0.28 pt, decompose 97 s vs 305 s
+# (bench/sweep_results/repair_epochs_cifar100_resnet20.jsonl)
+CAPPED_REPAIR_EPOCHS = 1.0
 # repair.RepairSettings fields that DecomposeSettings.repair_* (and seed) set; repair_recipe sets the others
 REPAIR_SCHEDULE = {"epochs", "min_steps", "batch_size", "lr", "seed"}
 
@@ -74,7 +80,9 @@ class DecomposeSettings:
     reconstruct_images: int = 256  # calibration images the layer-wise re-fits use
     reconstruct_positions: int = 16  # output positions sampled per image and layer
     repair: bool = True  # distil the modules against the source (onnxmod.repair)
-    repair_epochs: float = 5.0  # passes over the repair images (at least repair_min_steps steps)
+    # passes over the repair images (at least repair_min_steps steps); None: REPAIR_EPOCHS, or CAPPED_REPAIR_EPOCHS
+    # under the default cap
+    repair_epochs: float | None = None
     repair_min_steps: int = 200  # small calibration sets still get this many optimiser steps
     repair_lr: float = 1e-3  # Adam learning rate of the distillation (2e-3 at batch 512 broke ResNet-56's repair)
     repair_batch_size: int | None = None  # None: 256 on CUDA (launch-bound: half the steps), 128 on CPU
@@ -92,6 +100,12 @@ class DecomposeSettings:
     split: str = "train"
     batch_size: int = 256
     seed: int = 0
+
+    def repair_passes(self, capped: bool) -> float:
+        """--repair-epochs, or its default for a plan under the default cap or not."""
+        if self.repair_epochs is not None:
+            return self.repair_epochs
+        return CAPPED_REPAIR_EPOCHS if capped else REPAIR_EPOCHS
 
     def validate(self) -> None:
         for name, t in {"--target-macs": self.target_macs,
@@ -115,7 +129,8 @@ class DecomposeSettings:
             raise OnnxmodError("--reconstruct needs reconstruct_images and reconstruct_positions >= 1")
         if self.repair_batch_size is not None and self.repair_batch_size < 1:
             raise OnnxmodError(f"--repair-batch-size must be >= 1, got {self.repair_batch_size}")
-        if self.repair and (not self.repair_epochs > 0 or self.repair_images < 1):  # not > 0: NaN too
+        if self.repair and (self.repair_epochs is not None and not self.repair_epochs > 0  # not > 0: NaN too
+                            or self.repair_images < 1):
             raise OnnxmodError(f"--repair-epochs must be > 0 (got {self.repair_epochs}) and repair images >= 1")
         if self.repair_recipe:
             from onnxmod.repair import RepairSettings  # torch: only for a sweep that changes the recipe
@@ -525,6 +540,7 @@ class ModulePlan:
     repair: bool
     shared_depth: float  # the depth modules share (settings.shared_depth, or what a composed budget chose)
     composition: dict[str, Any]  # the manifest's "composition" (its measured "fraction" added once written)
+    repair_epochs: float  # repair's passes over its images (settings.repair_passes)
 
 
 def decompose(
@@ -578,7 +594,7 @@ def decompose(
                        "preprocess": cal.src.preprocess, "temperature": temperature,
                        "frontend": cal.src.frontend_steps},
             "modules": modules,
-            "settings": {**asdict(settings), "calib": str(calib), "calibration_images": int(len(cal.idx)),
+            "settings": {**asdict(settings), "repair_epochs": plan.repair_epochs, "calib": str(calib), "calibration_images": int(len(cal.idx)),
                          "stream_batch_size": cal.batch,
                          "calibration_labels": "source predictions" if UNSEEN in cal.dataset.classes else "data"},
             "unsupported": [{"node": n, "op": o, "why": w} for n, o, w in analysis.unsupported],
@@ -671,7 +687,7 @@ def plan_modules(cal: CalibrationSet, analysis: channels.ChannelAnalysis, stats:
     composition = {"budget": None, "cap": None, "shared_depth": settings.shared_depth,
                    "predicted_fraction": fraction, "residual_streams_pruned": False, "note": ""}
     return ModulePlan(selector, mac_targets, keeps, settings.reconstruct and pruned, settings.repair and pruned,
-                      settings.shared_depth, composition)
+                      settings.shared_depth, composition, settings.repair_passes(capped=False))
 
 
 def default_cap_applies(settings: DecomposeSettings, modules: int) -> bool:
@@ -739,7 +755,8 @@ def _budget_plan(selector: Selector, sizing: budget.Sizing, settings: DecomposeS
                    "residual_streams_pruned": streams_pruned, "note": note}
     pruned = any(t < 1.0 for t in sizing.targets.values())
     return ModulePlan(selector, dict(sizing.targets), sizing.keeps, settings.reconstruct and pruned,
-                      settings.repair and pruned, sizing.shared_depth, composition)
+                      settings.repair and pruned, sizing.shared_depth, composition,
+                      settings.repair_passes(capped=uncapped is not None))
 
 
 def cut_modules(cal: CalibrationSet, analysis: channels.ChannelAnalysis, stats: calibrate.ActivationStats,
@@ -763,7 +780,8 @@ def cut_modules(cal: CalibrationSet, analysis: channels.ChannelAnalysis, stats: 
     if plan.repair:
         t_rep = time.perf_counter()
         with stage(f"repair of {len(cal.wanted)} modules", quiet):
-            smalls, repair_report = _repair_modules(list(smalls), cal, stats.labels, settings, device, quiet)
+            smalls, repair_report = _repair_modules(list(smalls), cal, stats.labels, plan.repair_epochs, settings,
+                                                    device, quiet)
         seconds["repair_s"] = time.perf_counter() - t_rep
     return smalls, repair_report, seconds
 
@@ -812,15 +830,15 @@ def write_modules(tmp: Path, smalls: Iterable[onnx.ModelProto], cal: Calibration
     return modules, writing_s
 
 
-def _repair_modules(smalls: list[onnx.ModelProto], cal: CalibrationSet, labels: np.ndarray,
+def _repair_modules(smalls: list[onnx.ModelProto], cal: CalibrationSet, labels: np.ndarray, epochs: float,
                     settings: DecomposeSettings, device: str, quiet: bool
                     ) -> tuple[list[onnx.ModelProto], dict[str, Any]]:
-    """Distil the modules on (at most ``repair_images``) calibration images, streamed from the data."""
+    """Distil the modules for ``epochs`` passes over (at most ``repair_images``) calibration images, streamed from
+    the data."""
     from onnxmod import repair  # torch: imported only when repairing
 
     positions = _balanced_positions(labels, settings.repair_images, settings.seed + 4)
     subtask = len(cal.wanted) < len(cal.src.classes)
-    epochs = settings.repair_epochs
     if subtask and settings.subtask_repair_images == "wanted":
         # the steps of a repair on every calibration image, spent on the wanted classes' images: fewer
         # images, not fewer steps (steps are what a sub-task's repair is short of)

@@ -155,6 +155,29 @@ def test_hundred_classes_compose_within_the_default_cap(capsys, tmp_path, hundre
     assert (label == logits.argmax(axis=1)).all()
 
 
+def test_the_default_cap_repairs_for_fewer_passes_unless_told(capsys, tmp_path, hundred):
+    """Under the default cap (one trunk near the source) repair's default is CAPPED_REPAIR_EPOCHS passes, not
+    REPAIR_EPOCHS; --repair-epochs still decides when given. The manifest's settings say which it ran."""
+    from onnxmod.decompose import CAPPED_REPAIR_EPOCHS, REPAIR_EPOCHS
+
+    assert CAPPED_REPAIR_EPOCHS < REPAIR_EPOCHS
+    source, calib = hundred
+    flags = ("--samples-per-class", "2", "--repair-batch-size", "100", "--quiet", "--json")  # 200 images: 2 steps a pass
+    runs = {}
+    for epochs in (None, "30"):
+        code, stdout, err = _cli(capsys, "decompose", source, "--calib", calib, "-o", tmp_path / f"m{epochs}", *flags,
+                                 *(("--repair-epochs", epochs) if epochs else ()))
+        assert code == 0, err
+        runs[epochs] = json.loads(stdout)
+    default, told = runs[None], runs["30"]
+    assert default["composition"]["cap"] == told["composition"]["cap"] == budget.DEFAULT_CAP
+    assert default["settings"]["repair_epochs"] == default["repair"]["epochs"] == CAPPED_REPAIR_EPOCHS
+    assert told["settings"]["repair_epochs"] == told["repair"]["epochs"] == 30.0
+    assert told["repair"]["steps"] == 30 * 2
+    # the 200-step minimum is bounded at 20 passes: the default's steps are set by that bound, not by the passes
+    assert default["repair"]["steps"] == min(200, 20 * 2)
+
+
 def test_target_macs_turns_the_cap_off(capsys, tmp_path, hundred):
     source, calib = hundred
     code, stdout, err = _cli(capsys, "decompose", source, "--calib", calib, "-o", tmp_path / "m", "--json",
