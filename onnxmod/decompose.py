@@ -594,8 +594,8 @@ def decompose(
                        "preprocess": cal.src.preprocess, "temperature": temperature,
                        "frontend": cal.src.frontend_steps},
             "modules": modules,
-            "settings": {**asdict(settings), "repair_epochs": plan.repair_epochs, "calib": str(calib), "calibration_images": int(len(cal.idx)),
-                         "stream_batch_size": cal.batch,
+            "settings": {**asdict(settings), "repair_epochs": plan.repair_epochs, "calib": str(calib),
+                         "calibration_images": int(len(cal.idx)), "stream_batch_size": cal.batch,
                          "calibration_labels": "source predictions" if UNSEEN in cal.dataset.classes else "data"},
             "unsupported": [{"node": n, "op": o, "why": w} for n, o, w in analysis.unsupported],
             # groups whose channels each class chooses for itself (the rest: one choice for all classes)
