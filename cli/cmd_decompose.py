@@ -10,7 +10,7 @@ from onnxmod.cli.common import (BATCH, FiniteFloat, device_option, emit, float_l
                                 int_range, json_option, quiet_option, say)
 from onnxmod.budget import CAP_ABOVE_MODULES, CAPPED_TARGET, DEFAULT_CAP, TOLERANCE
 from onnxmod.cli.main import cli
-from onnxmod.decompose import DecomposeSettings
+from onnxmod.decompose import CAPPED_REPAIR_EPOCHS, REPAIR_EPOCHS, DecomposeSettings
 from onnxmod.errors import OnnxmodError
 from onnxmod.modelio import MAX_SIDE
 
@@ -129,7 +129,7 @@ def _size(value: str | None) -> list[int] | None:
 @click.option("--repair/--no-repair", default=_D.repair, show_default=True,
               help="Distil the pruned modules against the source on the calibration images (torch; CUDA when "
                    "--device allows). --no-repair keeps the training-free path.")
-@click.option("--repair-epochs", default=None, show_default="5; 1 where the default cap shares one trunk",
+@click.option("--repair-epochs", default=None, show_default=f"{REPAIR_EPOCHS:g}; {CAPPED_REPAIR_EPOCHS:g} where the default cap shares one trunk",
               type=FiniteFloat(0, 10_000, min_open=True),
               help="Repair budget: passes over the repair images (at least 200 optimiser steps, but no more "
                    "than 20 passes for that minimum).")
