@@ -76,7 +76,8 @@ def _size(value: str | None) -> list[int] | None:
 @click.option("--classes", default=None, show_default="all", help="Comma-separated class names or indices. On labelled --calib data, repair adds the "
               "sub-task's own cross-entropy (over these classes) to the distillation; unlabelled data: pure "
               "distillation. Repair trains on these classes' images (by label, or by the source's prediction) for "
-              "the steps a repair on all calibration images takes.")
+              "the steps a repair on all calibration images takes. One class alone (a donor for replace) repairs "
+              "on every image, as all classes do.")
 @click.option("--samples-per-class", default=_D.samples_per_class, show_default=True, type=int_range(1, 1_000_000),
               help="Calibration images per class.")
 @click.option("--split", default=_D.split, show_default=True, type=click.Choice(["train", "test"]))

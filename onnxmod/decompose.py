@@ -838,7 +838,9 @@ def _repair_modules(smalls: list[onnx.ModelProto], cal: CalibrationSet, labels: 
     from onnxmod import repair  # torch: imported only when repairing
 
     positions = _balanced_positions(labels, settings.repair_images, settings.seed + 4)
-    subtask = len(cal.wanted) < len(cal.src.classes)
+    # a sub-task is a classifier over some of the classes; one class alone is a donor for replace, which must
+    # score every image, so it repairs on all of them, as in a full decomposition (one logit has no cross-entropy)
+    subtask = 1 < len(cal.wanted) < len(cal.src.classes)
     if subtask and settings.subtask_repair_images == "wanted":
         # the steps of a repair on every calibration image, spent on the wanted classes' images: fewer
         # images, not fewer steps (steps are what a sub-task's repair is short of)

@@ -401,3 +401,16 @@ def test_a_subtask_can_repair_on_its_own_classes_images(tmp_path, calib_labels):
         assert wanted_images == 40  # 20 cat + 20 dog
     with pytest.raises(OnnxmodError, match="subtask_repair_images"):
         DecomposeSettings(subtask_repair_images="some").validate()
+
+
+def test_one_class_repairs_on_every_image_as_all_classes_do(tmp_path):
+    """--classes of one class is a donor for replace, which scores every image: its repair streams every calibration
+    image (not only its own class's) and adds no cross-entropy (one logit has none), as a full decomposition does."""
+    runs = {}
+    for name, classes in (("one", ["cat"]), ("two", ["cat", "dog"])):
+        settings = DecomposeSettings(samples_per_class=20, repair_epochs=1, repair_min_steps=1, repair_batch_size=8)
+        runs[name] = decompose(SAMPLE, CALIB, tmp_path / name, classes=classes, settings=settings, quiet=True,
+                               device="cpu")["repair"]
+    assert runs["two"]["images"] == 40 and runs["two"]["labelled_images"] == 40  # the sub-task: its own images
+    assert runs["one"]["labelled_images"] == 0 and runs["one"]["epochs"] == 1
+    assert runs["one"]["images"] > 20  # cat's 20 and the others' sample
