@@ -288,16 +288,25 @@ def block_replace(results: dict[str, Any]) -> str:
          f"{_pct(r['top1']['donor_source'])} |"]
     o = r.get("on_source")
     if o:
+        donors = o.get("donors") or {o.get("chosen", "default"): {**o, "what": "the default decomposition's module"}}
         t += ["", f"On the source itself (`onnxmod replace {r['base']}.onnx --class {o['class']} --with ... --calib TRAIN`; "
                   f"every other class is the source graph's): **{o['class']}**, the class the {r['base_label']} source "
                   f"recognises worst on the same selection images (recall there {_pct(o['selection_source_recall'], 1)}), "
-                  f"served by {r['donor_label']}'s module; {o['test_images']} test images.", "",
-              f"| | {r['base_label']} source | source with {r['donor_label']}'s '{o['class']}' | {r['donor_label']} source |",
-              "|---|---|---|---|",
-              f"| recall of '{o['class']}' | {_pct(o['class_recall']['source'], 1)} | **{_pct(o['class_recall']['after'], 1)}** "
-              f"({_pt(o['class_delta_vs_source_pt'], True)}) | {_pct(o['class_recall']['donor_source'], 1)} |",
-              f"| top-1 | {_pct(o['top1']['source'])} | **{_pct(o['top1']['after'])}** "
-              f"({_pt(o['delta_vs_source_pt'], True, o.get('paired_vs_source'))}) | {_pct(r['top1']['donor_source'])} |"]
+                  f"served by a module of {r['donor_label']}. Each donor is tried; the one whose model scores the higher "
+                  f"top-1 on the selection images (training images) is the result (**bold**); {o['test_images']} test "
+                  f"images. {r['base_label']} source: top-1 {_pct(o['top1']['source'])}, recall of '{o['class']}' "
+                  f"{_pct(o['class_recall']['source'], 1)}; {r['donor_label']} source: "
+                  f"{_pct(r['top1']['donor_source'])} / {_pct(o['class_recall']['donor_source'], 1)}.", "",
+              f"| donor ({r['donor_label']}'s '{o['class']}') | MACs ÷ {r['base_label']}'s | top-1 on selection images "
+              f"(source {_pct(o.get('selection_source_top1'))}) | test top-1 vs source | recall of '{o['class']}' vs source |",
+              "|---|---|---|---|---|"]
+        for name, dn in donors.items():
+            b = (lambda x: f"**{x}**") if name == o.get("chosen", name) else (lambda x: x)
+            sel = (dn.get("selection") or {}).get("top1")
+            t.append(f"| {b(dn['what'])} | {_x(dn['macs_over_source']) if dn.get('macs_over_source') else '–'} | "
+                     f"{_pct(sel)} | {b(_pct(dn['top1']['after']))} "
+                     f"({_pt(dn['delta_vs_source_pt'], True, dn.get('paired_vs_source'))}) | "
+                     f"{b(_pct(dn['class_recall']['after'], 1))} ({_pt(dn['class_delta_vs_source_pt'], True)}) |")
     return "\n".join(t)
 
 

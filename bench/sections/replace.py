@@ -9,9 +9,13 @@ set it is then scored on. With a data dir too small for such a sample (e.g. only
 against the composed model before the replacement AND against the source.
 
 Then the same on the source itself (``on_source``): the weaker source's weakest class on the same
-selection images (the source's recall there), served by the stronger model's module in
+selection images (the source's recall there), served by a module of the stronger model in
 ``replace SOURCE.onnx``; every other class stays the source graph's. The source's temperature, needed
-next to a module of another source, is fitted on the calibration data (training images)."""
+next to a module of another source, is fitted on the calibration data (training images). Two donors
+(``DONORS``): the class's module of the stronger model's default decomposition, and its module from
+``decompose --classes C --target-macs 1.0`` (nothing pruned: the stronger model's own logit for C). The
+one whose replaced model scores the higher top-1 on the selection images is the result; both are scored
+on the test set and recorded."""
 
 from __future__ import annotations
 
@@ -20,6 +24,10 @@ from typing import Any
 import numpy as np
 
 from bench.common import Bench, balanced_indices, log, paired, pt, subset_view
+
+# on_source donors: name -> (what, decompose --classes C --target-macs, or None for the default decomposition's)
+DONORS = {"default": ("the default decomposition's module", None),
+          "unpruned": ("decompose --classes C --target-macs 1.0", 1.0)}
 
 
 def selection_images(b: Bench) -> tuple[Any, dict[str, Any]]:
@@ -91,26 +99,39 @@ def run(b: Bench) -> dict[str, Any]:
                           "after": after_ev["per_class"][c], "donor_source": s_s["per_class"][c]}
                       for c in before_ev["per_class"]},
         "file": str(path),
-        "on_source": on_source(b, weak, strong, d_strong, man_strong, src_sel, s_w, s_s),
+        "on_source": on_source(b, weak, strong, d_strong, man_strong, sel_ds, src_sel, s_w, s_s),
     }
 
 
-def on_source(b: Bench, weak: str, strong: str, d_strong: Any, man_strong: dict[str, Any],
+def on_source(b: Bench, weak: str, strong: str, d_strong: Any, man_strong: dict[str, Any], sel_ds: Any,
               src_sel: dict[str, Any], s_w: dict[str, Any], s_s: dict[str, Any]) -> dict[str, Any]:
     """``replace WEAK_SOURCE.onnx --class C --with STRONG_MODULE --calib TRAIN``: C is the class the weak
-    source recognises worst on the selection images; scored on the test set against that source."""
+    source recognises worst on the selection images; each of ``DONORS`` is tried, the one the selection images
+    prefer is the result, and all are scored on the test set against that source."""
+    import dataclasses
+
     from onnxmod import modelio
-    from onnxmod.compose import replace
+    from onnxmod.compose import compose_info, replace
 
     cls = min(src_sel["per_class"], key=src_sel["per_class"].get)
-    module = d_strong / next(mm["file"] for mm in man_strong["modules"] if mm["class_name"] == cls)
-    after = replace(b.source(weak), cls, module, calib=b.cfg.calib, device=b.cfg.device)
-    path = b.cfg.work / f"replace-source-{weak}-{cls}.onnx"
-    modelio.save_model(after, path)
-    ev = b.eval_composed(after, what=f"{weak} source with {strong}'s '{cls}'")
-    log(f"replace on the source: '{cls}' recall {s_w['per_class'][cls]:.3f} -> {ev['per_class'][cls]:.3f}; "
-        f"top-1 {s_w['top1']:.4f} -> {ev['top1']:.4f}")
-    return {"class": cls, "module": str(module), "selection_source_recall": src_sel["per_class"][cls],
+    source_macs = b.source_info(weak)["macs"]
+    donors: dict[str, dict[str, Any]] = {}
+    for name, (what, target) in DONORS.items():
+        if target is None:
+            d, man = d_strong, man_strong
+        else:
+            d, man = b.decompose(strong, dataclasses.replace(b.default, target_macs=target), classes=[cls])
+        module = d / next(mm["file"] for mm in man["modules"] if mm["class_name"] == cls)
+        after = replace(b.source(weak), cls, module, calib=b.cfg.calib, device=b.cfg.device)
+        path = b.cfg.work / f"replace-source-{weak}-{cls}-{name}.onnx"
+        modelio.save_model(after, path)
+        sel = b.eval_composed(after, sel_ds, what=f"{weak} source with {strong}'s '{cls}' ({name}) on selection images")
+        ev = b.eval_composed(after, what=f"{weak} source with {strong}'s '{cls}' ({name})")
+        log(f"replace on the source ({name}): '{cls}' recall {s_w['per_class'][cls]:.3f} -> {ev['per_class'][cls]:.3f}; "
+            f"top-1 {s_w['top1']:.4f} -> {ev['top1']:.4f}; selection top-1 {src_sel['top1']:.4f} -> {sel['top1']:.4f}")
+        donors[name] = {
+            "what": what, "module": str(module), "macs_over_source": compose_info(after)["macs"] / source_macs,
+            "selection": {"top1": sel["top1"], "class_recall": sel["per_class"][cls]},
             "test_images": ev["n"], "top1": {"source": s_w["top1"], "after": ev["top1"]},
             "class_recall": {"source": s_w["per_class"][cls], "after": ev["per_class"][cls],
                              "donor_source": s_s["per_class"][cls]},
@@ -118,3 +139,6 @@ def on_source(b: Bench, weak: str, strong: str, d_strong: Any, man_strong: dict[
             "class_delta_vs_source_pt": pt(ev["per_class"][cls], s_w["per_class"][cls]),
             "per_class": {c: {"source": s_w["per_class"][c], "after": ev["per_class"][c]} for c in ev["per_class"]},
             "file": str(path)}
+    chosen = max(donors, key=lambda n: donors[n]["selection"]["top1"])  # on training images, never the test set
+    return {"class": cls, "selection_source_recall": src_sel["per_class"][cls], "selection_source_top1": src_sel["top1"],
+            "chosen": chosen, "donors": donors, **donors[chosen]}
