@@ -10,7 +10,8 @@ from onnxmod.cli.common import (BATCH, FiniteFloat, device_option, emit, float_l
                                 int_range, json_option, quiet_option, say)
 from onnxmod.budget import CAP_ABOVE_MODULES, CAPPED_TARGET, DEFAULT_CAP, TOLERANCE
 from onnxmod.cli.main import cli
-from onnxmod.decompose import CAPPED_REPAIR_EPOCHS, REPAIR_EPOCHS, DecomposeSettings
+from onnxmod.decompose import (CALIBRATION_IMAGES, CAPPED_REPAIR_EPOCHS, REPAIR_EPOCHS, SAMPLES_PER_CLASS,
+                               DecomposeSettings)
 from onnxmod.errors import OnnxmodError
 from onnxmod.modelio import MAX_SIDE
 
@@ -78,7 +79,9 @@ def _size(value: str | None) -> list[int] | None:
               "distillation. Repair trains on these classes' images (by label, or by the source's prediction) for "
               "the steps a repair on all calibration images takes. One class alone (a donor for replace) repairs "
               "on every image, as all classes do.")
-@click.option("--samples-per-class", default=_D.samples_per_class, show_default=True, type=int_range(1, 1_000_000),
+@click.option("--samples-per-class", default=None, type=int_range(1, 1_000_000),
+              show_default=f"{SAMPLES_PER_CLASS}, fewer where the classes decomposed would make it more than "
+                           f"{CALIBRATION_IMAGES:,} images in all",
               help="Calibration images per class.")
 @click.option("--split", default=_D.split, show_default=True, type=click.Choice(["train", "test"]))
 @click.option("--mean", default=None, show_default="the model's onnxmod.preprocess, else 0",

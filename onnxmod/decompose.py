@@ -47,6 +47,16 @@ REPAIR_EPOCHS = 5.0  # --repair-epochs' default
 # held-out images: 1 pass (the 200-step minimum) vs 5 -0.56 +- 0.28 pt, decompose 97 s vs 305 s
 # (bench/sweep_results/repair_epochs_cifar100_resnet20.jsonl)
 CAPPED_REPAIR_EPOCHS = 1.0
+REPAIR_MIN_STEPS = 200  # the minimum step count's default: small calibration sets still get this many steps
+# ... under the default cap, whose one pass is about 125 steps of 128 images: 100 CIFAR-100 modules at 160
+# calibration images a class, 5,000 held-out images, against all 450 a class at 200 steps: 150 steps -0.24 +- 0.30
+# pt, 200 steps -0.20 +- 0.30 pt; decompose 73 s vs 89 s (bench/sweep_results/calibration_cifar100_resnet20.jsonl)
+CAPPED_REPAIR_MIN_STEPS = 150
+# calibration images per class, unless --samples-per-class says: SAMPLES_PER_CLASS, or fewer where many classes
+# would make it more than CALIBRATION_IMAGES in all. 100 CIFAR-100 modules, 5,000 held-out images: 160 a class
+# (16,000 images) vs all 450 (45,000) -0.20 +- 0.30 pt, decompose 89 s vs 97 s (the same sweep)
+SAMPLES_PER_CLASS = 1600
+CALIBRATION_IMAGES = 16000
 # repair.RepairSettings fields that DecomposeSettings.repair_* (and seed) set; repair_recipe sets the others
 REPAIR_SCHEDULE = {"epochs", "min_steps", "batch_size", "lr", "seed"}
 
@@ -74,7 +84,7 @@ class DecomposeSettings:
     # 1,600 per class: repair sees more distinct images for the same number of steps (16k x 5 epochs ~ 10k x 8:
     # ResNet20 88.00% vs 87.85% on held-out training images, 16k x 8 88.78% vs 10k x 12 88.38%); the rest of
     # a 2,000-per-class training set stays held out (bench/replace chooses its class on it)
-    samples_per_class: int = 1600
+    samples_per_class: int | None = None  # None: calibration_per_class's rule
     cov_images: int = 1024  # second moments (variances, covariances) from this many calibration images
     reconstruct: bool = False  # re-fit every Conv layer by layer (onnxmod.reconstruct): +2-3 pt, ~+0.5x a plain pass of time
     reconstruct_images: int = 256  # calibration images the layer-wise re-fits use
@@ -83,7 +93,9 @@ class DecomposeSettings:
     # passes over the repair images (at least repair_min_steps steps); None: REPAIR_EPOCHS, or CAPPED_REPAIR_EPOCHS
     # under the default cap
     repair_epochs: float | None = None
-    repair_min_steps: int = 200  # small calibration sets still get this many optimiser steps
+    # small calibration sets still get this many optimiser steps; None: REPAIR_MIN_STEPS, or CAPPED_REPAIR_MIN_STEPS
+    # under the default cap
+    repair_min_steps: int | None = None
     repair_lr: float = 1e-3  # Adam learning rate of the distillation (2e-3 at batch 512 broke ResNet-56's repair)
     repair_batch_size: int | None = None  # None: 256 on CUDA (launch-bound: half the steps), 128 on CPU
     repair_images: int = 20000  # calibration images repair trains on (streamed: any number, any resolution)
@@ -101,11 +113,21 @@ class DecomposeSettings:
     batch_size: int = 256
     seed: int = 0
 
-    def repair_passes(self, capped: bool) -> float:
-        """--repair-epochs, or its default for a plan under the default cap or not."""
-        if self.repair_epochs is not None:
-            return self.repair_epochs
-        return CAPPED_REPAIR_EPOCHS if capped else REPAIR_EPOCHS
+    def repair_schedule(self, capped: bool) -> tuple[float, int]:
+        """Repair's passes and minimum steps: --repair-epochs and repair_min_steps, or their defaults for a plan
+        under the default cap or not."""
+        epochs = self.repair_epochs if self.repair_epochs is not None else (
+            CAPPED_REPAIR_EPOCHS if capped else REPAIR_EPOCHS)
+        min_steps = self.repair_min_steps if self.repair_min_steps is not None else (
+            CAPPED_REPAIR_MIN_STEPS if capped else REPAIR_MIN_STEPS)
+        return epochs, min_steps
+
+    def calibration_per_class(self, classes: int) -> int:
+        """Calibration images per class for a decomposition of ``classes`` classes: --samples-per-class, else
+        SAMPLES_PER_CLASS, fewer where that would be more than CALIBRATION_IMAGES in all."""
+        if self.samples_per_class is not None:
+            return self.samples_per_class
+        return max(1, min(SAMPLES_PER_CLASS, CALIBRATION_IMAGES // max(classes, 1)))
 
     def validate(self) -> None:
         for name, t in {"--target-macs": self.target_macs,
@@ -145,8 +167,10 @@ class DecomposeSettings:
                 raise OnnxmodError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         if self.platt_images < 2:
             raise OnnxmodError(f"platt_images must be >= 2, got {self.platt_images}")
-        if self.samples_per_class < 1:
+        if self.samples_per_class is not None and self.samples_per_class < 1:
             raise OnnxmodError(f"--samples-per-class must be >= 1, got {self.samples_per_class}")
+        if self.repair_min_steps is not None and self.repair_min_steps < 1:
+            raise OnnxmodError(f"repair_min_steps must be >= 1, got {self.repair_min_steps}")
         if self.channel_multiple < 1:
             raise OnnxmodError(f"--channel-multiple must be >= 1, got {self.channel_multiple}")
         if not 0.0 <= self.shared_depth <= 1.0:
@@ -309,16 +333,16 @@ def resolve_classes(requested: Sequence[str] | None, classes: list[str]) -> list
 UNSEEN = "(not labelled)"  # pseudo-class of unlabelled images the source was not run on
 
 
-def label_with_source(dataset: Dataset, src: PreparedSource, settings: DecomposeSettings, batch: int, device: str,
-                      quiet: bool) -> Dataset:
+def label_with_source(dataset: Dataset, src: PreparedSource, settings: DecomposeSettings, per_class: int, batch: int,
+                      device: str, quiet: bool) -> Dataset:
     """Unlabelled calibration data: the source's own predictions become the labels.
 
-    The source runs on a random ``samples_per_class x K`` of the images (all when fewer);
+    The source runs on a random ``per_class x K`` of the images (all when fewer);
     the others get a pseudo-class that is none of the source's, so they are never drawn.
     """
     k = len(src.classes)
     rng = np.random.default_rng(settings.seed + 7)
-    pool = np.sort(rng.permutation(len(dataset))[: settings.samples_per_class * k])
+    pool = np.sort(rng.permutation(len(dataset))[: per_class * k])
     sess = runtime.make_session(src.model, device=device, name="source")
     preds = [runtime.run(sess, x)[0].argmax(axis=1)
              for x, _ in progress(dataset.iter_batches(batch, size=src.input_chw[1:], indices=pool),
@@ -540,7 +564,8 @@ class ModulePlan:
     repair: bool
     shared_depth: float  # the depth modules share (settings.shared_depth, or what a composed budget chose)
     composition: dict[str, Any]  # the manifest's "composition" (its measured "fraction" added once written)
-    repair_epochs: float  # repair's passes over its images (settings.repair_passes)
+    repair_epochs: float  # repair's passes over its images and its minimum steps (settings.repair_schedule)
+    repair_min_steps: int
 
 
 def decompose(
@@ -594,7 +619,9 @@ def decompose(
                        "preprocess": cal.src.preprocess, "temperature": temperature,
                        "frontend": cal.src.frontend_steps},
             "modules": modules,
-            "settings": {**asdict(settings), "repair_epochs": plan.repair_epochs, "calib": str(calib),
+            "settings": {**asdict(settings), "repair_epochs": plan.repair_epochs,
+                         "repair_min_steps": plan.repair_min_steps,
+                         "samples_per_class": settings.calibration_per_class(len(cal.wanted)), "calib": str(calib),
                          "calibration_images": int(len(cal.idx)), "stream_batch_size": cal.batch,
                          "calibration_labels": "source predictions" if UNSEEN in cal.dataset.classes else "data"},
             "unsupported": [{"node": n, "op": o, "why": w} for n, o, w in analysis.unsupported],
@@ -638,8 +665,9 @@ def read_calibration_set(model_path: Path, calib: str | os.PathLike, classes: Se
         raise OnnxmodError(f"--class-target: {', '.join(unknown)} not among the model's classes: "
                            f"{', '.join(src.classes)}")
     batch = runtime.stream_batch_size(src.model, settings.batch_size)
+    per_class = settings.calibration_per_class(len(wanted))
     if not dataset.labelled:
-        dataset = label_with_source(dataset, src, settings, batch, device, quiet)
+        dataset = label_with_source(dataset, src, settings, per_class, batch, device, quiet)
     label_map = np.array([src.classes.index(c) if c in src.classes else -1 for c in dataset.classes], dtype=np.int64)
     if (label_map < 0).all():
         raise OnnxmodError(f"{calib}: none of the data's classes ({', '.join(dataset.classes[:5])}...) "
@@ -647,7 +675,7 @@ def read_calibration_set(model_path: Path, calib: str | os.PathLike, classes: Se
     missing = [src.classes[k] for k in wanted if k not in label_map]
     if missing:
         raise OnnxmodError(f"{calib}: has no images of class(es) {', '.join(missing)}")
-    idx = calibration_indices(dataset, label_map, settings.samples_per_class, settings.seed, wanted)
+    idx = calibration_indices(dataset, label_map, per_class, settings.seed, wanted)
     if not idx.size:  # e.g. --classes of which the data holds no image: nothing to calibrate on
         raise OnnxmodError(f"{calib}: has no images of class(es) {', '.join(src.classes[k] for k in wanted)}")
     return CalibrationSet(src, dataset, label_map, wanted, idx, batch)
@@ -687,7 +715,7 @@ def plan_modules(cal: CalibrationSet, analysis: channels.ChannelAnalysis, stats:
     composition = {"budget": None, "cap": None, "shared_depth": settings.shared_depth,
                    "predicted_fraction": fraction, "residual_streams_pruned": False, "note": ""}
     return ModulePlan(selector, mac_targets, keeps, settings.reconstruct and pruned, settings.repair and pruned,
-                      settings.shared_depth, composition, settings.repair_passes(capped=False))
+                      settings.shared_depth, composition, *settings.repair_schedule(capped=False))
 
 
 def default_cap_applies(settings: DecomposeSettings, modules: int) -> bool:
@@ -756,7 +784,7 @@ def _budget_plan(selector: Selector, sizing: budget.Sizing, settings: DecomposeS
     pruned = any(t < 1.0 for t in sizing.targets.values())
     return ModulePlan(selector, dict(sizing.targets), sizing.keeps, settings.reconstruct and pruned,
                       settings.repair and pruned, sizing.shared_depth, composition,
-                      settings.repair_passes(capped=uncapped is not None))
+                      *settings.repair_schedule(capped=uncapped is not None))
 
 
 def cut_modules(cal: CalibrationSet, analysis: channels.ChannelAnalysis, stats: calibrate.ActivationStats,
@@ -780,8 +808,7 @@ def cut_modules(cal: CalibrationSet, analysis: channels.ChannelAnalysis, stats: 
     if plan.repair:
         t_rep = time.perf_counter()
         with stage(f"repair of {len(cal.wanted)} modules", quiet):
-            smalls, repair_report = _repair_modules(list(smalls), cal, stats.labels, plan.repair_epochs, settings,
-                                                    device, quiet)
+            smalls, repair_report = _repair_modules(list(smalls), cal, stats.labels, plan, settings, device, quiet)
         seconds["repair_s"] = time.perf_counter() - t_rep
     return smalls, repair_report, seconds
 
@@ -830,14 +857,15 @@ def write_modules(tmp: Path, smalls: Iterable[onnx.ModelProto], cal: Calibration
     return modules, writing_s
 
 
-def _repair_modules(smalls: list[onnx.ModelProto], cal: CalibrationSet, labels: np.ndarray, epochs: float,
+def _repair_modules(smalls: list[onnx.ModelProto], cal: CalibrationSet, labels: np.ndarray, plan: ModulePlan,
                     settings: DecomposeSettings, device: str, quiet: bool
                     ) -> tuple[list[onnx.ModelProto], dict[str, Any]]:
-    """Distil the modules for ``epochs`` passes over (at most ``repair_images``) calibration images, streamed from
+    """Distil the modules for the plan's passes over (at most ``repair_images``) calibration images, streamed from
     the data."""
     from onnxmod import repair  # torch: imported only when repairing
 
     positions = _balanced_positions(labels, settings.repair_images, settings.seed + 4)
+    epochs = plan.repair_epochs
     # a sub-task is a classifier over some of the classes; one class alone is a donor for replace, which must
     # score every image, so it repairs on all of them, as in a full decomposition (one logit has no cross-entropy)
     subtask = 1 < len(cal.wanted) < len(cal.src.classes)
@@ -848,7 +876,7 @@ def _repair_modules(smalls: list[onnx.ModelProto], cal: CalibrationSet, labels: 
         epochs *= len(positions) / max(len(wanted), 1)
         positions = wanted
     batch = settings.repair_batch_size or repair.default_batch_size(device)
-    rs = repair.RepairSettings(epochs=epochs, min_steps=settings.repair_min_steps, batch_size=batch,
+    rs = repair.RepairSettings(epochs=epochs, min_steps=plan.repair_min_steps, batch_size=batch,
                                lr=settings.repair_lr, seed=settings.seed, **settings.repair_recipe)
     # labelled data (a sub-task, or any decomposition with repair_labels "all"): each image's column among the
     # wanted classes (-1: another class)

@@ -156,26 +156,52 @@ def test_hundred_classes_compose_within_the_default_cap(capsys, tmp_path, hundre
 
 
 def test_the_default_cap_repairs_for_fewer_passes_unless_told(capsys, tmp_path, hundred):
-    """Under the default cap (one trunk near the source) repair's default is CAPPED_REPAIR_EPOCHS passes, not
-    REPAIR_EPOCHS; --repair-epochs still decides when given. The manifest's settings say which it ran."""
-    from onnxmod.decompose import CAPPED_REPAIR_EPOCHS, REPAIR_EPOCHS
+    """Under the default cap (one trunk near the source) repair's defaults are CAPPED_REPAIR_EPOCHS passes and
+    CAPPED_REPAIR_MIN_STEPS steps at least, not REPAIR_EPOCHS and REPAIR_MIN_STEPS; --repair-epochs still decides
+    when given. The manifest's settings say which it ran."""
+    from onnxmod.decompose import CAPPED_REPAIR_EPOCHS, CAPPED_REPAIR_MIN_STEPS, REPAIR_EPOCHS, REPAIR_MIN_STEPS
 
-    assert CAPPED_REPAIR_EPOCHS < REPAIR_EPOCHS
+    assert CAPPED_REPAIR_EPOCHS < REPAIR_EPOCHS and CAPPED_REPAIR_MIN_STEPS < REPAIR_MIN_STEPS
     source, calib = hundred
-    flags = ("--samples-per-class", "2", "--repair-batch-size", "100", "--quiet", "--json")  # 200 images: 2 steps a pass
+    flags = ("--samples-per-class", "1", "--repair-batch-size", "10", "--quiet", "--json")  # 100 images: 10 steps a pass
     runs = {}
-    for epochs in (None, "30"):
+    for epochs in (None, "16"):
         code, stdout, err = _cli(capsys, "decompose", source, "--calib", calib, "-o", tmp_path / f"m{epochs}", *flags,
                                  *(("--repair-epochs", epochs) if epochs else ()))
         assert code == 0, err
         runs[epochs] = json.loads(stdout)
-    default, told = runs[None], runs["30"]
+    default, told = runs[None], runs["16"]
     assert default["composition"]["cap"] == told["composition"]["cap"] == budget.DEFAULT_CAP
     assert default["settings"]["repair_epochs"] == default["repair"]["epochs"] == CAPPED_REPAIR_EPOCHS
-    assert told["settings"]["repair_epochs"] == told["repair"]["epochs"] == 30.0
-    assert told["repair"]["steps"] == 30 * 2
-    # the 200-step minimum is bounded at 20 passes: the default's steps are set by that bound, not by the passes
-    assert default["repair"]["steps"] == min(200, 20 * 2)
+    assert told["settings"]["repair_epochs"] == told["repair"]["epochs"] == 16.0
+    assert told["repair"]["steps"] == 16 * 10 > CAPPED_REPAIR_MIN_STEPS
+    # one pass is 10 steps: the capped minimum (under its 20-pass bound) sets the default's steps
+    assert CAPPED_REPAIR_MIN_STEPS < 20 * 10
+    assert default["settings"]["repair_min_steps"] == default["repair"]["steps"] == CAPPED_REPAIR_MIN_STEPS
+
+
+def test_many_classes_calibrate_on_fewer_images_each_unless_told(capsys, tmp_path, hundred, monkeypatch):
+    """--samples-per-class defaults to SAMPLES_PER_CLASS, fewer where the classes decomposed would make it more than
+    CALIBRATION_IMAGES in all; given, it decides. The manifest says what the draw used."""
+    from onnxmod.decompose import CALIBRATION_IMAGES, SAMPLES_PER_CLASS
+
+    d = DecomposeSettings()
+    assert d.calibration_per_class(10) == SAMPLES_PER_CLASS == CALIBRATION_IMAGES // 10  # CIFAR-10: as before
+    assert d.calibration_per_class(100) == CALIBRATION_IMAGES // 100 < SAMPLES_PER_CLASS
+    assert d.calibration_per_class(3) == SAMPLES_PER_CLASS  # a few classes of a 1000-class source
+    assert d.calibration_per_class(10 * CALIBRATION_IMAGES) == 1
+    assert DecomposeSettings(samples_per_class=7).calibration_per_class(100) == 7
+    with pytest.raises(OnnxmodError, match="samples-per-class"):
+        DecomposeSettings(samples_per_class=0).validate()
+    source, calib = hundred  # 6 images a class: a total of 300 makes the rule draw 3 of each
+    monkeypatch.setattr("onnxmod.decompose.CALIBRATION_IMAGES", 300)
+    for told in (None, "5"):
+        code, stdout, err = _cli(capsys, "decompose", source, "--calib", calib, "-o", tmp_path / f"m{told}", "--json",
+                                 "--no-repair", *(("--samples-per-class", told) if told else ()))
+        assert code == 0, err
+        settings = json.loads(stdout)["settings"]
+        per_class = 3 if told is None else 5
+        assert settings["samples_per_class"] == per_class and settings["calibration_images"] == 100 * per_class
 
 
 def test_target_macs_turns_the_cap_off(capsys, tmp_path, hundred):

@@ -108,7 +108,7 @@ def decompose_images(ds: Any, classes: list[str], wanted: list[str], settings: A
     from onnxmod.decompose import calibration_indices
 
     label_map = np.array([classes.index(c) for c in ds.classes], dtype=np.int64)
-    return calibration_indices(ds, label_map, settings.samples_per_class, settings.seed,
+    return calibration_indices(ds, label_map, settings.calibration_per_class(len(wanted)), settings.seed,
                                [classes.index(c) for c in wanted])
 
 

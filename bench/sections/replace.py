@@ -36,7 +36,7 @@ def selection_images(b: Bench) -> tuple[Any, dict[str, Any]]:
 
     cfg, s = b.cfg, b.default
     identity = np.arange(len(b.train.classes), dtype=np.int64)
-    calib = calibration_indices(b.train, identity, s.samples_per_class, s.seed)
+    calib = calibration_indices(b.train, identity, s.calibration_per_class(len(identity)), s.seed)
     rest = np.setdiff1d(np.arange(len(b.train)), calib)
     counts = np.bincount(b.train.labels[rest], minlength=len(b.train.classes))
     info = {"train_images": len(b.train), "calibration_images": int(len(calib)),

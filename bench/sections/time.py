@@ -30,7 +30,7 @@ def calibration_images(b: Bench) -> np.ndarray:
     from onnxmod.decompose import calibration_indices
 
     identity = np.arange(len(b.train.classes), dtype=np.int64)  # the sources' classes are the data's
-    return calibration_indices(b.train, identity, b.default.samples_per_class, b.default.seed)
+    return calibration_indices(b.train, identity, b.default.calibration_per_class(len(identity)), b.default.seed)
 
 
 def plain_pass(b: Bench, key: str, idx: np.ndarray) -> float:
