@@ -10,8 +10,8 @@ from onnxmod.cli.common import (BATCH, FiniteFloat, device_option, emit, float_l
                                 int_range, json_option, quiet_option, say)
 from onnxmod.budget import CAP_ABOVE_MODULES, CAPPED_TARGET, DEFAULT_CAP, TOLERANCE
 from onnxmod.cli.main import cli
-from onnxmod.decompose import (CALIBRATION_IMAGES, CAPPED_REPAIR_EPOCHS, REPAIR_EPOCHS, SAMPLES_PER_CLASS,
-                               DecomposeSettings)
+from onnxmod.decompose import (CALIBRATION_IMAGES, CAPPED_REPAIR_EPOCHS, CAPPED_REPAIR_MIN_STEPS, REPAIR_EPOCHS,
+                               REPAIR_MIN_STEPS, SAMPLES_PER_CLASS, DecomposeSettings)
 from onnxmod.errors import OnnxmodError
 from onnxmod.modelio import MAX_SIDE
 
@@ -135,8 +135,8 @@ def _size(value: str | None) -> list[int] | None:
                    "--device allows). --no-repair keeps the training-free path.")
 @click.option("--repair-epochs", default=None, show_default=f"{REPAIR_EPOCHS:g}; {CAPPED_REPAIR_EPOCHS:g} where the default cap shares one trunk",
               type=FiniteFloat(0, 10_000, min_open=True),
-              help="Repair budget: passes over the repair images (at least 200 optimiser steps, but no more "
-                   "than 20 passes for that minimum).")
+              help=f"Repair budget: passes over the repair images (at least {REPAIR_MIN_STEPS} optimiser steps, "
+                   f"{CAPPED_REPAIR_MIN_STEPS} under the default cap, but no more than 20 passes for that minimum).")
 @click.option("--repair-batch-size", default=None, type=BATCH, show_default="256 on CUDA, 128 on CPU",
               help="Images per repair step.")
 @click.option("--batch-size", default=_D.batch_size, show_default=True, type=BATCH)

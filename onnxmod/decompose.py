@@ -544,6 +544,7 @@ class CalibrationSet:
     wanted: list[int]  # source class indices to decompose
     idx: np.ndarray  # the calibration images (dataset indices), in calibration order
     batch: int  # images streamed at a time
+    per_class: int  # the draw's images per class (settings.calibration_per_class)
 
     def images(self, positions: np.ndarray) -> np.ndarray | None:
         """The calibration images at ``positions`` (into the calibration order), float32 NCHW."""
@@ -621,7 +622,7 @@ def decompose(
             "modules": modules,
             "settings": {**asdict(settings), "repair_epochs": plan.repair_epochs,
                          "repair_min_steps": plan.repair_min_steps,
-                         "samples_per_class": settings.calibration_per_class(len(cal.wanted)), "calib": str(calib),
+                         "samples_per_class": cal.per_class, "calib": str(calib),
                          "calibration_images": int(len(cal.idx)), "stream_batch_size": cal.batch,
                          "calibration_labels": "source predictions" if UNSEEN in cal.dataset.classes else "data"},
             "unsupported": [{"node": n, "op": o, "why": w} for n, o, w in analysis.unsupported],
@@ -678,7 +679,7 @@ def read_calibration_set(model_path: Path, calib: str | os.PathLike, classes: Se
     idx = calibration_indices(dataset, label_map, per_class, settings.seed, wanted)
     if not idx.size:  # e.g. --classes of which the data holds no image: nothing to calibrate on
         raise OnnxmodError(f"{calib}: has no images of class(es) {', '.join(src.classes[k] for k in wanted)}")
-    return CalibrationSet(src, dataset, label_map, wanted, idx, batch)
+    return CalibrationSet(src, dataset, label_map, wanted, idx, batch, per_class)
 
 
 def analyze_source(src: PreparedSource) -> channels.ChannelAnalysis:
